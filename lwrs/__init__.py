@@ -1,0 +1,74 @@
+"""lwrs: layer-wise rate scaling.
+
+LARS, CLARS, TVLARS, LAMB and the mNAG update they share, written once against
+the array API standard. Every optimizer is a pair of pure functions::
+
+    import lwrs
+    opt = lwrs.clars(learning_rate=1.0)
+    state = opt.init(params)
+    params, state, diagnostics = opt.step(params, grads, state, norm_stats=stats)
+
+The core imports no array library: it runs unchanged on NumPy, PyTorch, CuPy,
+JAX and array-api-strict arrays. Fast backends live in :mod:`lwrs.backends`.
+"""
+
+from . import momentum, schedules, statistics, trust_ratios
+from ._validation import NonFiniteError
+from .diagnostics import LayerDiagnostics
+from .momentum import block_microstep, momentum_step, velocity_from_trace, zeros_like_layers
+from .optimizers import (
+    LambState,
+    MomentumState,
+    Optimizer,
+    StepResult,
+    clars,
+    lamb,
+    lars,
+    mgd,
+    mnag,
+    tvlars,
+)
+from .statistics import (
+    NormStatistics,
+    gradient_variance_ratio,
+    merge_statistics,
+    minibatch_gradients,
+    per_sample_norm_statistics,
+    subsample_norm_statistics,
+)
+from .trust_ratios import clars_denominators, clars_factors, lars_denominators, layer_norms, trust_ratios
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NonFiniteError",
+    "LayerDiagnostics",
+    "LambState",
+    "MomentumState",
+    "NormStatistics",
+    "Optimizer",
+    "StepResult",
+    "block_microstep",
+    "clars",
+    "clars_denominators",
+    "clars_factors",
+    "gradient_variance_ratio",
+    "lamb",
+    "lars",
+    "lars_denominators",
+    "layer_norms",
+    "merge_statistics",
+    "mgd",
+    "minibatch_gradients",
+    "mnag",
+    "momentum",
+    "momentum_step",
+    "per_sample_norm_statistics",
+    "schedules",
+    "statistics",
+    "subsample_norm_statistics",
+    "trust_ratios",
+    "tvlars",
+    "velocity_from_trace",
+    "zeros_like_layers",
+]

@@ -1,0 +1,150 @@
+"""Input checks shared by the core (private).
+
+Every check runs before any array is computed, so an error never leaves a
+half-updated state behind, and every message names the layer and the value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from array_api_compat import array_namespace, device, is_array_api_obj
+
+__all__ = [
+    "NonFiniteError",
+    "check_layers",
+    "check_hyperparameter",
+    "library_name",
+]
+
+
+class NonFiniteError(FloatingPointError):
+    """A gradient or statistic holds ``inf`` or ``nan``; the message names the layer."""
+
+
+def library_name(x: Any) -> str:
+    """The top-level module of an array's type, e.g. ``"numpy"`` or ``"torch"``."""
+    return type(x).__module__.split(".")[0]
+
+
+def _as_layer_sequence(name: str, layers: Any) -> Sequence[Any]:
+    if is_array_api_obj(layers) or not isinstance(layers, Sequence):
+        raise TypeError(
+            f"{name} must be a sequence (list or tuple) of per-layer arrays, "
+            f"got {type(layers).__name__}"
+        )
+    return layers
+
+
+def check_layers(params: Any, **others: Any) -> tuple[Any, Any]:
+    """Check that ``params`` and every other per-layer sequence agree.
+
+    Checks, for every layer and every sequence: it is an array, it comes from
+    the same array library and device as ``params[0]``, it has the shape and
+    floating dtype of the matching parameter. Returns ``(xp, device)``.
+
+    Raises
+    ------
+    TypeError
+        A sequence is not a list or tuple of arrays, or layers come from
+        different array libraries.
+    ValueError
+        Layer counts, shapes, dtypes or devices differ.
+    """
+    params = _as_layer_sequence("params", params)
+    if len(params) == 0:
+        raise ValueError("params is empty: an optimizer needs at least one layer")
+    first = params[0]
+    if not is_array_api_obj(first):
+        raise TypeError(f"layer 0 of params is a {type(first).__name__}, not an array")
+    xp = array_namespace(first)
+    dev = device(first)
+    lib = library_name(first)
+    for k, w in enumerate(params):
+        _check_one("params", k, w, None, xp, lib, dev)
+        if not xp.isdtype(w.dtype, "real floating"):
+            raise TypeError(f"layer {k} of params has dtype {w.dtype}; a real floating dtype is needed")
+    for name, layers in others.items():
+        layers = _as_layer_sequence(name, layers)
+        if len(layers) != len(params):
+            raise ValueError(f"{name} has {len(layers)} layers but params has {len(params)}")
+        for k, (a, w) in enumerate(zip(layers, params)):
+            _check_one(name, k, a, w, xp, lib, dev)
+    return xp, dev
+
+
+def _check_one(name: str, k: int, a: Any, w: Any, xp: Any, lib: str, dev: Any) -> None:
+    if not is_array_api_obj(a):
+        raise TypeError(f"layer {k} of {name} is a {type(a).__name__}, not an array")
+    if array_namespace(a) is not xp:
+        raise TypeError(
+            f"layer {k} of {name} is a {library_name(a)} array but layer 0 of params "
+            f"is a {lib} array; mixed array libraries are not supported"
+        )
+    if device(a) != dev:
+        raise ValueError(
+            f"layer {k} of {name} is on device {device(a)!r} but layer 0 of params "
+            f"is on {dev!r}; move every array to one device"
+        )
+    if w is None:
+        return
+    if tuple(a.shape) != tuple(w.shape):
+        raise ValueError(
+            f"layer {k}: {name} has shape {tuple(a.shape)} but params has shape {tuple(w.shape)}"
+        )
+    if a.dtype != w.dtype:
+        raise ValueError(f"layer {k}: {name} has dtype {a.dtype} but params has dtype {w.dtype}")
+
+
+def check_hyperparameter(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``float(value)`` after checking it is finite and inside the interval.
+
+    The interval is ``[low, high]``; ``low_open``/``high_open`` exclude an end.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    too_low = low is not None and (value < low or (low_open and value == low))
+    too_high = high is not None and (value > high or (high_open and value == high))
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        lo = "-inf" if low is None else repr(low)
+        hi = "inf" if high is None else repr(high)
+        raise ValueError(f"{name} must lie in {left}{lo}, {hi}{right}, got {value!r}")
+    return value
+
+
+def resolve_mask(name: str, mask: Any, params: Sequence[Any], default: Callable[[Any], bool]) -> tuple[bool, ...]:
+    """Turn a per-layer mask option into a tuple of bools, one per layer.
+
+    ``mask`` is ``None`` (use ``default(array)``), a callable ``array -> bool``,
+    or a sequence of bools with one entry per layer.
+    """
+    if mask is None:
+        return tuple(bool(default(w)) for w in params)
+    if callable(mask):
+        return tuple(bool(mask(w)) for w in params)
+    if isinstance(mask, Sequence) and not isinstance(mask, (str, bytes)):
+        if len(mask) != len(params):
+            raise ValueError(f"{name} has {len(mask)} entries but params has {len(params)} layers")
+        for k, m in enumerate(mask):
+            if not isinstance(m, bool):
+                raise TypeError(f"{name}[{k}] must be a bool, got {m!r}")
+        return tuple(mask)
+    raise TypeError(f"{name} must be None, a callable or a sequence of bools, got {mask!r}")

@@ -1,0 +1,272 @@
+r"""Layer-wise trust ratios: LARS, CLARS and LAMB.
+
+All three scale a layer's step by a *trust ratio* :math:`\eta\,\|w_k\| / D_k`,
+and differ only in the denominator :math:`D_k`:
+
+==========  ===========================================================  =====================
+optimizer   denominator :math:`D_k`                                      reference
+==========  ===========================================================  =====================
+LARS        :math:`\|\bar g_k\| + \lambda\|w_k\|` or :math:`\|\bar g_k + \lambda w_k\|`   CLARS eq. (3), You et al. 2017
+CLARS       :math:`\frac1B\sum_i \|g_{ik}\|` (+ the same weight-decay term)   CLARS eq. (5)
+LAMB        :math:`\|u_k\|`, the Adam direction plus weight decay, :math:`\eta = 1`     You et al. 2019
+==========  ===========================================================  =====================
+
+A ratio is 1 where :math:`\|w_k\| = 0` or :math:`D_k = 0` (the optax and timm
+convention), and 1 for layers excluded from adaptation. Every function works on
+1-D arrays with one entry per layer, in one array-API expression, so no host
+synchronisation is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from array_api_compat import array_namespace, device
+
+from ._validation import check_hyperparameter, check_layers
+
+__all__ = [
+    "WeightDecayForm",
+    "statistics_dtype",
+    "layer_norms",
+    "trust_ratios",
+    "lars_denominators",
+    "clars_denominators",
+    "clars_factors",
+]
+
+WeightDecayForm = Literal["sum_of_norms", "norm_of_sum"]
+"""Where weight decay :math:`\\lambda` enters the LARS denominator.
+
+``"sum_of_norms"``: :math:`\\|\\bar g_k\\| + \\lambda \\|w_k\\|` (You et al. 2017, TF
+contrib LARS, timm, apex LARC, the TVLARS paper).
+``"norm_of_sum"``: :math:`\\|\\bar g_k + \\lambda w_k\\|` (optax, the CLARS and TVLARS code).
+"""
+
+_FORMS = ("sum_of_norms", "norm_of_sum")
+
+
+def statistics_dtype(xp: Any, dtypes: Sequence[Any]) -> Any:
+    """The dtype that per-layer norms and ratios are kept in.
+
+    The widest of the layers' dtypes, and at least ``float32`` so that
+    ``float16``/``bfloat16`` layers accumulate their norms in ``float32``.
+    """
+    widest = xp.float32
+    for dt in dtypes:
+        if xp.finfo(dt).bits > xp.finfo(widest).bits:
+            widest = dt
+    return widest
+
+
+def layer_norms(arrays: Sequence[Any]) -> Any:
+    r"""The Euclidean norm of every layer, as one 1-D array.
+
+    .. math:: n_k = \|x_k\|_2 = \Big(\sum_j x_{k,j}^2\Big)^{1/2}
+
+    Low-precision layers (``float16``, ``bfloat16``) are accumulated in
+    ``float32``; the result has the :func:`statistics_dtype` of the layers.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> layer_norms([np.array([3.0, 4.0]), np.zeros((2, 2))])
+    array([5., 0.])
+    """
+    xp, _ = check_layers(arrays)
+    return _layer_norms(xp, arrays)
+
+
+def _layer_norms(xp: Any, arrays: Sequence[Any]) -> Any:
+    dtype = statistics_dtype(xp, [a.dtype for a in arrays])
+    return xp.stack([xp.linalg.vector_norm(xp.astype(a, dtype)) for a in arrays])
+
+
+def _per_layer(xp: Any, values: Any, like: Any) -> Any:
+    """A scalar or per-layer sequence as a 1-D array matching ``like``."""
+    if isinstance(values, (int, float)):
+        values = [float(values)] * like.shape[0]
+    return xp.asarray(values, dtype=like.dtype, device=device(like))
+
+
+def trust_ratios(
+    weight_norms: Any,
+    denominators: Any,
+    *,
+    eta: float = 1.0,
+    eps: float = 0.0,
+    max_ratio: float | None = None,
+    adapt: Sequence[bool] | None = None,
+) -> Any:
+    r"""Per-layer trust ratios :math:`\eta \|w_k\| / (D_k + \epsilon)`.
+
+    .. math::
+
+        r_k = \begin{cases}
+            \min\!\big(\eta\,\|w_k\| / (D_k + \epsilon),\ r_{\max}\big)
+                & \|w_k\| > 0,\ D_k > 0,\ k \text{ adapted} \\
+            1 & \text{otherwise}
+        \end{cases}
+
+    With :math:`D_k` from :func:`lars_denominators` this is LARS (CLARS paper
+    eq. 3); from :func:`clars_denominators`, CLARS (eq. 5); with
+    :math:`\eta = 1` and :math:`D_k = \|u_k\|`, LAMB's ratio.
+
+    Parameters
+    ----------
+    weight_norms, denominators : 1-D array
+        :math:`\|w_k\|` and :math:`D_k`, one entry per layer.
+    eta : float
+        Trust coefficient :math:`\eta > 0` (0.001 in You et al. 2017, 0.01 in CLARS Algorithm 1).
+    eps : float
+        Added to the denominator; 0 reproduces the papers.
+    max_ratio : float or None
+        Upper clip :math:`r_{\max}` (the CLARS code clips at 0.1).
+    adapt : sequence of bool or None
+        Layers whose ratio is computed; the others get 1. ``None`` adapts all.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> trust_ratios(np.array([2.0, 0.0, 1.0]), np.array([4.0, 1.0, 0.0]), eta=0.1)
+    array([0.05, 1.  , 1.  ])
+    """
+    xp = array_namespace(weight_norms, denominators)
+    eta = check_hyperparameter("eta", eta, low=0.0, low_open=True)
+    eps = check_hyperparameter("eps", eps, low=0.0)
+    if weight_norms.shape != denominators.shape or weight_norms.ndim != 1:
+        raise ValueError(
+            f"weight_norms {tuple(weight_norms.shape)} and denominators {tuple(denominators.shape)} "
+            "must be 1-D arrays of one entry per layer"
+        )
+    valid = (weight_norms > 0) & (denominators > 0)
+    safe_den = xp.where(valid, denominators + eps, xp.ones_like(denominators))
+    ratio = xp.where(valid, eta * weight_norms / safe_den, xp.ones_like(weight_norms))
+    if max_ratio is not None:
+        max_ratio = check_hyperparameter("max_ratio", max_ratio, low=0.0, low_open=True)
+        ratio = xp.where(valid, xp.minimum(ratio, xp.full_like(ratio, max_ratio)), ratio)
+    if adapt is not None:
+        if len(adapt) != weight_norms.shape[0]:
+            raise ValueError(f"adapt has {len(adapt)} entries but there are {weight_norms.shape[0]} layers")
+        mask = xp.asarray(list(adapt), dtype=xp.bool, device=device(ratio))
+        ratio = xp.where(mask, ratio, xp.ones_like(ratio))
+    return ratio
+
+
+def _check_form(form: str) -> None:
+    if form not in _FORMS:
+        raise ValueError(f"weight_decay_form must be one of {_FORMS}, got {form!r}")
+
+
+def lars_denominators(
+    weight_norms: Any,
+    grad_norms: Any,
+    *,
+    weight_decay: float | Sequence[float] = 0.0,
+    weight_decay_form: WeightDecayForm = "sum_of_norms",
+    direction_norms: Any = None,
+) -> Any:
+    r"""The LARS denominator of every layer, in either weight-decay form.
+
+    .. math::
+
+        D_k = \|\bar g_k\| + \lambda_k \|w_k\| \quad (\texttt{sum\_of\_norms}),
+        \qquad
+        D_k = \|\bar g_k + \lambda_k w_k\| \quad (\texttt{norm\_of\_sum}).
+
+    References: CLARS eq. (3) (no weight decay); You, Gitman & Ginsburg (2017)
+    for the first form; optax ``lars`` for the second.
+
+    Parameters
+    ----------
+    weight_norms, grad_norms : 1-D array
+        :math:`\|w_k\|` and :math:`\|\bar g_k\|`.
+    weight_decay : float or sequence of float
+        :math:`\lambda_k`, one value for all layers or one per layer.
+    weight_decay_form : {"sum_of_norms", "norm_of_sum"}
+    direction_norms : 1-D array, optional
+        :math:`\|\bar g_k + \lambda_k w_k\|`; required for ``"norm_of_sum"``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> lars_denominators(np.array([2.0]), np.array([1.0]), weight_decay=0.5)
+    array([2.])
+    """
+    xp = array_namespace(weight_norms, grad_norms)
+    _check_form(weight_decay_form)
+    if weight_decay_form == "norm_of_sum":
+        if direction_norms is None:
+            raise ValueError('weight_decay_form="norm_of_sum" needs direction_norms, the norms of g + wd * w')
+        return direction_norms
+    return grad_norms + _per_layer(xp, weight_decay, weight_norms) * weight_norms
+
+
+def clars_denominators(
+    weight_norms: Any,
+    mean_sample_norms: Any,
+    *,
+    weight_decay: float | Sequence[float] = 0.0,
+    weight_decay_form: WeightDecayForm = "sum_of_norms",
+) -> Any:
+    r"""The CLARS denominator: the mean per-sample gradient norm of every layer.
+
+    .. math::
+
+        D_k = \frac{1}{B}\sum_{i \in I_t} \|g_{ik}\| + \lambda_k \|w_k\|
+        \quad (\texttt{sum\_of\_norms}),
+        \qquad
+        D_k = \frac{1}{B}\sum_{i \in I_t} \|g_{ik} + \lambda_k w_k\|
+        \quad (\texttt{norm\_of\_sum}).
+
+    With :math:`\lambda = 0` both are CLARS eq. (5). The paper has no weight
+    decay; lwrs extends it as the per-sample analogue of each LARS form, so
+    that by the triangle inequality :math:`D^{\mathrm{CLARS}}_k \ge
+    D^{\mathrm{LARS}}_k` and CLARS never steps further than LARS. For
+    ``"norm_of_sum"``, ``mean_sample_norms`` must already be the norms of the
+    decayed per-sample gradients :math:`g_{ik} + \lambda_k w_k`.
+
+    References: CLARS eq. (5) and Algorithm 1 (line 4 writes squared norms;
+    eq. 5, the definition, uses plain norms).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> clars_denominators(np.array([2.0]), np.array([3.0]), weight_decay=0.5)
+    array([4.])
+    """
+    xp = array_namespace(weight_norms, mean_sample_norms)
+    _check_form(weight_decay_form)
+    if weight_decay_form == "norm_of_sum":
+        return mean_sample_norms
+    return mean_sample_norms + _per_layer(xp, weight_decay, weight_norms) * weight_norms
+
+
+def clars_factors(lars_denominators: Any, clars_denominators: Any) -> Any:
+    r"""The factor by which CLARS shrinks the LARS ratio, per layer.
+
+    .. math::
+
+        c_k = \frac{D^{\mathrm{LARS}}_k}{D^{\mathrm{CLARS}}_k}
+            = \frac{\big\|\frac1B \sum_i g_{ik}\big\|}{\frac1B \sum_i \|g_{ik}\|}
+            \quad (\lambda = 0)
+
+    By the triangle inequality :math:`c_k \in [0, 1]`; it is 1 only when all
+    per-sample gradients of the layer point the same way, and 0 only when the
+    mini-batch gradient vanishes. :math:`c_k = 1` where the CLARS denominator
+    is 0. Computed from exact statistics it never exceeds 1; a subsample
+    estimator of the denominator can push it above 1.
+
+    References: CLARS paper, the rewriting of eq. (5) as LARS times this factor.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> clars_factors(np.array([1.0, 2.0]), np.array([4.0, 0.0]))
+    array([0.25, 1.  ])
+    """
+    xp = array_namespace(lars_denominators, clars_denominators)
+    positive = clars_denominators > 0
+    safe = xp.where(positive, clars_denominators, xp.ones_like(clars_denominators))
+    return xp.where(positive, lars_denominators / safe, xp.ones_like(safe))
