@@ -634,7 +634,7 @@ def lamb(
     >>> w = [np.array([[3.0, 4.0]])]
     >>> _, _, diag = opt.step(w, [np.array([[1.0, -1.0]])], opt.init(w))
     >>> np.round(diag.trust_ratios, 6)       # |w| / |u| with u ~ sign(g)
-    array([3.535536])
+    array([3.535537])
     """
     common = _Common.build(learning_rate, weight_decay, adapt_mask, decay_mask, on_nonfinite)
     b1 = check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True)

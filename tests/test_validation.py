@@ -1,0 +1,192 @@
+"""Bad input: a clear error naming the layer and the value, never a silent NaN or a half-updated state."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import lwrs
+
+torch = pytest.importorskip("torch")
+xs = pytest.importorskip("array_api_strict")
+
+
+def layers():
+    return [np.ones((2, 3)), np.ones(3)], [np.full((2, 3), 0.1), np.full(3, 0.1)]
+
+
+def step(opt, params, grads, **kw):
+    return opt.step(params, grads, opt.init(params), **kw)
+
+
+def raises(exc, text):
+    return pytest.raises(exc, match=re.escape(text))
+
+
+def test_layer_count_mismatch():
+    params, grads = layers()
+    with raises(ValueError, "grads has 1 layers but params has 2"):
+        step(lwrs.lars(0.1), params, grads[:1])
+
+
+def test_shape_mismatch_names_the_layer():
+    params, grads = layers()
+    with raises(ValueError, "layer 1: grads has shape (4,) but params has shape (3,)"):
+        step(lwrs.lars(0.1), params, [grads[0], np.ones(4)])
+
+
+def test_dtype_mismatch_names_the_layer():
+    params, grads = layers()
+    with raises(ValueError, "layer 0: grads has dtype float32 but params has dtype float64"):
+        step(lwrs.mnag(0.1), params, [grads[0].astype(np.float32), grads[1]])
+
+
+def test_state_from_another_model_is_rejected():
+    params, grads = layers()
+    opt = lwrs.lars(0.1)
+    other = opt.init([np.ones((2, 3)), np.ones(4)])
+    with raises(ValueError, "layer 1: trace has shape (4,) but params has shape (3,)"):
+        opt.step(params, grads, other)
+    with raises(TypeError, "state must be a MomentumState"):
+        opt.step(params, grads, lwrs.lamb(0.1).init(params))
+
+
+def test_mixed_array_libraries():
+    params, grads = layers()
+    with raises(TypeError, "layer 1 of grads is a torch array but layer 0 of params is a numpy array"):
+        step(lwrs.lars(0.1), params, [grads[0], torch.ones(3, dtype=torch.float64)])
+
+
+def test_mixed_devices_array_api_strict():
+    cpu = xs.Device("CPU_DEVICE")
+    other = xs.Device("device1")
+    params = [xs.ones((2, 2), dtype=xs.float64, device=cpu), xs.ones(2, dtype=xs.float64, device=other)]
+    with pytest.raises(ValueError, match=r"layer 1 of params is on device .*device1.* but layer 0 of params is on"):
+        lwrs.lars(0.1).init(params)
+
+
+def test_mixed_devices_torch_meta():
+    params = [torch.ones(2, 2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)]
+    grads = [torch.ones(2, 2, dtype=torch.float64), torch.ones(2, dtype=torch.float64, device="meta")]
+    with pytest.raises(ValueError, match=r"layer 1 of grads is on device .*meta.* but layer 0 of params is on"):
+        step(lwrs.lars(0.1), params, grads)
+
+
+def test_params_must_be_a_sequence():
+    with raises(TypeError, "params must be a sequence (list or tuple) of per-layer arrays, got ndarray"):
+        lwrs.lars(0.1).init(np.ones(3))
+    with raises(ValueError, "params is empty"):
+        lwrs.lars(0.1).init([])
+    with raises(TypeError, "layer 0 of params has dtype int64; a real floating dtype is needed"):
+        lwrs.lars(0.1).init([np.ones(3, dtype=np.int64)])
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: lwrs.lars(-0.1), "learning_rate must lie in [0.0, inf], got -0.1"),
+        (lambda: lwrs.mnag(0.1, beta=1.0), "beta must lie in [0.0, 1.0), got 1.0"),
+        (lambda: lwrs.lars(0.1, beta=-0.5), "beta must lie in [0.0, 1.0), got -0.5"),
+        (lambda: lwrs.lars(0.1, eta=0.0), "eta must lie in (0.0, inf], got 0.0"),
+        (lambda: lwrs.clars(0.1, weight_decay=-1e-4), "weight_decay must lie in [0.0, inf], got -0.0001"),
+        (lambda: lwrs.lars(0.1, eps=float("nan")), "eps must be finite, got nan"),
+        (lambda: lwrs.lars(0.1, max_ratio=0.0), "max_ratio must lie in (0.0, inf], got 0.0"),
+        (lambda: lwrs.lars(0.1, max_ratio=0.1, larc_clip=True), "larc_clip and max_ratio cannot be combined"),
+        (lambda: lwrs.lars(0.1, weight_decay_form="l2"), 'weight_decay_form must be "sum_of_norms" or "norm_of_sum"'),
+        (lambda: lwrs.lamb(0.1, b2=1.0), "b2 must lie in [0.0, 1.0), got 1.0"),
+        (lambda: lwrs.lamb(0.1, eps=0.0), "eps must lie in (0.0, inf], got 0.0"),
+        (lambda: lwrs.tvlars(0.1, decay=1e-3, delay_steps=0, alpha=-1.0), "alpha must lie in (0.0, inf], got -1.0"),
+        (lambda: lwrs.lars(0.1, on_nonfinite="ignore"), 'on_nonfinite must be "raise" or "skip"'),
+    ],
+)
+def test_impossible_hyperparameters(make, message):
+    with raises(ValueError, message):
+        make()
+
+
+def test_mask_length_is_checked():
+    params, grads = layers()
+    with raises(ValueError, "adapt_mask has 3 entries but params has 2 layers"):
+        step(lwrs.lars(0.1, adapt_mask=[True, True, False]), params, grads)
+
+
+def test_clars_requires_statistics_of_the_right_size():
+    params, grads = layers()
+    with raises(ValueError, "clars needs norm_stats"):
+        step(lwrs.clars(0.1), params, grads)
+    bad = lwrs.NormStatistics(np.ones(3), np.ones(3), 4)
+    with raises(ValueError, "norm_stats.sum_norms has shape (3,), expected (2,)"):
+        step(lwrs.clars(0.1), params, grads, norm_stats=bad)
+    with raises(ValueError, "norm_stats.count must be positive, got 0"):
+        step(lwrs.clars(0.1), params, grads, norm_stats=lwrs.NormStatistics(np.ones(2), np.ones(2), 0))
+
+
+@pytest.mark.parametrize("name", ["mgd", "mnag", "lars", "clars", "tvlars", "lamb"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_raises_naming_the_layer(name, bad):
+    params, grads = layers()
+    grads[1] = grads[1].copy()
+    grads[1][2] = bad
+    opt = make_optimizer(name)
+    stats = lwrs.NormStatistics(np.ones(2), np.ones(2), 3)
+    with pytest.raises(lwrs.NonFiniteError, match=r"layer 1: gradient norm is not finite \(value (nan|inf)\) at step 0"):
+        opt.step(params, grads, opt.init(params), norm_stats=stats)
+
+
+def make_optimizer(name, **kw):
+    extra = {"tvlars": dict(decay=1e-3, delay_steps=10)}.get(name, {})
+    return getattr(lwrs, name)(0.1, **extra, **kw)
+
+
+@pytest.mark.parametrize("name", ["mgd", "mnag", "lars", "clars", "tvlars", "lamb"])
+def test_skip_leaves_params_and_state_untouched(name):
+    params, grads = layers()
+    opt = make_optimizer(name, on_nonfinite="skip")
+    stats = lwrs.NormStatistics(np.ones(2), np.ones(2), 3)
+    params, state, _ = opt.step(params, grads, opt.init(params), norm_stats=stats)  # one good step first
+    bad = [grads[0], np.array([0.1, np.nan, 0.1])]
+    new_params, new_state, diag = opt.step(params, bad, state, norm_stats=stats)
+    assert diag.skipped and new_state is state and new_state.step == 1
+    for a, b in zip(new_params, params):
+        np.testing.assert_array_equal(a, b)
+    assert np.all(np.isfinite(np.concatenate([np.ravel(p) for p in new_params])))
+
+
+def test_nonfinite_statistics_raise():
+    params, grads = layers()
+    stats = lwrs.NormStatistics(np.array([1.0, np.inf]), np.ones(2), 3)
+    with raises(lwrs.NonFiniteError, "layer 1: mean per-sample gradient norm is not finite"):
+        step(lwrs.clars(0.1), params, grads, norm_stats=stats)
+
+
+def test_nonfinite_parameter_raises():
+    params, grads = layers()
+    params[0] = np.full((2, 3), np.nan)
+    with raises(lwrs.NonFiniteError, "layer 0: parameter norm is not finite"):
+        step(lwrs.lars(0.1), params, grads)
+
+
+def test_a_failing_schedule_leaves_no_half_updated_state():
+    params, grads = layers()
+    opt = lwrs.lars(lambda t: 0.1 if t == 0 else -1.0)
+    state = opt.init(params)
+    params1, state1, _ = opt.step(params, grads, state)
+    trace_before = [d.copy() for d in state1.trace]
+    with raises(ValueError, "learning_rate schedule returned -1.0 at step 1"):
+        opt.step(params1, grads, state1)
+    for a, b in zip(state1.trace, trace_before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_zero_norm_paths_emit_no_warnings_and_no_nan():
+    """Zero weights and zero gradients together: where() keeps 0/0 out of both branches."""
+    params = [np.zeros((2, 2)), np.zeros(2)]
+    grads = [np.zeros((2, 2)), np.zeros(2)]
+    stats = lwrs.NormStatistics(np.zeros(2), np.zeros(2), 4)
+    for name in ["lars", "clars", "lamb"]:
+        opt = make_optimizer(name)
+        with np.errstate(all="raise"):
+            new, _, diag = opt.step(params, grads, opt.init(params), norm_stats=stats)
+        assert np.all(np.isfinite(diag.rates)) and all(np.all(np.isfinite(w)) for w in new)
