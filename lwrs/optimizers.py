@@ -205,6 +205,15 @@ def _handle_nonfinite(common: _Common, xp, checks, params, state, step, lr, w_no
     return _skipped(params, state, step, lr, w_norms, g_norms, xp)
 
 
+def _checked_mean_norms(xp, norm_stats, w_norms, checks):
+    """The mean per-sample norms in the statistics dtype, queued for the finiteness check."""
+    if norm_stats is None:
+        return None
+    mean_norms = xp.astype(norm_stats.mean_norms(), w_norms.dtype)
+    checks.append(("mean per-sample gradient norm", mean_norms))
+    return mean_norms
+
+
 def _decayed_directions(params, grads, decays) -> tuple[Any, ...]:
     return tuple(g + wd * w if wd else g for w, g, wd in zip(params, grads, decays))
 
@@ -232,9 +241,7 @@ def _momentum_family(
         w_norms = _layer_norms(xp, params)
         g_norms = _layer_norms(xp, grads)
         checks = [("parameter norm", w_norms), ("gradient norm", g_norms)]
-        if norm_stats is not None:
-            mean_norms = xp.astype(norm_stats.mean_norms(), w_norms.dtype)
-            checks.append(("mean per-sample gradient norm", mean_norms))
+        mean_norms = _checked_mean_norms(xp, norm_stats, w_norms, checks)
         skipped = _handle_nonfinite(common, xp, checks, params, state, t, lr, w_norms, g_norms)
         if skipped is not None:
             return skipped
@@ -657,9 +664,16 @@ def lamb(
         w_norms = _layer_norms(xp, params)
         g_norms = _layer_norms(xp, grads)
         checks = [("parameter norm", w_norms), ("gradient norm", g_norms)]
+        mean_norms = _checked_mean_norms(xp, norm_stats, w_norms, checks)
         skipped = _handle_nonfinite(common, xp, checks, params, state, t, lr, w_norms, g_norms)
         if skipped is not None:
             return skipped
+        factors = xp.ones_like(w_norms)
+        if mean_norms is not None:  # reported, not used: LAMB has no per-sample term
+            factors = clars_factors(
+                lars_denominators(w_norms, g_norms, weight_decay=decays),
+                clars_denominators(w_norms, mean_norms, weight_decay=decays),
+            )
 
         m = tuple(b1 * mk + (1.0 - b1) * g for mk, g in zip(state.first_moment, grads))
         v = tuple(b2 * vk + (1.0 - b2) * (g * g) for vk, g in zip(state.second_moment, grads))
@@ -671,7 +685,7 @@ def lamb(
         ratios = trust_ratios(w_norms, _layer_norms(xp, u), eta=1.0, adapt=adapt)
         rates = lr * ratios
         new_params = tuple(w - xp.astype(rates[k], w.dtype) * uk for k, (w, uk) in enumerate(zip(params, u)))
-        diag = LayerDiagnostics(w_norms, g_norms, ratios, xp.ones_like(w_norms), rates, lr, t)
+        diag = LayerDiagnostics(w_norms, g_norms, ratios, factors, rates, lr, t)
         return StepResult(new_params, LambState(t + 1, m, v), diag)
 
     return Optimizer("lamb", init, step)
