@@ -3,13 +3,21 @@ r"""Layer-wise trust ratios: LARS, CLARS and LAMB.
 All three scale a layer's step by a *trust ratio* :math:`\eta\,\|w_k\| / D_k`,
 and differ only in the denominator :math:`D_k`:
 
-==========  ===========================================================  =====================
-optimizer   denominator :math:`D_k`                                      reference
-==========  ===========================================================  =====================
-LARS        :math:`\|\bar g_k\| + \lambda\|w_k\|` or :math:`\|\bar g_k + \lambda w_k\|`   CLARS eq. (3), You et al. 2017
-CLARS       :math:`\frac1B\sum_i \|g_{ik}\|` (+ the same weight-decay term)   CLARS eq. (5)
-LAMB        :math:`\|u_k\|`, the Adam direction plus weight decay, :math:`\eta = 1`     You et al. 2019
-==========  ===========================================================  =====================
+.. list-table::
+   :header-rows: 1
+
+   * - optimizer
+     - denominator :math:`D_k`
+     - reference
+   * - LARS
+     - :math:`\|\bar g_k\| + \lambda\|w_k\|` or :math:`\|\bar g_k + \lambda w_k\|`
+     - CLARS eq. (3); You et al. 2017
+   * - CLARS
+     - :math:`\frac1B\sum_i \|g_{ik}\|`, plus the same weight-decay term
+     - CLARS eq. (5)
+   * - LAMB
+     - :math:`\|u_k\|`, the Adam direction plus weight decay, with :math:`\eta = 1`
+     - You et al. 2019
 
 A ratio is 1 where :math:`\|w_k\| = 0` or :math:`D_k = 0` (the optax and timm
 convention), and 1 for layers excluded from adaptation. Every function works on
