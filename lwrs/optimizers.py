@@ -268,7 +268,9 @@ def _momentum_family(
             ratio_eta, max_ratio = (trust.eta / lr if lr > 0 else trust.eta), 1.0
 
         def ratios_for(den):
-            return trust_ratios(w_norms, den, eta=ratio_eta, eps=trust.eps, max_ratio=max_ratio, adapt=adapt)
+            return trust_ratios(
+                w_norms, den, eta=ratio_eta, eps=trust.eps, max_ratio=max_ratio, adapt=adapt, grad_norms=g_norms
+            )
 
         if trust.kind == "none":
             lars_r = xp.ones_like(w_norms)
@@ -413,7 +415,10 @@ def lars(
     then the mNAG step of :func:`mnag` with direction :math:`\bar g_k +
     \lambda w_k` and rate :math:`\gamma_k`. The ratio is 1 where
     :math:`\|w_k\| = 0` or :math:`D_k = 0` (weight decay still applies) and
-    for layers outside ``adapt_mask``.
+    for layers outside ``adapt_mask``. It is also 1 where the raw gradient
+    :math:`\bar g_k` vanishes, in both forms (timm's and apex's convention;
+    optax's ``norm_of_sum`` gives :math:`\eta/\lambda` there), and the
+    decay step :math:`\gamma_t \lambda w_k` still applies.
 
     Parameters
     ----------
@@ -615,8 +620,9 @@ def lamb(
         \qquad r_k = \frac{\|w_k\|}{\|u_k\|}, \\
         w_{t+1} &= w_t - \gamma_t\, r_k\, u_t ,
 
-    with :math:`t` counted from 1, and :math:`r_k = 1` where either norm is 0
-    or the layer is outside ``adapt_mask``.
+    with :math:`t` counted from 1, and :math:`r_k = 1` where :math:`\|w_k\|`,
+    :math:`\|u_k\|` or :math:`\|\bar g_k\|` is 0 or the layer is outside
+    ``adapt_mask``.
 
     Parameters
     ----------
@@ -682,7 +688,7 @@ def lamb(
             (mk / c1) / (xp.sqrt(vk / c2) + eps) + (wd * w if wd else 0.0)
             for mk, vk, w, wd in zip(m, v, params, decays)
         )
-        ratios = trust_ratios(w_norms, _layer_norms(xp, u), eta=1.0, adapt=adapt)
+        ratios = trust_ratios(w_norms, _layer_norms(xp, u), eta=1.0, adapt=adapt, grad_norms=g_norms)
         rates = lr * ratios
         new_params = tuple(w - xp.astype(rates[k], w.dtype) * uk for k, (w, uk) in enumerate(zip(params, u)))
         diag = LayerDiagnostics(w_norms, g_norms, ratios, factors, rates, lr, t)

@@ -106,6 +106,7 @@ def trust_ratios(
     eps: float = 0.0,
     max_ratio: float | None = None,
     adapt: Sequence[bool] | None = None,
+    grad_norms: Any = None,
 ) -> Any:
     r"""Per-layer trust ratios :math:`\eta \|w_k\| / (D_k + \epsilon)`.
 
@@ -113,9 +114,13 @@ def trust_ratios(
 
         r_k = \begin{cases}
             \min\!\big(\eta\,\|w_k\| / (D_k + \epsilon),\ r_{\max}\big)
-                & \|w_k\| > 0,\ D_k > 0,\ k \text{ adapted} \\
+                & \|w_k\| > 0,\ \|\bar g_k\| > 0,\ D_k > 0,\ k \text{ adapted} \\
             1 & \text{otherwise}
         \end{cases}
+
+    The condition on the raw gradient norm :math:`\|\bar g_k\|` (applied
+    when ``grad_norms`` is given) is timm's and apex's convention: a layer with
+    a zero gradient gets ratio 1, and its weight decay still applies.
 
     With :math:`D_k` from :func:`lars_denominators` this is LARS (CLARS paper
     eq. 3); from :func:`clars_denominators`, CLARS (eq. 5); with
@@ -133,6 +138,8 @@ def trust_ratios(
         Upper clip :math:`r_{\max}` (the CLARS code clips at 0.1).
     adapt : sequence of bool or None
         Layers whose ratio is computed; the others get 1. ``None`` adapts all.
+    grad_norms : 1-D array, optional
+        :math:`\|\bar g_k\|` without weight decay; the ratio is 1 where it is 0.
 
     Examples
     --------
@@ -149,6 +156,8 @@ def trust_ratios(
             "must be 1-D arrays of one entry per layer"
         )
     valid = (weight_norms > 0) & (denominators > 0)
+    if grad_norms is not None:
+        valid = valid & (grad_norms > 0)
     safe_den = xp.where(valid, denominators + eps, xp.ones_like(denominators))
     ratio = xp.where(valid, eta * weight_norms / safe_den, xp.ones_like(weight_norms))
     if max_ratio is not None:

@@ -16,8 +16,9 @@ def norm(x) -> float:
     return float(np.sqrt(np.sum(np.asarray(x, dtype=np.float64) ** 2)))
 
 
-def ratio_or_one(eta, w_norm, den, eps=0.0):
-    if w_norm > 0 and den > 0:
+def ratio_or_one(eta, w_norm, den, eps=0.0, g_norm=1.0):
+    """timm / apex convention: 1 where the weight, the raw gradient or the denominator is zero."""
+    if w_norm > 0 and den > 0 and g_norm > 0:
         return eta * w_norm / (den + eps)
     return 1.0
 
@@ -92,10 +93,10 @@ class LayerwiseOracle:
             if self.kind in ("lars", "clars", "tvlars") and self.adapt[k]:
                 d = mean_norm if self.kind == "clars" else den
                 if self.larc:
-                    rate = min(self.eta * wn / d, lr) if (wn > 0 and d > 0) else lr
+                    rate = min(self.eta * wn / d, lr) if (wn > 0 and d > 0 and gn > 0) else lr
                 else:
-                    r = ratio_or_one(self.eta, wn, d, self.eps)
-                    if self.max_ratio is not None and wn > 0 and d > 0:
+                    r = ratio_or_one(self.eta, wn, d, self.eps, gn)
+                    if self.max_ratio is not None and wn > 0 and d > 0 and gn > 0:
                         r = min(r, self.max_ratio)
                     rate = lr * r
             rates.append(rate)
@@ -127,7 +128,7 @@ class LambOracle:
             m_hat = self.m[k] / (1 - self.b1**self.t)
             v_hat = self.v[k] / (1 - self.b2**self.t)
             u = m_hat / (np.sqrt(v_hat) + self.eps) + self.wd * self.w[k]
-            r = ratio_or_one(1.0, norm(self.w[k]), norm(u)) if self.adapt[k] else 1.0
+            r = ratio_or_one(1.0, norm(self.w[k]), norm(u), g_norm=norm(g)) if self.adapt[k] else 1.0
             record.append((norm(self.w[k]), norm(g), r, self.lr * r))
             self.w[k] = self.w[k] - self.lr * r * u
         return record

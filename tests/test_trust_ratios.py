@@ -66,23 +66,37 @@ def test_ratio_is_one_at_zero_norms(norms, eta, eps):
     assert r.tolist() == [1.0]
 
 
-@pytest.mark.parametrize("form", ["sum_of_norms", "norm_of_sum"])
-@pytest.mark.parametrize("kind", ["lars", "clars"])
-def test_zero_gradient_still_decays(kind, form):
-    """g = 0 makes the sum_of_norms ratio eta*|w|/(wd*|w|); with wd = 0 the ratio is 1; decay still moves w."""
-    w = [np.array([[2.0, -1.0]])]
-    g = [np.zeros((1, 2))]
-    opt = getattr(lwrs, kind)(0.5, eta=0.1, beta=0.0, weight_decay=0.0, weight_decay_form=form)
-    stats = lwrs.per_sample_norm_statistics([np.zeros((3, 1, 2))]) if kind == "clars" else None
-    _, _, diag = opt.step(w, g, opt.init(w), norm_stats=stats)
-    assert diag.trust_ratios.tolist() == [1.0] and diag.rates.tolist() == [0.5]
-    opt = getattr(lwrs, kind)(0.5, eta=0.1, beta=0.0, weight_decay=0.2, weight_decay_form=form)
-    if kind == "clars" and form == "norm_of_sum":  # statistics of decayed per-sample gradients
-        stats = lwrs.per_sample_norm_statistics([np.zeros((3, 1, 2)) + 0.2 * w[0]])
-    new, _, diag = opt.step(w, g, opt.init(w), norm_stats=stats)
-    # D = wd |w| in both forms, so the ratio is eta / wd and the step is lr * (eta / wd) * wd * w = lr * eta * w
-    np.testing.assert_allclose(diag.trust_ratios, [0.1 / 0.2], rtol=1e-14)
-    np.testing.assert_allclose(new[0], w[0] * (1 - 0.5 * 0.1), rtol=1e-14)
+@given(
+    w=arrays(np.float64, (2, 3), elements=st.floats(-5.0, 5.0)),
+    wd=st.floats(0.0, 1.0),
+    beta=st.floats(0.0, 0.95),
+    kind=st.sampled_from(["lars", "clars", "tvlars"]),
+    form=st.sampled_from(["sum_of_norms", "norm_of_sum"]),
+)
+def test_zero_gradient_gives_ratio_one_and_still_decays(w, wd, beta, kind, form):
+    """A vanishing mini-batch gradient: ratio 1 (timm / apex), and the first step is -(1 + beta) lr wd w."""
+    lr = 0.5
+    kw = dict(decay=1e-3, delay_steps=1e9) if kind == "tvlars" else {}
+    opt = getattr(lwrs, kind)(lr, eta=0.1, beta=beta, weight_decay=wd, weight_decay_form=form, **kw)
+    samples = np.stack([np.ones((2, 3)), -np.ones((2, 3))])  # per-sample gradients that cancel
+    if form == "norm_of_sum":
+        samples = samples + wd * w[None]
+    stats = lwrs.per_sample_norm_statistics([samples])
+    new, _, diag = opt.step([w], [np.zeros((2, 3))], opt.init([w]), norm_stats=stats)
+    assert diag.trust_ratios.tolist() == [1.0]
+    rate = float(diag.learning_rate)
+    assert diag.rates.tolist() == [rate]
+    np.testing.assert_allclose(new[0], w - (1 + beta) * rate * wd * w, rtol=1e-12, atol=1e-300)
+
+
+@given(arrays(np.float64, (3,), elements=st.floats(0.0, 10.0)), st.floats(1e-4, 1.0))
+def test_ratio_is_one_where_any_norm_vanishes(norms, eta):
+    w_norm, g_norm, den = (np.array([v]) for v in norms)
+    r = lwrs.trust_ratios(w_norm, den, eta=eta, grad_norms=g_norm)
+    if np.all(norms > 0):
+        np.testing.assert_allclose(r, eta * w_norm / den, rtol=1e-14)
+    else:
+        assert r.tolist() == [1.0]
 
 
 def test_zero_weights_get_ratio_one_and_momentum():
