@@ -49,6 +49,14 @@ def _check_step(step: int) -> int:
     return step
 
 
+def _batch_ratio(base_lr: float, batch_size: int, base_batch_size: int) -> tuple[float, float]:
+    """Checked ``(base_lr, B / B_base)`` for the batch-size scaling rules."""
+    base_lr = check_hyperparameter("base_lr", base_lr, low=0.0)
+    _steps("batch_size", batch_size, minimum=1)
+    _steps("base_batch_size", base_batch_size, minimum=1)
+    return base_lr, batch_size / base_batch_size
+
+
 def linear_scaling(base_lr: float, batch_size: int, base_batch_size: int) -> float:
     r"""The linear scaling rule: :math:`\gamma_{scale} = \gamma_{base} \cdot B / B_{base}`.
 
@@ -60,10 +68,8 @@ def linear_scaling(base_lr: float, batch_size: int, base_batch_size: int) -> flo
     >>> linear_scaling(0.1, 8192, 128)
     6.4
     """
-    base_lr = check_hyperparameter("base_lr", base_lr, low=0.0)
-    _steps("batch_size", batch_size, minimum=1)
-    _steps("base_batch_size", base_batch_size, minimum=1)
-    return base_lr * batch_size / base_batch_size
+    base_lr, ratio = _batch_ratio(base_lr, batch_size, base_batch_size)
+    return base_lr * ratio
 
 
 def sqrt_scaling(base_lr: float, batch_size: int, base_batch_size: int) -> float:
@@ -76,10 +82,8 @@ def sqrt_scaling(base_lr: float, batch_size: int, base_batch_size: int) -> float
     >>> sqrt_scaling(1.0, 1024, 256)
     2.0
     """
-    base_lr = check_hyperparameter("base_lr", base_lr, low=0.0)
-    _steps("batch_size", batch_size, minimum=1)
-    _steps("base_batch_size", base_batch_size, minimum=1)
-    return base_lr * math.sqrt(batch_size / base_batch_size)
+    base_lr, ratio = _batch_ratio(base_lr, batch_size, base_batch_size)
+    return base_lr * math.sqrt(ratio)
 
 
 def constant(value: float) -> Schedule:
