@@ -111,6 +111,17 @@ class Optimizer(NamedTuple):
         ``init(params) -> state``.
     step : callable
         ``step(params, grads, state, *, norm_stats=None) -> StepResult``.
+
+    Examples
+    --------
+    >>> import numpy as np, lwrs
+    >>> opt = lwrs.mnag(0.1)
+    >>> params = [np.array([1.0, -1.0])]
+    >>> state = opt.init(params)
+    >>> for _ in range(3):
+    ...     params, state, diag = opt.step(params, [2 * params[0]], state)   # f = |w|^2
+    >>> opt.name, state.step, bool(abs(params[0][0]) < 1.0)
+    ('mnag', 3, True)
     """
 
     name: str

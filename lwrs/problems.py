@@ -104,6 +104,18 @@ class LayeredQuadratic:
             Number of samples in the finite dataset.
         seed : int
             Seed of the generator; the same seed gives the same problem everywhere.
+
+        Examples
+        --------
+        >>> import array_api_strict as xp
+        >>> problem = LayeredQuadratic.make(dims=(2, 2), lipschitz=(1.0, 8.0), n=16, seed=0)
+        >>> problem.layer_lipschitz, problem.num_samples
+        ((1.0, 8.0), 16)
+        >>> w = problem.initial_params(xp)        # c_k + 1: f = 1/2 sum_k trace(A_k)
+        >>> round(problem.loss(w), 12) == round(0.5 * sum(sum(c) for c in problem.curvatures), 12)
+        True
+        >>> problem.loss([xp.asarray(c, dtype=xp.float64) for c in problem.centers])
+        0.0
         """
         K = len(dims)
         if K == 0 or any(int(d) <= 0 for d in dims):

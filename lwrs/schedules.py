@@ -366,10 +366,21 @@ def tvlars_factor_bounds(
 
 
 def as_schedule(name: str, value: float | Schedule) -> Schedule:
-    """A number becomes :func:`constant`; a callable is wrapped to check its output.
+    r"""A number becomes :func:`constant`; a callable is wrapped to check its output.
 
     The wrapped schedule raises ``ValueError`` naming ``name``, the step and
     the value when the schedule returns a negative or non-finite rate.
+
+    .. math:: \gamma_t \in [0, \infty) \ \text{checked at every step } t
+
+    Examples
+    --------
+    >>> as_schedule("learning_rate", 0.1)(7)
+    0.1
+    >>> as_schedule("learning_rate", lambda t: 1.0 - t)(3)
+    Traceback (most recent call last):
+    ...
+    ValueError: learning_rate schedule returned -2.0 at step 3; rates must be finite and >= 0
     """
     if not callable(value):
         check_hyperparameter(name, value, low=0.0)
