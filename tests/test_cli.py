@@ -1,32 +1,40 @@
-"""The README's main command, `lwrs demo`, end to end (short runs)."""
+"""The README's main command, `lwrs quadratic`, end to end (short runs)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from lwrs import cli
-from lwrs.demo import ROSTER
+from lwrs.quadratic import ROSTER
 
 
-def test_demo_prints_a_row_per_optimizer(capsys):
-    assert cli.main(["demo", "--steps", "40", "--batch-size", "32", "--seed", "1"]) == 0
+def test_quadratic_prints_the_table_and_writes_the_figure(capsys, tmp_path):
+    assert cli.main(["quadratic", "--steps", "40", "--batch-size", "32", "--seed", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    rows = [line.split()[0] for line in out.splitlines()[3:]]
-    assert rows == [entry.name for entry in ROSTER]
-    for line in out.splitlines()[3:]:
-        final = float(line.split()[2])
-        assert 0 <= final < 189, line  # every optimizer's best run made progress from f(w0) - f* = 189
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("optimizer")) + 2
+    rows = lines[start:start + len(ROSTER)]
+    assert [row.split()[0] for row in rows] == [entry.name for entry in ROSTER]
+    assert "binding condition" in out and "bound on the mean criterion" in out
+    record = json.loads((tmp_path / "quadratic.json").read_text())
+    for run in record["runs"]:
+        assert 0 <= run["final_loss"] < record["constants"]["initial_gap"], run  # every best run made progress
+    assert record["theorem2"]["mean_criterion"] <= record["theorem2"]["bound"]
+    png = (tmp_path / "quadratic.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
 @pytest.mark.parametrize("backend", ["array-api-strict", "torch"])
-def test_demo_runs_on_other_backends(capsys, backend):
+def test_quadratic_runs_on_other_backends(capsys, tmp_path, backend):
     pytest.importorskip({"torch": "torch", "array-api-strict": "array_api_strict"}[backend])
-    assert cli.main(["demo", "--steps", "12", "--backend", backend]) == 0
+    assert cli.main(["quadratic", "--steps", "12", "--backend", backend, "--out", str(tmp_path)]) == 0
     assert "clars" in capsys.readouterr().out
 
 
-def test_demo_rejects_bad_options(capsys):
-    assert cli.main(["demo", "--steps", "20", "--batch-size", "5000"]) == 2
+def test_quadratic_rejects_bad_options(capsys, tmp_path):
+    assert cli.main(["quadratic", "--steps", "20", "--batch-size", "5000", "--out", str(tmp_path)]) == 2
     assert "batch_size must lie in [1, 2048], got 5000" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(["demo", "--steps", "0"])
+        cli.main(["quadratic", "--steps", "0"])
