@@ -82,6 +82,23 @@ def _plot(path: pathlib.Path, runs: list[Run], theory_criteria: list[float], bou
     plt.close(fig)
 
 
+def _environment(backend: str) -> dict[str, str]:
+    """Versions and machine facts for the JSON record."""
+    import importlib.metadata as md
+    import platform
+
+    from . import __version__
+
+    versions = {"lwrs": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "array-api-compat", {"torch": "torch", "jax": "jax",
+                                               "array-api-strict": "array-api-strict"}.get(backend, "numpy")):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return {"machine": f"{platform.machine()}, {platform.system()}, {platform.processor() or 'cpu'}", **versions}
+
+
 def quadratic(args: argparse.Namespace) -> int:
     """Run ``lwrs quadratic``: the table, the figure and the JSON."""
     xp = load_namespace(args.backend)
@@ -121,7 +138,10 @@ def quadratic(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     _plot(args.out / "quadratic.png", runs, theory_criteria, bound.total, per_layer_limits)
     record = {
-        "command": "lwrs quadratic " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["quadratic"] else "lwrs quadratic",
+        # the options that shape the result; --out is left out, so no local path lands in the record
+        "command": (f"lwrs quadratic --backend {args.backend} --steps {args.steps} "
+                    f"--batch-size {args.batch_size} --seed {args.seed}"),
+        "environment": _environment(args.backend),
         "backend": args.backend, "batch_size": args.batch_size, "steps": args.steps, "seed": args.seed,
         "constants": {"lipschitz": c.lipschitz, "global_lipschitz": c.global_lipschitz,
                       "variance_factors": c.variance_factors, "variance_floor": c.variance_floor,

@@ -38,3 +38,18 @@ def test_quadratic_rejects_bad_options(capsys, tmp_path):
     assert "batch_size must lie in [1, 2048], got 5000" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["quadratic", "--steps", "0"])
+
+
+def test_the_docs_record_is_what_the_default_command_produces(capsys, tmp_path):
+    """docs/images/quadratic.json (shown on the Theory page) must match a fresh default run."""
+    import pathlib
+
+    committed = json.loads((pathlib.Path(__file__).parent.parent / "docs" / "images" / "quadratic.json").read_text())
+    assert cli.main(["quadratic", "--out", str(tmp_path)]) == 0
+    fresh = json.loads((tmp_path / "quadratic.json").read_text())
+    assert fresh["command"] == committed["command"]
+    assert fresh["theorem2"] == pytest.approx(committed["theorem2"], rel=1e-9)
+    for a, b in zip(fresh["runs"], committed["runs"]):
+        assert a["name"] == b["name"] and a["learning_rate"] == pytest.approx(b["learning_rate"])
+        assert a["mean_criterion"] == pytest.approx(b["mean_criterion"], rel=1e-9)
+        assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-9, abs=1e-15)
