@@ -35,11 +35,13 @@ from .momentum import apply_momentum
 from .schedules import Schedule, as_schedule, tvlars_factor
 from .statistics import NormStatistics, check_statistics
 from .trust_ratios import (
+    TrustOptions,
     WeightDecayForm,
     _layer_norms,
     clars_denominators,
     clars_factors,
     lars_denominators,
+    layer_rates,
     trust_ratios,
 )
 
@@ -168,18 +170,6 @@ class _Common:
         return tuple(self.weight_decay if d else 0.0 for d in decay)
 
 
-@dataclass(frozen=True)
-class _TrustOptions:
-    """How a momentum-family optimizer turns norms into per-layer rates."""
-
-    kind: Literal["none", "lars", "clars"]
-    eta: float = 1.0
-    eps: float = 0.0
-    max_ratio: float | None = None
-    larc_clip: bool = False
-    weight_decay_form: WeightDecayForm = "sum_of_norms"
-
-
 def _check_state_step(state: Any, cls: type) -> int:
     if not isinstance(state, cls):
         raise TypeError(f"state must be a {cls.__name__} (from this optimizer's init), got {type(state).__name__}")
@@ -230,7 +220,7 @@ def _decayed_directions(params, grads, decays) -> tuple[Any, ...]:
 
 
 def _momentum_family(
-    name: str, common: _Common, trust: _TrustOptions, beta: float, nesterov: bool
+    name: str, common: _Common, trust: TrustOptions, beta: float, nesterov: bool
 ) -> Optimizer:
     """Build mgd / mnag / lars / clars / tvlars around one step function."""
 
@@ -261,35 +251,9 @@ def _momentum_family(
         direction_norms = None
         if trust.weight_decay_form == "norm_of_sum" and any(decays):
             direction_norms = _layer_norms(xp, directions)
-        elif trust.weight_decay_form == "norm_of_sum":
-            direction_norms = g_norms
-        lars_den = lars_denominators(
-            w_norms, g_norms, weight_decay=decays,
-            weight_decay_form=trust.weight_decay_form, direction_norms=direction_norms,
-        )
-        factors = xp.ones_like(w_norms)
-        if norm_stats is not None:
-            clars_den = clars_denominators(
-                w_norms, mean_norms, weight_decay=decays, weight_decay_form=trust.weight_decay_form
-            )
-            factors = clars_factors(lars_den, clars_den)
-
-        ratio_eta, max_ratio = trust.eta, trust.max_ratio
-        if trust.larc_clip:  # apex LARC: rate = min(eta |w| / D, lr) = lr * min(eta |w| / (lr D), 1)
-            ratio_eta, max_ratio = (trust.eta / lr if lr > 0 else trust.eta), 1.0
-
-        def ratios_for(den):
-            return trust_ratios(
-                w_norms, den, eta=ratio_eta, eps=trust.eps, max_ratio=max_ratio, adapt=adapt, grad_norms=g_norms
-            )
-
-        if trust.kind == "none":
-            lars_r = xp.ones_like(w_norms)
-            used = lars_r
-        else:
-            lars_r = ratios_for(lars_den)
-            used = ratios_for(clars_den) if trust.kind == "clars" else lars_r
-        rates = lr * used
+        planned = layer_rates(w_norms, g_norms, learning_rate=lr, options=trust, adapt=adapt, weight_decays=decays,
+                              direction_norms=direction_norms, mean_norms=mean_norms)
+        lars_r, factors, rates = planned
 
         new_params, new_trace = apply_momentum(xp, params, directions, state.trace, rates, beta, nesterov)
         diag = LayerDiagnostics(w_norms, g_norms, lars_r, factors, rates, lr, t)
@@ -302,7 +266,7 @@ def _beta(beta: float) -> float:
     return check_hyperparameter("beta", beta, low=0.0, high=1.0, high_open=True)
 
 
-def _trust(kind, eta, eps, max_ratio, larc_clip, weight_decay_form) -> _TrustOptions:
+def _trust(kind, eta, eps, max_ratio, larc_clip, weight_decay_form) -> TrustOptions:
     eta = check_hyperparameter("eta", eta, low=0.0, low_open=True)
     eps = check_hyperparameter("eps", eps, low=0.0)
     if max_ratio is not None:
@@ -311,7 +275,7 @@ def _trust(kind, eta, eps, max_ratio, larc_clip, weight_decay_form) -> _TrustOpt
             raise ValueError("larc_clip and max_ratio cannot be combined: LARC clips the rate at the learning rate")
     if weight_decay_form not in ("sum_of_norms", "norm_of_sum"):
         raise ValueError(f'weight_decay_form must be "sum_of_norms" or "norm_of_sum", got {weight_decay_form!r}')
-    return _TrustOptions(kind, eta, eps, max_ratio, bool(larc_clip), weight_decay_form)
+    return TrustOptions(kind, eta, eps, max_ratio, bool(larc_clip), weight_decay_form)
 
 
 def mgd(
@@ -352,7 +316,7 @@ def mgd(
     array([0.])
     """
     common = _Common.build(learning_rate, weight_decay, None, decay_mask, on_nonfinite)
-    return _momentum_family("mgd", common, _TrustOptions("none"), 0.0, True)
+    return _momentum_family("mgd", common, TrustOptions("none"), 0.0, True)
 
 
 def mnag(
@@ -398,7 +362,7 @@ def mnag(
     array([0.81])
     """
     common = _Common.build(learning_rate, weight_decay, None, decay_mask, on_nonfinite)
-    return _momentum_family("mnag", common, _TrustOptions("none"), _beta(beta), nesterov)
+    return _momentum_family("mnag", common, TrustOptions("none"), _beta(beta), nesterov)
 
 
 def lars(

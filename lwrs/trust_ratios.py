@@ -28,7 +28,8 @@ synchronisation is needed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 from array_api_compat import array_namespace, device
 
@@ -42,6 +43,9 @@ __all__ = [
     "lars_denominators",
     "clars_denominators",
     "clars_factors",
+    "TrustOptions",
+    "LayerRates",
+    "layer_rates",
 ]
 
 WeightDecayForm = Literal["sum_of_norms", "norm_of_sum"]
@@ -287,3 +291,114 @@ def clars_factors(lars_denominators: Any, clars_denominators: Any) -> Any:
     positive = clars_denominators > 0
     safe = xp.where(positive, clars_denominators, xp.ones_like(clars_denominators))
     return xp.where(positive, lars_denominators / safe, xp.ones_like(safe))
+
+
+@dataclass(frozen=True)
+class TrustOptions:
+    """How an optimizer of the mNAG family turns per-layer norms into rates.
+
+    Attributes
+    ----------
+    kind : {"none", "lars", "clars"}
+        No trust ratio (mGD, mNAG), the LARS ratio, or the CLARS ratio.
+    eta, eps, max_ratio, larc_clip, weight_decay_form
+        As in :func:`lwrs.lars`.
+    """
+
+    kind: Literal["none", "lars", "clars"]
+    eta: float = 1.0
+    eps: float = 0.0
+    max_ratio: float | None = None
+    larc_clip: bool = False
+    weight_decay_form: WeightDecayForm = "sum_of_norms"
+
+
+class LayerRates(NamedTuple):
+    """What :func:`layer_rates` returns: 1-D arrays with one entry per layer."""
+
+    trust_ratios: Any
+    clars_factors: Any
+    rates: Any
+
+
+def layer_rates(
+    weight_norms: Any,
+    grad_norms: Any,
+    *,
+    learning_rate: float,
+    options: TrustOptions,
+    adapt: Sequence[bool],
+    weight_decays: Sequence[float],
+    direction_norms: Any = None,
+    mean_norms: Any = None,
+) -> LayerRates:
+    r"""The per-layer rates :math:`\gamma_k` of one step, from norms alone.
+
+    .. math::
+
+        \gamma_k = \gamma_t\, r_k, \qquad
+        r_k = \frac{\eta \|w_k\|}{D_k + \epsilon} \ \text{(see :func:`trust_ratios`)},
+
+        D_k = D^{\mathrm{LARS}}_k \ \text{(LARS)}, \quad D^{\mathrm{CLARS}}_k \ \text{(CLARS)}, \quad
+        r_k = 1 \ \text{(mGD, mNAG)};
+
+    with LARC clipping, :math:`\gamma_k = \min(\eta\|w_k\|/D_k, \gamma_t)`. The
+    CLARS factor :math:`D^{\mathrm{LARS}}_k / D^{\mathrm{CLARS}}_k` is reported
+    whenever ``mean_norms`` is given. This is the one place where the core and
+    the fast backends turn norms into rates.
+
+    Parameters
+    ----------
+    weight_norms, grad_norms : 1-D array
+        :math:`\|w_k\|` and :math:`\|\bar g_k\|`.
+    learning_rate : float
+        :math:`\gamma_t`.
+    options : TrustOptions
+    adapt : sequence of bool
+        Layers that get a trust ratio.
+    weight_decays : sequence of float
+        :math:`\lambda_k` per layer (0 for layers without decay).
+    direction_norms : 1-D array, optional
+        :math:`\|\bar g_k + \lambda_k w_k\|`; needed for ``"norm_of_sum"`` when any :math:`\lambda_k > 0`.
+    mean_norms : 1-D array, optional
+        The mean per-sample gradient norms; needed for CLARS.
+
+    References: CLARS eq. (3) and (5); apex LARC.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> r = layer_rates(np.array([5.0]), np.array([10.0]), learning_rate=2.0,
+    ...                 options=TrustOptions("lars", eta=0.1), adapt=[True], weight_decays=[0.0])
+    >>> r.trust_ratios, r.rates
+    (array([0.05]), array([0.1]))
+    """
+    xp = array_namespace(weight_norms, grad_norms)
+    form = options.weight_decay_form
+    if form == "norm_of_sum" and direction_norms is None:
+        if any(weight_decays):
+            raise ValueError('weight_decay_form="norm_of_sum" needs direction_norms when weight decay is used')
+        direction_norms = grad_norms
+    lars_den = lars_denominators(weight_norms, grad_norms, weight_decay=list(weight_decays),
+                                 weight_decay_form=form, direction_norms=direction_norms)
+    factors = xp.ones_like(weight_norms)
+    clars_den = None
+    if mean_norms is not None:
+        clars_den = clars_denominators(weight_norms, mean_norms, weight_decay=list(weight_decays), weight_decay_form=form)
+        factors = clars_factors(lars_den, clars_den)
+    if options.kind == "none":
+        ones = xp.ones_like(weight_norms)
+        return LayerRates(ones, factors, learning_rate * ones)
+    if options.kind == "clars" and clars_den is None:
+        raise ValueError("CLARS rates need mean_norms, the mean per-sample gradient norms")
+    eta, max_ratio = options.eta, options.max_ratio
+    if options.larc_clip:  # apex LARC: rate = min(eta |w| / D, lr) = lr * min(eta |w| / (lr D), 1)
+        eta, max_ratio = (options.eta / learning_rate if learning_rate > 0 else options.eta), 1.0
+
+    def ratios(den: Any) -> Any:
+        return trust_ratios(weight_norms, den, eta=eta, eps=options.eps, max_ratio=max_ratio, adapt=adapt,
+                            grad_norms=grad_norms)
+
+    lars_r = ratios(lars_den)
+    used = ratios(clars_den) if options.kind == "clars" else lars_r
+    return LayerRates(lars_r, factors, learning_rate * used)
