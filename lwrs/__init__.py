@@ -36,7 +36,7 @@ from .statistics import (
     per_sample_norm_statistics,
     subsample_norm_statistics,
 )
-from .trust_ratios import clars_denominators, clars_factors, lars_denominators, layer_norms, trust_ratios
+from .trust_ratios import clars_denominators, clars_factors, lars_denominators, layer_norms
 
 __version__ = "0.1.0"
 

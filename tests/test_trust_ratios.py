@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -56,13 +55,13 @@ def test_clars_factor_closed_form_two_opposed_samples():
 
 @given(st.floats(1e-3, 1e3), st.floats(1e-3, 1e3), st.floats(1e-4, 1.0), st.floats(0.0, 1e-2))
 def test_lars_ratio_closed_form(w_norm, g_norm, eta, eps):
-    r = lwrs.trust_ratios(np.array([w_norm]), np.array([g_norm]), eta=eta, eps=eps)
+    r = lwrs.trust_ratios.trust_ratios(np.array([w_norm]), np.array([g_norm]), eta=eta, eps=eps)
     np.testing.assert_allclose(r, [eta * w_norm / (g_norm + eps)], rtol=1e-14)
 
 
 @given(st.sampled_from([(0.0, 1.0), (1.0, 0.0), (0.0, 0.0)]), st.floats(1e-4, 1.0), st.floats(0.0, 1.0))
 def test_ratio_is_one_at_zero_norms(norms, eta, eps):
-    r = lwrs.trust_ratios(np.array([norms[0]]), np.array([norms[1]]), eta=eta, eps=eps)
+    r = lwrs.trust_ratios.trust_ratios(np.array([norms[0]]), np.array([norms[1]]), eta=eta, eps=eps)
     assert r.tolist() == [1.0]
 
 
@@ -92,7 +91,7 @@ def test_zero_gradient_gives_ratio_one_and_still_decays(w, wd, beta, kind, form)
 @given(arrays(np.float64, (3,), elements=st.floats(0.0, 10.0)), st.floats(1e-4, 1.0))
 def test_ratio_is_one_where_any_norm_vanishes(norms, eta):
     w_norm, g_norm, den = (np.array([v]) for v in norms)
-    r = lwrs.trust_ratios(w_norm, den, eta=eta, grad_norms=g_norm)
+    r = lwrs.trust_ratios.trust_ratios(w_norm, den, eta=eta, grad_norms=g_norm)
     if np.all(norms > 0):
         np.testing.assert_allclose(r, eta * w_norm / den, rtol=1e-14)
     else:
@@ -134,9 +133,9 @@ def test_larc_clip_matches_apex_formula():
 
 
 def test_max_ratio_clips_like_clars_code():
-    r = lwrs.trust_ratios(np.array([10.0, 1.0]), np.array([1.0, 1.0]), eta=0.1, max_ratio=0.1)
+    r = lwrs.trust_ratios.trust_ratios(np.array([10.0, 1.0]), np.array([1.0, 1.0]), eta=0.1, max_ratio=0.1)
     np.testing.assert_allclose(r, [0.1, 0.1])
-    r = lwrs.trust_ratios(np.array([0.5, 1.0]), np.array([1.0, 1.0]), eta=0.1, max_ratio=0.1)
+    r = lwrs.trust_ratios.trust_ratios(np.array([0.5, 1.0]), np.array([1.0, 1.0]), eta=0.1, max_ratio=0.1)
     np.testing.assert_allclose(r, [0.05, 0.1])
 
 
