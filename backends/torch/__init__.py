@@ -1,8 +1,10 @@
 """lwrs on PyTorch: drop-in ``torch.optim`` optimizers built on the core.
 
-Importing this module imports torch. See :mod:`lwrs.backends.torch.optim`.
+Importing this module imports torch. See :mod:`lwrs.backends.torch.optim` for the
+optimizers and :mod:`lwrs.backends.torch.per_sample` for the exact per-sample norms.
 """
 
 from .optim import CLARS, LAMB, LARS, MNAG, TVLARS
+from .per_sample import PerSampleNorms, UnsupportedModuleError
 
-__all__ = ["MNAG", "LARS", "CLARS", "TVLARS", "LAMB"]
+__all__ = ["MNAG", "LARS", "CLARS", "TVLARS", "LAMB", "PerSampleNorms", "UnsupportedModuleError"]

@@ -1,0 +1,316 @@
+r"""Exact per-sample gradient norms during the ordinary backward pass, for CLARS.
+
+:class:`PerSampleNorms` attaches to a model and records, for every parameter
+:math:`k`, the sums over samples :math:`i` of the norms of sample :math:`i`'s
+contribution :math:`c_{ik}` to ``p.grad``, exactly as autograd accumulates it:
+
+.. math:: S^{(1)}_k = \sum_i \|c_{ik}\|, \qquad S^{(2)}_k = \sum_i \|c_{ik}\|^2 .
+
+For a mean-reduced loss over :math:`B` samples, :math:`c_{ik} = g_{ik}/B`, so
+:math:`S^{(1)}_k = \frac1B\sum_i\|g_{ik}\|` is the CLARS denominator (eq. 5) in
+the units of ``p.grad``. The ratio :math:`\|\texttt{p.grad}\| / S^{(1)}_k` does
+not depend on the loss reduction or on an accumulation divisor. Statistics add
+over backward passes, so gradient accumulation over micro-batches gives the
+statistics of the accumulated batch; :meth:`PerSampleNorms.reset` clears them
+(``CLARS.zero_grad`` calls it).
+
+How each layer is measured, without materialising per-sample gradients where
+avoidable (:math:`a_{it}` the layer input, :math:`\delta_{it}` the gradient of
+its output, :math:`t` over tokens or output positions):
+
+* ``Linear``: :math:`\|c_i\|^2 = \|a_i\|^2\|\delta_i\|^2` for one row per sample;
+  for sequences either the ghost form
+  :math:`\langle a_i a_i^\top, \delta_i\delta_i^\top\rangle` (cost :math:`T^2(p+d)`)
+  or the built :math:`\delta_i^\top a_i` (cost :math:`Tpd`), whichever is cheaper
+  (ghost when :math:`2T^2 \le pd`).
+* ``Conv1d`` / ``Conv2d`` (``groups=1``, zero padding): the same after ``unfold``.
+* ``Embedding``: :math:`\sum_{t,s}[\mathrm{id}_t = \mathrm{id}_s]\,\delta_t\cdot\delta_s`.
+* ``LayerNorm`` / ``GroupNorm`` affine parameters and all biases: built, they are small.
+
+The hooks are a forward hook that keeps the layer input and a tensor hook on
+the layer output, so in-place activations after a layer are fine. Calls made
+under ``torch.func`` transforms (``vmap``, ``grad``) are ignored.
+
+BatchNorm in training mode makes every sample's loss depend on the whole batch,
+so per-sample gradients are not defined for layers before it. Policy
+(``batch_norm=``): ``"warn"`` (default) warns once and measures anyway; the
+values of layers upstream of the BN are then a per-sample split of the batch
+gradient, not true per-sample gradients. ``"strict"`` raises. BatchNorm's own
+parameters are reported with :math:`S^{(1)} = \|\texttt{p.grad}\|` (CLARS factor
+1, i.e. LARS); they are 1-D and excluded from adaptation by default anyway.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["PerSampleNorms", "UnsupportedModuleError"]
+
+_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+
+
+class UnsupportedModuleError(TypeError):
+    """A parameter belongs to a module whose per-sample norms lwrs cannot compute."""
+
+
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """Squared norm of every sample's slice, accumulated in float32 at least."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.reshape(x.shape[0], -1).to(dtype).pow(2).sum(dim=1)
+
+
+def _linear_weight_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared norm of sum_t d_t a_t^T, for a (B, T, p) and d (B, T, d)."""
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a, d = a.to(dtype), d.to(dtype)
+    T, p, q = a.shape[1], a.shape[2], d.shape[2]
+    if T == 1:
+        return a.pow(2).sum(dim=(1, 2)) * d.pow(2).sum(dim=(1, 2))
+    if 2 * T * T <= p * q:  # ghost norm: <a a^T, d d^T>
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2))
+    return torch.bmm(d.transpose(1, 2), a).pow(2).sum(dim=(1, 2))
+
+
+def _as_sequence(x: torch.Tensor) -> torch.Tensor:
+    """(B, ..., f) -> (B, T, f)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _linear(module: torch.nn.Linear, x: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
+    a, dd = _as_sequence(x), _as_sequence(d)
+    out = {module.weight: _linear_weight_sq(a, dd)}
+    if module.bias is not None:
+        out[module.bias] = _sq_norms(dd.sum(dim=1))
+    return out
+
+
+def _conv(module: torch.nn.Module, x: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
+    if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise UnsupportedModuleError(
+            f"{module}: per-sample norms need groups=1, padding_mode='zeros' and numeric padding"
+        )
+    if isinstance(module, torch.nn.Conv1d):
+        x, d = x.unsqueeze(2), d.unsqueeze(2)
+        kernel, dilation, padding, stride = ((1, module.kernel_size[0]), (1, module.dilation[0]),
+                                             (0, module.padding[0]), (1, module.stride[0]))
+    else:
+        kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C k k, L)
+    a = cols.transpose(1, 2)  # (B, L, C k k)
+    dd = d.reshape(d.shape[0], d.shape[1], -1).transpose(1, 2)  # (B, L, out)
+    out = {module.weight: _linear_weight_sq(a, dd)}
+    if module.bias is not None:
+        out[module.bias] = _sq_norms(dd.sum(dim=1))
+    return out
+
+
+def _embedding(module: torch.nn.Embedding, ids: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
+    if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+        raise UnsupportedModuleError(f"{module}: per-sample norms need max_norm=None, "
+                                     "scale_grad_by_freq=False and dense gradients")
+    ids = ids.reshape(ids.shape[0], -1)
+    dd = _as_sequence(d)
+    dtype = torch.float64 if dd.dtype == torch.float64 else torch.float32
+    dd = dd.to(dtype)
+    same = ids[:, :, None] == ids[:, None, :]
+    if module.padding_idx is not None:
+        keep = ids != module.padding_idx
+        same = same & keep[:, :, None] & keep[:, None, :]
+    return {module.weight: (torch.bmm(dd, dd.transpose(1, 2)) * same).sum(dim=(1, 2))}
+
+
+def _layer_norm(module: torch.nn.LayerNorm, x: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
+    if not module.elementwise_affine:
+        return {}
+    xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    n = len(module.normalized_shape)
+    reduce = tuple(range(1, x.ndim - n))
+    out = {module.weight: _sq_norms((d * xhat).sum(dim=reduce) if reduce else d * xhat)}
+    if module.bias is not None:
+        out[module.bias] = _sq_norms(d.sum(dim=reduce) if reduce else d)
+    return out
+
+
+def _group_norm(module: torch.nn.GroupNorm, x: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
+    if not module.affine:
+        return {}
+    xhat = F.group_norm(x, module.num_groups, None, None, module.eps)
+    reduce = tuple(range(2, x.ndim))
+    return {
+        module.weight: _sq_norms((d * xhat).sum(dim=reduce) if reduce else d * xhat),
+        module.bias: _sq_norms(d.sum(dim=reduce) if reduce else d),
+    }
+
+
+_HANDLERS = {
+    torch.nn.Linear: _linear,
+    torch.nn.Conv1d: _conv,
+    torch.nn.Conv2d: _conv,
+    torch.nn.Embedding: _embedding,
+    torch.nn.LayerNorm: _layer_norm,
+    torch.nn.GroupNorm: _group_norm,
+}
+
+
+def _handler(module: torch.nn.Module):
+    for cls, fn in _HANDLERS.items():
+        if type(module) is cls:
+            return fn
+    return None
+
+
+class PerSampleNorms:
+    r"""Record exact per-sample gradient-norm statistics of a model during ``backward``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Every trainable parameter must belong directly to a supported module
+        (Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm) or to a
+        BatchNorm; otherwise :class:`UnsupportedModuleError` names it.
+    batch_norm : {"warn", "strict"}
+        What a BatchNorm in training mode does (see the module notes).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lwrs.backends.torch import CLARS, PerSampleNorms
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 2))
+    >>> norms = PerSampleNorms(model)
+    >>> opt = CLARS(model.parameters(), lr=1.0, norm_source=norms)
+    >>> x, y = torch.randn(16, 4), torch.randn(16, 2)
+    >>> opt.zero_grad(); torch.nn.functional.mse_loss(model(x), y).backward(); opt.step()
+    >>> bool(((opt.diagnostics[0].clars_factors > 0) & (opt.diagnostics[0].clars_factors <= 1 + 1e-6)).all())
+    True
+    """
+
+    def __init__(self, model: torch.nn.Module, *, batch_norm: str = "warn"):
+        if batch_norm not in ("warn", "strict"):
+            raise ValueError(f'batch_norm must be "warn" or "strict", got {batch_norm!r}')
+        self.batch_norm = batch_norm
+        self._handles: list[Any] = []
+        self._owner: dict[torch.nn.Parameter, str] = {}
+        self._bn_params: set[torch.nn.Parameter] = set()
+        self._batch_norms: list[torch.nn.Module] = []
+        self._warned = False
+        unsupported = []
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if isinstance(module, _BATCH_NORMS):
+                self._batch_norms.append(module)
+                self._bn_params.update(own)
+                continue
+            if _handler(module) is not None:
+                self._handles.append(module.register_forward_hook(self._forward_hook))
+                for p in own:
+                    self._owner[p] = name or type(module).__name__
+            elif own:
+                unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
+        if unsupported:
+            self.remove()
+            raise UnsupportedModuleError(
+                "per-sample norms are not available for the parameters of: " + ", ".join(unsupported)
+                + "; supported: Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm (and BatchNorm by policy)"
+            )
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the statistics (call it when the gradients are zeroed)."""
+        self._s1: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._s2: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._pending: dict[int, int] = {}
+
+    def remove(self) -> None:
+        """Detach the hooks from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ---- hooks ---------------------------------------------------------------------------------
+
+    def _check_batch_norm(self) -> None:
+        training = [m for m in self._batch_norms if m.training]
+        if not training:
+            return
+        if self.batch_norm == "strict":
+            raise RuntimeError(
+                f"{type(training[0]).__name__} in training mode: per-sample gradients are not defined for the "
+                "layers before it (batch_norm='strict'); use eval mode, GroupNorm/LayerNorm, or batch_norm='warn'"
+            )
+        if not self._warned:
+            warnings.warn(
+                "BatchNorm in training mode: per-sample norms of the layers before it are a per-sample split of "
+                "the batch gradient, not true per-sample gradients", RuntimeWarning, stacklevel=3,
+            )
+            self._warned = True
+
+    def _forward_hook(self, module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        if torch._C._are_functorch_transforms_active():  # torch.func calls (vmap, grad) are not a backward pass
+            return
+        self._check_batch_norm()
+        if self._pending.get(id(module), 0):
+            raise RuntimeError(
+                f"{module} was called twice before backward: per-sample norms of a shared layer are not supported"
+            )
+        self._pending[id(module)] = 1
+        x = inputs[0].detach()
+        handler = _handler(module)
+
+        def on_grad(grad_output: torch.Tensor) -> None:
+            self._pending[id(module)] = 0
+            for p, sq in handler(module, x, grad_output.detach()).items():
+                if p.requires_grad:
+                    self._add(p, sq)
+
+        output.register_hook(on_grad)
+
+    def _add(self, p: torch.nn.Parameter, sq: torch.Tensor) -> None:
+        s1, s2 = sq.clamp_min(0).sqrt().sum(), sq.sum()
+        if p in self._s1:
+            self._s1[p] = self._s1[p] + s1
+            self._s2[p] = self._s2[p] + s2
+        else:
+            self._s1[p], self._s2[p] = s1, s2
+
+    # ---- results -------------------------------------------------------------------------------
+
+    def sums(self, params: Iterable[torch.nn.Parameter], *, scale: float = 1.0) -> dict[torch.nn.Parameter, tuple]:
+        r"""``param -> (S1, S2)`` in the units of ``p.grad``, divided by ``scale`` and ``scale**2``.
+
+        ``scale`` is a loss scale still inside the gradients (e.g. a
+        GradScaler's before ``unscale_``); the default 1 means none.
+        """
+        out = {}
+        for p in params:
+            if p in self._s1:
+                out[p] = (self._s1[p] / scale, self._s2[p] / scale**2)
+            elif p in self._bn_params and p.grad is not None:
+                g = p.grad.detach().double() if p.grad.dtype == torch.float64 else p.grad.detach().float()
+                n = torch.linalg.vector_norm(g)
+                out[p] = (n, n * n)
+            elif p in self._owner:
+                raise RuntimeError(f"no per-sample statistics for a parameter of {self._owner[p]}: "
+                                   "was backward run since the last reset?")
+            else:
+                raise UnsupportedModuleError("a parameter passed to the optimizer is not part of the recorded model")
+        return out
+
+    def norm_statistics(self, params: Iterable[torch.nn.Parameter], *, scale: float = 1.0):
+        """The statistics of ``params``, in order, as a :class:`lwrs.NormStatistics` in ``p.grad`` units.
+
+        ``mean_norms()`` is :math:`S^{(1)}_k`, the CLARS denominator (``count`` is 1).
+        """
+        from lwrs.statistics import NormStatistics
+
+        params = list(params)
+        sums = self.sums(params, scale=scale)
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        return NormStatistics(torch.stack([sums[p][0].to(dtype) for p in params]),
+                              torch.stack([sums[p][1].to(dtype) for p in params]), 1)

@@ -1,0 +1,203 @@
+"""Exact per-sample gradient norms from hooks, against torch.func per-sample gradients (float64)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import lwrs  # noqa: E402
+from lwrs.backends.torch import CLARS, PerSampleNorms, UnsupportedModuleError  # noqa: E402
+
+nn = torch.nn
+B = 6
+
+
+class TokenModel(nn.Module):
+    """Embedding (with padding and repeated ids) -> LayerNorm -> two sequence Linears (ghost and build regimes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, 8, padding_idx=0)
+        self.norm = nn.LayerNorm(8)
+        self.wide = nn.Linear(8, 6)  # T = 3: 2 T^2 = 18 <= 48, ghost
+        self.narrow = nn.Linear(6, 2)  # 2 T^2 = 18 > 12, built
+
+    def forward(self, ids):
+        return self.narrow(torch.tanh(self.wide(self.norm(self.emb(ids))))).sum(dim=1)
+
+
+class ConvModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c2 = nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.c1 = nn.Conv1d(4, 5, 3, stride=1, padding=2, dilation=2, bias=False)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.gn(self.c2(x)))  # (B, 4, 4, 4)
+        h = self.c1(h.flatten(2))  # (B, 5, 16)
+        return self.head(h.mean(dim=2))
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(inplace=True), nn.Linear(16, 4))
+
+
+CASES = {
+    "mlp-inplace-relu": (mlp, lambda g: torch.randn(B, 10, generator=g, dtype=torch.float64), 4),
+    "tokens": (TokenModel, lambda g: torch.randint(0, 5, (B, 3), generator=g), 2),
+    "conv": (ConvModel, lambda g: torch.randn(B, 3, 8, 8, generator=g, dtype=torch.float64), 2),
+}
+
+
+def setup(name, seed=0):
+    torch.manual_seed(seed)
+    make, inputs, out = CASES[name]
+    model = make().double()
+    g = torch.Generator().manual_seed(seed + 1)
+    return model, inputs(g), torch.randn(B, out, generator=g, dtype=torch.float64)
+
+
+def oracle(model, x, y, reduction="mean"):
+    """sum_i |c_i| and sum_i |c_i|^2, c_i = sample i's contribution to p.grad, via torch.func."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    divisor = x.shape[0] if reduction == "mean" else 1
+
+    def loss_one(p, xi, yi):
+        out = torch.func.functional_call(model, p, (xi[None],))
+        return ((out - yi[None]) ** 2).sum() / divisor
+
+    grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    by_param = {}
+    for name, p in model.named_parameters():
+        n = torch.linalg.vector_norm(grads[name].reshape(x.shape[0], -1), dim=1)
+        by_param[p] = (n.sum(), (n * n).sum())
+    return by_param
+
+
+def loss_fn(model, x, y, reduction="mean"):
+    total = ((model(x) - y) ** 2).sum()
+    return total / x.shape[0] if reduction == "mean" else total
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hooks_match_torch_func_to_1e10(name):
+    model, x, y = setup(name)
+    norms = PerSampleNorms(model)
+    loss_fn(model, x, y).backward()
+    got = norms.sums(model.parameters())
+    want = oracle(model, x, y)
+    for pname, p in model.named_parameters():
+        for a, b, what in ((got[p][0], want[p][0], "S1"), (got[p][1], want[p][1], "S2")):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=f"{name} {pname} {what}")
+
+
+def test_accumulated_micro_batches_equal_the_whole_batch():
+    model, x, y = setup("mlp-inplace-relu")
+    norms = PerSampleNorms(model)
+    for part in (slice(0, 2), slice(2, 6)):  # micro-batches, each loss scaled as a share of the batch
+        (((model(x[part]) - y[part]) ** 2).sum() / B).backward()
+    want = oracle(model, x, y)
+    for p in model.parameters():
+        torch.testing.assert_close(norms.sums([p])[p][0], want[p][0], rtol=1e-12, atol=0)
+
+
+def test_clars_ratio_is_independent_of_loss_reduction_and_scale():
+    ratios = []
+    for reduction, scale in (("mean", 1.0), ("sum", 1.0), ("mean", 1024.0)):
+        model, x, y = setup("tokens")
+        norms = PerSampleNorms(model)
+        (loss_fn(model, x, y, reduction) * scale).backward()
+        sums = norms.sums(model.parameters(), scale=scale)
+        ratios.append(torch.stack([torch.linalg.vector_norm(p.grad) / scale / sums[p][0] for p in model.parameters()]))
+        if reduction == "mean":
+            torch.testing.assert_close(torch.stack([sums[p][0] for p in model.parameters()]),
+                                       torch.stack([oracle(model, x, y)[p][0] for p in model.parameters()]),
+                                       rtol=1e-10, atol=0)
+    torch.testing.assert_close(ratios[0], ratios[1], rtol=1e-12, atol=0)
+    torch.testing.assert_close(ratios[0], ratios[2], rtol=1e-12, atol=0)
+
+
+def test_clars_with_hooks_equals_clars_with_torch_func_statistics():
+    runs = []
+    for use_hooks in (True, False):
+        model, x, y = setup("conv")
+        norms = PerSampleNorms(model) if use_hooks else None
+        opt = CLARS(model.parameters(), lr=1.0, eta=0.01, weight_decay=1e-4, norm_source=norms)
+        for t in range(3):
+            opt.zero_grad()
+            loss_fn(model, x + 0.1 * t, y).backward()
+            stats = None
+            if not use_hooks:
+                want = oracle(model, x + 0.1 * t, y)
+                stats = {p: want[p] for p in model.parameters()}
+            opt.step(norm_stats=stats)
+        runs.append((model, opt.diagnostics[0]))
+    for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-14)
+    assert torch.all(runs[0][1].clars_factors <= 1 + 1e-12) and torch.all(runs[0][1].clars_factors > 0)
+
+
+def test_zero_grad_resets_the_statistics():
+    model, x, y = setup("mlp-inplace-relu")
+    norms = PerSampleNorms(model)
+    opt = CLARS(model.parameters(), lr=1.0, norm_source=norms)
+    loss_fn(model, x, y).backward()
+    opt.zero_grad()
+    loss_fn(model, x[:3], y[:3]).backward()  # a new batch: only its samples count
+    want = oracle(model, x[:3], y[:3])
+    p = next(model.parameters())
+    torch.testing.assert_close(norms.sums([p])[p][0], want[p][0], rtol=1e-12, atol=0)
+
+
+def test_batch_norm_policy():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 1)).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    strict = PerSampleNorms(model, batch_norm="strict")
+    with pytest.raises(RuntimeError, match="BatchNorm1d in training mode"):
+        model(x)
+    strict.remove()
+    norms = PerSampleNorms(model)
+    with pytest.warns(RuntimeWarning, match="per-sample split of the batch gradient"):
+        model(x).sum().backward()
+    bn_weight = model[1].weight
+    s1, _ = norms.sums([bn_weight])[bn_weight]
+    torch.testing.assert_close(s1, torch.linalg.vector_norm(bn_weight.grad))  # CLARS factor 1: LARS for BN
+    model.eval()
+    norms.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eval mode: exact, no warning
+        model(x).sum().backward()
+
+
+def test_unsupported_modules_are_named():
+    model = nn.Sequential(nn.Linear(3, 3), nn.MultiheadAttention(3, 1))
+    with pytest.raises(UnsupportedModuleError, match=r"1 \(MultiheadAttention\)"):
+        PerSampleNorms(model)
+    with pytest.raises(UnsupportedModuleError, match="groups=1"):
+        grouped = nn.Conv2d(4, 4, 3, groups=2).double()
+        PerSampleNorms(grouped)
+        grouped(torch.randn(2, 4, 5, 5, dtype=torch.float64)).sum().backward()
+
+
+def test_a_layer_used_twice_is_refused():
+    layer = nn.Linear(3, 3).double()
+    PerSampleNorms(layer)
+    with pytest.raises(RuntimeError, match="called twice before backward"):
+        layer(layer(torch.randn(2, 3, dtype=torch.float64)))
+
+
+def test_statistics_feed_the_core_clars():
+    """PerSampleNorms.norm_statistics is a NormStatistics whose mean_norms is S1 (count 1)."""
+    model, x, y = setup("mlp-inplace-relu")
+    norms = PerSampleNorms(model)
+    loss_fn(model, x, y).backward()
+    stats = norms.norm_statistics(model.parameters())
+    assert isinstance(stats, lwrs.NormStatistics) and stats.count == 1
+    want = oracle(model, x, y)
+    torch.testing.assert_close(stats.mean_norms(), torch.stack([want[p][0] for p in model.parameters()]),
+                               rtol=1e-10, atol=0)
