@@ -3,7 +3,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-from backends import backend_params, load_backend
+from array_backends import backend_params, load_backend
 
 # Fixed, derandomised property tests in CI so that a run is reproducible and fast.
 settings.register_profile("ci", derandomize=True, max_examples=60, deadline=None,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import lwrs
-from backends import assert_array
+from array_backends import assert_array
 from oracles import LambOracle, LayerwiseOracle, tvlars_phi
 
 SHAPES = [(4, 3), (3,), (2, 2, 3), (5,)]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lwrs
-from backends import assert_array
+from array_backends import assert_array
 
 
 def test_per_sample_statistics_match_loops(backend):
