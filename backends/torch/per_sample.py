@@ -175,6 +175,13 @@ class PerSampleNorms:
         BatchNorm; otherwise :class:`UnsupportedModuleError` names it.
     batch_norm : {"warn", "strict"}
         What a BatchNorm in training mode does (see the module notes).
+    all_reduce : bool or None
+        Sum the statistics over data-parallel ranks in :meth:`norm_statistics`
+        with one ``all_reduce`` of ``[S1; S2]``, then divide :math:`S^{(1)}` by
+        the world size :math:`W` and :math:`S^{(2)}` by :math:`W^2`, matching
+        DistributedDataParallel's averaging of the gradients (equal local batch
+        sizes assumed). ``None``: whenever ``torch.distributed`` is initialised
+        with more than one rank.
 
     Examples
     --------
@@ -189,10 +196,11 @@ class PerSampleNorms:
     True
     """
 
-    def __init__(self, model: torch.nn.Module, *, batch_norm: str = "warn"):
+    def __init__(self, model: torch.nn.Module, *, batch_norm: str = "warn", all_reduce: bool | None = None):
         if batch_norm not in ("warn", "strict"):
             raise ValueError(f'batch_norm must be "warn" or "strict", got {batch_norm!r}')
         self.batch_norm = batch_norm
+        self.all_reduce = all_reduce
         self._handles: list[Any] = []
         self._owner: dict[torch.nn.Parameter, str] = {}
         self._bn_params: set[torch.nn.Parameter] = set()
@@ -312,5 +320,20 @@ class PerSampleNorms:
         params = list(params)
         sums = self.sums(params, scale=scale)
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        return NormStatistics(torch.stack([sums[p][0].to(dtype) for p in params]),
-                              torch.stack([sums[p][1].to(dtype) for p in params]), 1)
+        s1 = torch.stack([sums[p][0].to(dtype) for p in params])
+        s2 = torch.stack([sums[p][1].to(dtype) for p in params])
+        if self._distributed():
+            world = torch.distributed.get_world_size()
+            both = torch.cat([s1, s2])
+            torch.distributed.all_reduce(both)  # one collective per step
+            s1, s2 = both[: len(params)] / world, both[len(params):] / world**2
+        return NormStatistics(s1, s2, 1)
+
+    def _distributed(self) -> bool:
+        dist = torch.distributed
+        ready = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.all_reduce is None:
+            return ready
+        if self.all_reduce and not ready:
+            raise RuntimeError("all_reduce=True needs an initialised torch.distributed process group")
+        return bool(self.all_reduce)
