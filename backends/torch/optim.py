@@ -42,10 +42,12 @@ class _Layerwise(torch.optim.Optimizer):
 
     kind = "none"  # "none" (MNAG), "lars", "clars"
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, foreach: bool, norm_source: Any = None):
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, foreach: bool, norm_source: Any = None,
+                 grad_scaler: Any = None):
         super().__init__(params, defaults)
         self.foreach = foreach
         self.norm_source = norm_source
+        self.grad_scaler = grad_scaler
         self.diagnostics: list[LayerDiagnostics] = []
         for group in self.param_groups:
             self._core(group)  # check the hyperparameters now, with the core's own messages
@@ -74,7 +76,9 @@ class _Layerwise(torch.optim.Optimizer):
 
     def _statistics(self, params: list[torch.Tensor], norm_stats: Any) -> NormStatistics | None:
         if norm_stats is None and self.norm_source is not None:
-            norm_stats = self.norm_source.norm_statistics(params)
+            # the statistics were recorded from scaled gradients; step() runs after GradScaler.unscale_
+            scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+            norm_stats = self.norm_source.norm_statistics(params, scale=scale)
         if isinstance(norm_stats, dict):
             return NormStatistics(
                 torch.stack([norm_stats[p][0] for p in params]),
@@ -251,10 +255,10 @@ class LARS(_Layerwise):
     def __init__(self, params, lr: float, momentum: float = 0.9, *, eta: float = 1e-3, weight_decay: float = 0.0,
                  weight_decay_form: str = "sum_of_norms", eps: float = 0.0, max_ratio: float | None = None,
                  larc_clip: bool = False, exclude_1d: bool = True, decay_1d: bool = True, nesterov: bool = True,
-                 on_nonfinite: str = "raise", foreach: bool = True, norm_source: Any = None):
+                 on_nonfinite: str = "raise", foreach: bool = True, norm_source: Any = None, grad_scaler: Any = None):
         defaults = _common_defaults(lr, momentum, weight_decay, nesterov, exclude_1d, decay_1d, on_nonfinite)
         defaults.update(eta=eta, eps=eps, max_ratio=max_ratio, larc_clip=larc_clip, weight_decay_form=weight_decay_form)
-        super().__init__(params, defaults, foreach=foreach, norm_source=norm_source)
+        super().__init__(params, defaults, foreach=foreach, norm_source=norm_source, grad_scaler=grad_scaler)
 
     def _factory(self):
         return lwrs.lars
@@ -282,7 +286,9 @@ class CLARS(LARS):
     ``step(norm_stats=...)``: an :class:`lwrs.NormStatistics` whose
     ``mean_norms()`` is in the units of ``p.grad``, or a dict
     ``param -> (S1, S2)`` of sums of per-sample contributions to ``p.grad``.
-    ``eta`` defaults to Algorithm 1's 0.01.
+    ``eta`` defaults to Algorithm 1's 0.01. With mixed precision, pass the
+    ``grad_scaler``: the statistics are unscaled by its current scale, as the
+    gradients are by ``GradScaler.unscale_``.
 
     Examples
     --------
