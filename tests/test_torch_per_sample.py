@@ -201,3 +201,42 @@ def test_statistics_feed_the_core_clars():
     want = oracle(model, x, y)
     torch.testing.assert_close(stats.mean_norms(), torch.stack([want[p][0] for p in model.parameters()]),
                                rtol=1e-10, atol=0)
+
+
+def test_subsample_estimator_scales_the_first_samples():
+    """The paper's estimator: (B / |J|) times the sums over the first |J| samples (torch.func oracle)."""
+    model, x, y = setup("tokens")
+    norms = PerSampleNorms(model, subsample=2)
+    loss_fn(model, x, y).backward()
+    got = norms.sums(model.parameters())
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        return ((torch.func.functional_call(model, p, (xi[None],)) - yi[None]) ** 2).sum() / B
+
+    grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    for name, p in model.named_parameters():
+        n = torch.linalg.vector_norm(grads[name].reshape(B, -1), dim=1)[:2]
+        torch.testing.assert_close(got[p][0], (B / 2) * n.sum(), rtol=1e-10, atol=1e-14)
+
+
+def test_official_minibatch_estimator_and_untouched_grads():
+    from lwrs.backends.torch import minibatch_norm_statistics
+
+    model, x, y = setup("mlp-inplace-relu")
+    loss_fn(model, x, y).backward()
+    grads_before = [p.grad.clone() for p in model.parameters()]
+    batches = [(x[i:i + 2], y[i:i + 2]) for i in range(0, B, 2)]
+
+    def mse(out, target):
+        return ((out - target) ** 2).sum() / out.shape[0]
+
+    stats = minibatch_norm_statistics(model, mse, batches)
+    assert stats.count == 3
+    for k, p in enumerate(model.parameters()):
+        expected = 0.0
+        for xb, yb in batches:
+            g = torch.autograd.grad(mse(model(xb), yb), [p])[0]
+            expected += float(torch.linalg.vector_norm(g))
+        assert float(stats.mean_norms()[k]) == pytest.approx(expected / 3, rel=1e-12)
+        assert torch.equal(p.grad, grads_before[k])

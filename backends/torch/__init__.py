@@ -5,6 +5,8 @@ optimizers and :mod:`lwrs.backends.torch.per_sample` for the exact per-sample no
 """
 
 from .optim import CLARS, LAMB, LARS, MNAG, TVLARS
-from .per_sample import PerSampleNorms, UnsupportedModuleError
+from .per_sample import PerSampleNorms, UnsupportedModuleError, minibatch_norm_statistics
 
-__all__ = ["MNAG", "LARS", "CLARS", "TVLARS", "LAMB", "PerSampleNorms", "UnsupportedModuleError"]
+__all__ = [
+    "MNAG", "LARS", "CLARS", "TVLARS", "LAMB", "PerSampleNorms", "UnsupportedModuleError", "minibatch_norm_statistics",
+]

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PerSampleNorms", "UnsupportedModuleError"]
+__all__ = ["PerSampleNorms", "UnsupportedModuleError", "minibatch_norm_statistics"]
 
 _BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
 
@@ -182,6 +182,11 @@ class PerSampleNorms:
         DistributedDataParallel's averaging of the gradients (equal local batch
         sizes assumed). ``None``: whenever ``torch.distributed`` is initialised
         with more than one rank.
+    subsample : int or None
+        The paper's cheap estimator, for comparison: count only the first
+        ``subsample`` samples :math:`J` of each backward pass, scaled by
+        :math:`B/|J|` (CLARS, "Comparison with Related Methods", :math:`|J| = 512`).
+        ``None`` (default) is exact.
 
     Examples
     --------
@@ -196,9 +201,13 @@ class PerSampleNorms:
     True
     """
 
-    def __init__(self, model: torch.nn.Module, *, batch_norm: str = "warn", all_reduce: bool | None = None):
+    def __init__(self, model: torch.nn.Module, *, batch_norm: str = "warn", all_reduce: bool | None = None,
+                 subsample: int | None = None):
         if batch_norm not in ("warn", "strict"):
             raise ValueError(f'batch_norm must be "warn" or "strict", got {batch_norm!r}')
+        if subsample is not None and (isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1):
+            raise ValueError(f"subsample must be a positive int or None, got {subsample!r}")
+        self.subsample = subsample
         self.batch_norm = batch_norm
         self.all_reduce = all_reduce
         self._handles: list[Any] = []
@@ -280,7 +289,12 @@ class PerSampleNorms:
         output.register_hook(on_grad)
 
     def _add(self, p: torch.nn.Parameter, sq: torch.Tensor) -> None:
-        s1, s2 = sq.clamp_min(0).sqrt().sum(), sq.sum()
+        norms_sq = sq.clamp_min(0)
+        scale = 1.0
+        if self.subsample is not None and self.subsample < sq.shape[0]:
+            scale = sq.shape[0] / self.subsample  # |B|/|J|: the subsample's sums estimate the batch's
+            norms_sq = norms_sq[: self.subsample]
+        s1, s2 = scale * norms_sq.sqrt().sum(), scale * norms_sq.sum()
         if p in self._s1:
             self._s1[p] = self._s1[p] + s1
             self._s2[p] = self._s2[p] + s2
@@ -337,3 +351,47 @@ class PerSampleNorms:
         if self.all_reduce and not ready:
             raise RuntimeError("all_reduce=True needs an initialised torch.distributed process group")
         return bool(self.all_reduce)
+
+
+def minibatch_norm_statistics(model: torch.nn.Module, loss_fn: Any, batches: Iterable[tuple[Any, Any]],
+                              params: Iterable[torch.nn.Parameter] | None = None):
+    r"""The official CLARS code's estimator: mean over extra mini-batches of the mini-batch gradient's norm.
+
+    .. math:: \hat D_k = \frac1M \sum_{m=1}^M \big\|\nabla_k L(\text{mini-batch}_m)\big\|
+
+    The official code uses :math:`M = 64` extra mini-batches of 8 samples at
+    every step, i.e. 64 extra forward and backward passes; it is here for
+    comparison with the exact statistics of :class:`PerSampleNorms`. The
+    gradients are taken with :func:`torch.autograd.grad`, so ``p.grad`` is
+    left untouched. Returns a :class:`lwrs.NormStatistics` with ``count = M``,
+    whose ``mean_norms()`` is :math:`\hat D_k` (in ``p.grad`` units for a
+    mean-reduced ``loss_fn``). Pair it with ``CLARS(max_ratio=0.1, eps=1e-6)``
+    for the code's clipped ratio.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 1)
+    >>> batches = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
+    >>> stats = minibatch_norm_statistics(model, torch.nn.functional.mse_loss, batches)
+    >>> stats.count, tuple(stats.sum_norms.shape)
+    (4, (2,))
+    """
+    from lwrs.statistics import NormStatistics
+
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    s1 = torch.zeros(len(params), dtype=torch.float64)
+    s2 = torch.zeros(len(params), dtype=torch.float64)
+    count = 0
+    for x, y in batches:
+        grads = torch.autograd.grad(loss_fn(model(x), y), params, allow_unused=True)
+        for k, g in enumerate(grads):
+            n = torch.zeros((), dtype=torch.float64) if g is None else torch.linalg.vector_norm(g.double())
+            s1[k] += n
+            s2[k] += n * n
+        count += 1
+    if count == 0:
+        raise ValueError("minibatch_norm_statistics needs at least one mini-batch")
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    device = params[0].device
+    return NormStatistics(s1.to(dtype=dtype, device=device), s2.to(dtype=dtype, device=device), count)
