@@ -166,32 +166,47 @@ class _Layerwise(torch.optim.Optimizer):
         adapt, decay = self._masks(group, params)
         wd = group["weight_decay"]
         decays = [wd if d else 0.0 for d in decay]
-        decayed = [k for k, d in enumerate(decays) if d]
-        directions = list(grads)
-        if decayed:
-            added = torch._foreach_add([grads[k] for k in decayed], [params[k] for k in decayed], alpha=wd)
-            for k, a in zip(decayed, added):
-                directions[k] = a
         direction_norms = None
-        if group["weight_decay_form"] == "norm_of_sum" and decayed:
-            direction_norms = torch.stack(torch._foreach_norm(directions, dtype=stat_dtype))
+        if group["weight_decay_form"] == "norm_of_sum" and any(decays):
+            # |g + wd w|^2 = |g|^2 + 2 wd <g, w> + wd^2 |w|^2, without forming g + wd w
+            dots = torch.stack([torch.dot(g.reshape(-1), w.reshape(-1)).to(stat_dtype) for g, w in zip(grads, params)])
+            lam = torch.tensor(decays, dtype=stat_dtype, device=w_norms.device)
+            direction_norms = (g_norms**2 + 2 * lam * dots + lam**2 * w_norms**2).clamp_min(0).sqrt()
         options = TrustOptions(self.kind, group["eta"], group["eps"], group["max_ratio"], group["larc_clip"],
                                group["weight_decay_form"])
         lars_r, factors, rates = layer_rates(w_norms, g_norms, learning_rate=lr, options=options, adapt=adapt,
                                              weight_decays=decays, direction_norms=direction_norms,
                                              mean_norms=mean_norms)
-        steps = torch._foreach_mul(directions, list(rates.unbind(0)))
-        beta = group["momentum"]
-        torch._foreach_mul_(bufs, beta)
-        torch._foreach_sub_(bufs, steps)
-        if group["nesterov"]:
-            torch._foreach_sub_(params, steps)
-            torch._foreach_add_(params, bufs, alpha=beta)
-        else:
-            torch._foreach_add_(params, bufs)
+        _foreach_update(params, grads, bufs, rates, decays, group["momentum"], group["nesterov"])
         for p in params:
             self.state[p]["step"] = t + 1
         return LayerDiagnostics(w_norms, g_norms, lars_r, factors, rates, lr, t)
+
+
+def _foreach_update(params, grads, bufs, rates, decays, beta, nesterov) -> None:
+    r"""The mNAG update of CLARS eq. (4), in place and without temporaries.
+
+    With :math:`s_k = r_k(g_k + \lambda_k w_k)`, the core computes
+    :math:`d \leftarrow \beta d - s` and :math:`w \leftarrow w - s + \beta d`;
+    here the same is done as :math:`d \leftarrow \beta d - r g - r\lambda w`, then
+    :math:`w \leftarrow (1 - r\lambda) w - r g + \beta d` (or :math:`w + d` for
+    heavy ball), with per-layer 0-d rate tensors, so no host synchronisation.
+    """
+    neg_r = list((-rates).unbind(0))
+    decayed = [k for k, lam in enumerate(decays) if lam]
+    torch._foreach_mul_(bufs, beta)
+    torch._foreach_addcmul_(bufs, grads, neg_r)
+    if decayed:
+        lam = torch.tensor([decays[k] for k in decayed], dtype=rates.dtype, device=rates.device)
+        r_lam = rates[decayed] * lam
+        torch._foreach_addcmul_([bufs[k] for k in decayed], [params[k] for k in decayed], list((-r_lam).unbind(0)))
+    if not nesterov:
+        torch._foreach_add_(params, bufs)
+        return
+    if decayed:
+        torch._foreach_mul_([params[k] for k in decayed], list((1.0 - r_lam).unbind(0)))
+    torch._foreach_addcmul_(params, grads, neg_r)
+    torch._foreach_add_(params, bufs, alpha=beta)
 
 
 def _common_defaults(lr, momentum, weight_decay, nesterov, exclude_1d, decay_1d, on_nonfinite) -> dict[str, Any]:
