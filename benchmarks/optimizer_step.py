@@ -1,0 +1,184 @@
+"""Optimizer step time: lwrs LARS / CLARS against torch SGD and the LARS of timm and pytorch_optimizer.
+
+Every method steps its own copy of the same parameters and gradients; the methods are timed
+round-robin (interleaved) and each reports its median. The bandwidth bound is the bytes the
+minimal passes must move (28 B/param in float32: read w, g, v and write w, v for the update, read
+w and g once more for the norms) divided by the in-place bandwidth measured with ``a.add_(b)``
+in the same run.
+
+Run ``python benchmarks/optimizer_step.py`` (``--quick`` for a smoke run); it writes
+``benchmarks/results/optimizer_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+import lwrs
+from lwrs.backends.torch import CLARS, LARS
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """The 161 parameter shapes of torchvision's ResNet-50 (25,557,032 parameters), built by hand."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    in_ch = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            out = width * 4
+            shapes += [(width, in_ch, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
+                       (out, width, 1, 1), (out,), (out,)]
+            if b == 0:
+                shapes += [(out, in_ch, 1, 1), (out,), (out,)]
+            in_ch = out
+    return shapes + [(1000, 2048), (1000,)]
+
+
+PARAMETER_SETS = {
+    "resnet50": resnet50_shapes,
+    "1000x64x64": lambda: [(64, 64)] * 1000,
+}
+
+
+def load_timm_lars():
+    """timm's Lars without importing timm (its top-level import needs torchvision)."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None:
+        return None
+    folder = pathlib.Path(next(iter(spec.submodule_search_locations))) / "optim"
+    package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("_timm_optim", None, is_package=True))
+    package.__path__ = [str(folder)]
+    sys.modules["_timm_optim"] = package
+    for name in ("_helpers", "lars"):
+        sub = importlib.util.spec_from_file_location(f"_timm_optim.{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(sub)
+        sys.modules[sub.name] = module
+        sub.loader.exec_module(module)
+    return sys.modules["_timm_optim.lars"].Lars
+
+
+def methods() -> dict[str, Callable[[list[torch.Tensor]], Callable[[], None]]]:
+    """name -> builder(params) -> step()."""
+    settings = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    out: dict[str, Callable] = {}
+
+    def torch_opt(cls, **kw):
+        def build(params):
+            opt = cls(params, **kw)
+            return opt.step
+        return build
+
+    out["lwrs LARS (foreach)"] = torch_opt(LARS, eta=1e-3, **settings)
+
+    def clars(params):
+        opt = CLARS(params, eta=1e-3, **settings)
+        k = len(params)
+        stats = lwrs.NormStatistics(torch.full((k,), 10.0), torch.full((k,), 100.0), 1)
+        return lambda: opt.step(norm_stats=stats)
+
+    out["lwrs CLARS (foreach)"] = clars
+    out["torch SGD nesterov foreach"] = torch_opt(torch.optim.SGD, nesterov=True, foreach=True, **settings)
+    out["torch SGD nesterov fused (no norms)"] = torch_opt(torch.optim.SGD, nesterov=True, fused=True, **settings)
+    timm_lars = load_timm_lars()
+    if timm_lars is not None:
+        out["timm Lars foreach"] = torch_opt(timm_lars, nesterov=True, trust_coeff=1e-3, foreach=True, **settings)
+    if importlib.util.find_spec("pytorch_optimizer") is not None:
+        import pytorch_optimizer
+
+        out["pytorch_optimizer LARS"] = torch_opt(pytorch_optimizer.LARS, nesterov=True, trust_coefficient=1e-3,
+                                                  **settings)
+    return out
+
+
+def inplace_bandwidth(numel: int, repeats: int) -> float:
+    """Bytes per second of ``a.add_(b)`` (read a, read b, write a) on float32 buffers already touched."""
+    a, b = torch.ones(numel), torch.ones(numel)
+    for _ in range(3):
+        a.add_(b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a.add_(b)
+        times.append(time.perf_counter() - t0)
+    return 12 * numel / min(times)
+
+
+def bench(shapes, repeats: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
+    steps = {}
+    for name, build in methods().items():
+        params = [torch.nn.Parameter(b.clone()) for b in base]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        steps[name] = build(params)
+        for _ in range(3):  # warm-up: allocate state, touch memory
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats, small bandwidth buffer (smoke run)")
+    parser.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "optimizer_step.json")
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else 25
+    bandwidth = inplace_bandwidth(2**22 if args.quick else 2**26, repeats)
+    results = {}
+    for set_name, make in PARAMETER_SETS.items():
+        shapes = make()
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        medians = bench(shapes, repeats)
+        bound_ms = 1e3 * 28 * numel / bandwidth
+        results[set_name] = {
+            "tensors": len(shapes), "parameters": numel, "bound_ms": bound_ms,
+            "median_ms": medians, "ratio_to_bound": {k: v / bound_ms for k, v in medians.items()},
+        }
+        print(f"\n{set_name}: {len(shapes)} tensors, {numel:,} parameters, bandwidth bound {bound_ms:.1f} ms")
+        for name, ms in sorted(medians.items(), key=lambda kv: kv[1]):
+            print(f"  {name:<38} {ms:8.2f} ms   {ms / bound_ms:5.2f} x bound")
+    record = {
+        "command": "python benchmarks/optimizer_step.py" + (" --quick" if args.quick else ""),
+        "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "system": platform.system()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "lwrs": lwrs.__version__},
+        "settings": "float32; lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, trust coefficient 1e-3",
+        "inplace_bandwidth_GBps": bandwidth / 1e9,
+        "repeats": repeats,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2))
+    print(f"\nin-place bandwidth {bandwidth / 1e9:.1f} GB/s; wrote {args.out.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
