@@ -135,6 +135,15 @@ def bench(shapes, repeats: int) -> dict[str, float]:
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
+def _version(dist: str) -> str | None:
+    import importlib.metadata as md
+
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
 def cpu_name() -> str:
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -168,7 +177,8 @@ def main(argv=None) -> int:
     record = {
         "command": "python benchmarks/optimizer_step.py" + (" --quick" if args.quick else ""),
         "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "system": platform.system()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "lwrs": lwrs.__version__},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "lwrs": lwrs.__version__,
+                     **{d: _version(d) for d in ("timm", "pytorch_optimizer")}},
         "settings": "float32; lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, trust coefficient 1e-3",
         "inplace_bandwidth_GBps": bandwidth / 1e9,
         "repeats": repeats,
