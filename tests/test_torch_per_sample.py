@@ -34,12 +34,13 @@ class ConvModel(nn.Module):
         super().__init__()
         self.c2 = nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1)
         self.gn = nn.GroupNorm(2, 4)
-        self.c1 = nn.Conv1d(4, 5, 3, stride=1, padding=2, dilation=2, bias=False)
-        self.head = nn.Linear(5, 2)
+        self.c1 = nn.Conv1d(4, 6, 3, stride=1, padding=2, dilation=2, bias=False)
+        self.grouped = nn.Conv1d(6, 4, 3, stride=2, groups=2)
+        self.head = nn.Linear(4, 2)
 
     def forward(self, x):
         h = torch.relu(self.gn(self.c2(x)))  # (B, 4, 4, 4)
-        h = self.c1(h.flatten(2))  # (B, 5, 16)
+        h = self.grouped(self.c1(h.flatten(2)))  # (B, 6, 16) -> (B, 4, 7)
         return self.head(h.mean(dim=2))
 
 
@@ -178,10 +179,10 @@ def test_unsupported_modules_are_named():
     model = nn.Sequential(nn.Linear(3, 3), nn.MultiheadAttention(3, 1))
     with pytest.raises(UnsupportedModuleError, match=r"1 \(MultiheadAttention\)"):
         PerSampleNorms(model)
-    with pytest.raises(UnsupportedModuleError, match="groups=1"):
-        grouped = nn.Conv2d(4, 4, 3, groups=2).double()
-        PerSampleNorms(grouped)
-        grouped(torch.randn(2, 4, 5, 5, dtype=torch.float64)).sum().backward()
+    with pytest.raises(UnsupportedModuleError, match="padding_mode='zeros'"):
+        circular = nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular").double()
+        PerSampleNorms(circular)
+        circular(torch.randn(2, 4, 5, 5, dtype=torch.float64)).sum().backward()
 
 
 def test_a_layer_used_twice_is_refused():

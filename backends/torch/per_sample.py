@@ -23,7 +23,9 @@ its output, :math:`t` over tokens or output positions):
   :math:`\langle a_i a_i^\top, \delta_i\delta_i^\top\rangle` (cost :math:`T^2(p+d)`)
   or the built :math:`\delta_i^\top a_i` (cost :math:`Tpd`), whichever is cheaper
   (ghost when :math:`2T^2 \le pd`).
-* ``Conv1d`` / ``Conv2d`` (``groups=1``, zero padding): the same after ``unfold``.
+* ``Conv1d`` / ``Conv2d`` (zero padding, any ``groups``): every sample's weight
+  gradient from one grouped weight-gradient call, with the batch folded into the
+  groups, at the FLOP cost of the ordinary weight gradient.
 * ``Embedding``: :math:`\sum_{t,s}[\mathrm{id}_t = \mathrm{id}_s]\,\delta_t\cdot\delta_s`.
 * ``LayerNorm`` / ``GroupNorm`` affine parameters and all biases: built, they are small.
 
@@ -90,22 +92,25 @@ def _linear(module: torch.nn.Linear, x: torch.Tensor, d: torch.Tensor) -> dict[t
 
 
 def _conv(module: torch.nn.Module, x: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
-    if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-        raise UnsupportedModuleError(
-            f"{module}: per-sample norms need groups=1, padding_mode='zeros' and numeric padding"
-        )
-    if isinstance(module, torch.nn.Conv1d):
-        x, d = x.unsqueeze(2), d.unsqueeze(2)
-        kernel, dilation, padding, stride = ((1, module.kernel_size[0]), (1, module.dilation[0]),
-                                             (0, module.padding[0]), (1, module.stride[0]))
-    else:
-        kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
-    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C k k, L)
-    a = cols.transpose(1, 2)  # (B, L, C k k)
-    dd = d.reshape(d.shape[0], d.shape[1], -1).transpose(1, 2)  # (B, L, out)
-    out = {module.weight: _linear_weight_sq(a, dd)}
+    """Per-sample weight gradients of a convolution in one grouped weight-gradient call.
+
+    Folding the batch into the channels, ``(1, B*C, ...)`` against ``(1, B*O, ...)``
+    with ``groups = B * module.groups``, gives every sample's weight gradient at
+    the FLOP cost of the ordinary batch weight gradient.
+    """
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise UnsupportedModuleError(f"{module}: per-sample norms need padding_mode='zeros' and numeric padding")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, d = x.to(dtype), d.to(dtype)
+    batch, out_ch = x.shape[0], module.out_channels
+    weight_grad = torch.nn.grad.conv2d_weight if isinstance(module, torch.nn.Conv2d) else torch.nn.grad.conv1d_weight
+    per_sample = weight_grad(
+        x.reshape(1, -1, *x.shape[2:]), (batch * out_ch, *module.weight.shape[1:]), d.reshape(1, -1, *d.shape[2:]),
+        stride=module.stride, padding=module.padding, dilation=module.dilation, groups=batch * module.groups,
+    )
+    out = {module.weight: per_sample.reshape(batch, -1).pow(2).sum(dim=1)}
     if module.bias is not None:
-        out[module.bias] = _sq_norms(dd.sum(dim=1))
+        out[module.bias] = _sq_norms(d.reshape(batch, out_ch, -1).sum(dim=2))
     return out
 
 
