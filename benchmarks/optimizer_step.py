@@ -88,6 +88,15 @@ def methods() -> dict[str, Callable[[list[torch.Tensor]], Callable[[], None]]]:
         return lambda: opt.step(norm_stats=stats)
 
     out["lwrs CLARS (foreach)"] = clars
+    out["lwrs LARS (fused=True)"] = torch_opt(LARS, eta=1e-3, fused=True, **settings)
+
+    def clars_fused(params):
+        opt = CLARS(params, eta=1e-3, fused=True, **settings)
+        k = len(params)
+        stats = lwrs.NormStatistics(torch.full((k,), 10.0), torch.full((k,), 100.0), 1)
+        return lambda: opt.step(norm_stats=stats)
+
+    out["lwrs CLARS (fused=True)"] = clars_fused
     out["torch SGD nesterov foreach"] = torch_opt(torch.optim.SGD, nesterov=True, foreach=True, **settings)
     out["torch SGD nesterov fused (no norms)"] = torch_opt(torch.optim.SGD, nesterov=True, fused=True, **settings)
     timm_lars = load_timm_lars()

@@ -217,3 +217,50 @@ def test_float32_fast_path_matches_float64_core():
     for a, b in zip(fast.parameters(), ref.parameters()):
         assert a.dtype == torch.float32
         np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+FUSED = ["mnag", "mnag-heavy-ball", "lars", "lars-norm-of-sum-no-1d-decay", "lars-larc-all-layers", "lars-clip-eps",
+         "clars", "tvlars"]
+
+
+def with_fused(make):
+    """The same optimizer with the compiled two-pass kernels (fused=True) instead of foreach."""
+    def build(params, _foreach):
+        opt = make(params, True)
+        opt.fused = True
+        return opt
+    return build
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_cpu_kernels_match_the_reference(name):
+    make, stats = CONFIGS[name]
+    fused, _, fused_diag = train(with_fused(make), foreach=True, stats=stats)
+    ref, _, ref_diag = train(make, foreach=False, stats=stats)
+    for a, b in zip(fused.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for a, b in zip(fused_diag, ref_diag):
+        torch.testing.assert_close(a.rates, b.rates, rtol=1e-12, atol=0)
+
+
+def test_fused_kernels_do_not_depend_on_the_thread_count():
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            model, _, _ = train(with_fused(CONFIGS["lars"][0]), foreach=True,
+                                model=make_model(dtype=torch.float32), data=batches(dtype=torch.float32))
+            results.append([p.detach().clone() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_fused_refuses_what_it_cannot_take():
+    model = make_model(dtype=torch.float32).to(torch.bfloat16)
+    opt = LARS(model.parameters(), lr=1.0, fused=True)
+    model(torch.randn(4, 6, dtype=torch.bfloat16)).sum().backward()
+    with pytest.raises(ValueError, match="fused=True takes float32 or float64: layer 0 is torch.bfloat16"):
+        opt.step()

@@ -5,7 +5,7 @@ Each class is a drop-in :class:`torch.optim.Optimizer`. Hyperparameters live in
 flat and string-keyed (``"step"``, ``"momentum_buffer"``, ``"exp_avg"``,
 ``"exp_avg_sq"``), so ``state_dict`` / ``load_state_dict`` round-trip.
 
-There are two implementations, and a test shows they agree:
+There are three implementations, and tests show they agree:
 
 * ``foreach=False``, the reference path, calls the core's functional optimizer
   (:func:`lwrs.lars` and friends) on the group's tensors and copies the result
@@ -14,7 +14,9 @@ There are two implementations, and a test shows they agree:
   ``torch._foreach_norm`` per list, turns them into rates with the core's
   :func:`lwrs.trust_ratios.layer_rates` on the device, and updates the weights and
   buffers in place with ``torch._foreach_*`` kernels. It synchronises with the
-  host once per step, for the non-finite check.
+  host once per step, for the non-finite check;
+* ``fused=True`` (opt-in, CPU float32/float64) does the same with two compiled
+  passes (:mod:`lwrs.backends.torch.fused`): one for every norm, one for the update.
 
 The momentum is the paper's mNAG (CLARS eq. 4): the buffer holds rate-scaled
 steps, so with a varying rate it differs from ``torch.optim.SGD``, which
@@ -46,6 +48,7 @@ class _Layerwise(torch.optim.Optimizer):
                  grad_scaler: Any = None):
         super().__init__(params, defaults)
         self.foreach = foreach
+        self.fused = False
         self.norm_source = norm_source
         self.grad_scaler = grad_scaler
         self.diagnostics: list[LayerDiagnostics] = []
@@ -104,7 +107,7 @@ class _Layerwise(torch.optim.Optimizer):
             if not params:
                 continue
             stats = self._statistics(params, norm_stats)
-            if self.foreach and self.kind != "lamb":
+            if (self.foreach or self.fused) and self.kind != "lamb":
                 diag = self._foreach_step(group, params, stats)
             else:
                 diag = self._reference_step(group, params, stats)
@@ -142,8 +145,18 @@ class _Layerwise(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         t = self._step_count(params)
         stat_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        w_norms = torch.stack(torch._foreach_norm(params, dtype=stat_dtype))
-        g_norms = torch.stack(torch._foreach_norm(grads, dtype=stat_dtype))
+        dots = None
+        if self.fused:
+            from . import fused
+
+            fused.check_fusable(params, grads)
+            cross = group["weight_decay_form"] == "norm_of_sum" and group["weight_decay"] > 0
+            sums = fused.load().layer_sums(params, grads, cross)  # |w|^2, |g|^2 and, if needed, <g, w>
+            w_norms, g_norms = sums[:, 0].sqrt().to(stat_dtype), sums[:, 1].sqrt().to(stat_dtype)
+            dots = sums[:, 2].to(stat_dtype)
+        else:
+            w_norms = torch.stack(torch._foreach_norm(params, dtype=stat_dtype))
+            g_norms = torch.stack(torch._foreach_norm(grads, dtype=stat_dtype))
         lr = self._global_rate(group, t)
         checks = [("parameter norm", w_norms), ("gradient norm", g_norms)]
         mean_norms = None
@@ -169,7 +182,9 @@ class _Layerwise(torch.optim.Optimizer):
         direction_norms = None
         if group["weight_decay_form"] == "norm_of_sum" and any(decays):
             # |g + wd w|^2 = |g|^2 + 2 wd <g, w> + wd^2 |w|^2, without forming g + wd w
-            dots = torch.stack([torch.dot(g.reshape(-1), w.reshape(-1)).to(stat_dtype) for g, w in zip(grads, params)])
+            if dots is None:
+                dots = torch.stack([torch.dot(g.reshape(-1), w.reshape(-1)).to(stat_dtype)
+                                    for g, w in zip(grads, params)])
             lam = torch.tensor(decays, dtype=stat_dtype, device=w_norms.device)
             direction_norms = (g_norms**2 + 2 * lam * dots + lam**2 * w_norms**2).clamp_min(0).sqrt()
         options = TrustOptions(self.kind, group["eta"], group["eps"], group["max_ratio"], group["larc_clip"],
@@ -177,7 +192,13 @@ class _Layerwise(torch.optim.Optimizer):
         lars_r, factors, rates = layer_rates(w_norms, g_norms, learning_rate=lr, options=options, adapt=adapt,
                                              weight_decays=decays, direction_norms=direction_norms,
                                              mean_norms=mean_norms)
-        _foreach_update(params, grads, bufs, rates, decays, group["momentum"], group["nesterov"])
+        if self.fused:
+            from . import fused
+
+            lam = torch.tensor(decays, dtype=torch.float64)
+            fused.load().mnag_update(params, grads, bufs, rates, lam, float(group["momentum"]), bool(group["nesterov"]))
+        else:
+            _foreach_update(params, grads, bufs, rates, decays, group["momentum"], group["nesterov"])
         for p in params:
             self.state[p]["step"] = t + 1
         return LayerDiagnostics(w_norms, g_norms, lars_r, factors, rates, lr, t)
@@ -236,9 +257,10 @@ class MNAG(_Layerwise):
     kind = "none"
 
     def __init__(self, params, lr: float, momentum: float = 0.9, *, weight_decay: float = 0.0, nesterov: bool = True,
-                 decay_1d: bool = True, on_nonfinite: str = "raise", foreach: bool = True):
+                 decay_1d: bool = True, on_nonfinite: str = "raise", foreach: bool = True, fused: bool = False):
         super().__init__(params, _common_defaults(lr, momentum, weight_decay, nesterov, False, decay_1d, on_nonfinite),
                          foreach=foreach)
+        self.fused = bool(fused)
 
     def _core(self, group, params=None):
         decay_mask = (lambda w: w.ndim > 1 or group["decay_1d"])
@@ -270,10 +292,12 @@ class LARS(_Layerwise):
     def __init__(self, params, lr: float, momentum: float = 0.9, *, eta: float = 1e-3, weight_decay: float = 0.0,
                  weight_decay_form: str = "sum_of_norms", eps: float = 0.0, max_ratio: float | None = None,
                  larc_clip: bool = False, exclude_1d: bool = True, decay_1d: bool = True, nesterov: bool = True,
-                 on_nonfinite: str = "raise", foreach: bool = True, norm_source: Any = None, grad_scaler: Any = None):
+                 on_nonfinite: str = "raise", foreach: bool = True, fused: bool = False, norm_source: Any = None,
+                 grad_scaler: Any = None):
         defaults = _common_defaults(lr, momentum, weight_decay, nesterov, exclude_1d, decay_1d, on_nonfinite)
         defaults.update(eta=eta, eps=eps, max_ratio=max_ratio, larc_clip=larc_clip, weight_decay_form=weight_decay_form)
         super().__init__(params, defaults, foreach=foreach, norm_source=norm_source, grad_scaler=grad_scaler)
+        self.fused = bool(fused)
 
     def _factory(self):
         return lwrs.lars
