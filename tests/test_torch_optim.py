@@ -67,6 +67,9 @@ CONFIGS = {
     "lars-clip-eps": (lambda p, f: LARS(p, lr=1.0, eta=0.5, eps=1e-3, max_ratio=0.1, foreach=f), False),
     "clars": (lambda p, f: CLARS(p, lr=2.0, eta=0.02, weight_decay=1e-2, foreach=f), True),
     "tvlars": (lambda p, f: TVLARS(p, lr=2.0, decay=0.5, delay_steps=1, eta=0.02, weight_decay=1e-2, foreach=f), False),
+    "lamb": (lambda p, f: LAMB(p, lr=0.01, weight_decay=1e-2, foreach=f), False),
+    "lamb-all-layers-no-1d-decay": (lambda p, f: LAMB(p, lr=0.01, weight_decay=1e-2, exclude_1d=False, decay_1d=False,
+                                                      foreach=f), False),
 }
 
 
@@ -138,7 +141,7 @@ def test_lr_scheduler_drives_the_rate(foreach):
 
 @pytest.mark.parametrize("name", ["lars", "clars", "tvlars", "lamb"])
 def test_checkpoint_resume_is_exact(name, tmp_path):
-    make, stats = CONFIGS.get(name, (lambda p, f: LAMB(p, lr=0.01, weight_decay=1e-2), False))
+    make, stats = CONFIGS[name]
     data = batches(n=6)
     full, _, _ = train(make, foreach=True, stats=stats, data=data)
 

@@ -34,7 +34,7 @@ import lwrs
 from lwrs.diagnostics import LayerDiagnostics
 from lwrs.optimizers import LambState, MomentumState, _first_nonfinite
 from lwrs.statistics import NormStatistics
-from lwrs.trust_ratios import TrustOptions, layer_rates
+from lwrs.trust_ratios import TrustOptions, clars_denominators, clars_factors, lars_denominators, layer_rates, trust_ratios
 
 __all__ = ["MNAG", "LARS", "CLARS", "TVLARS", "LAMB"]
 
@@ -107,7 +107,9 @@ class _Layerwise(torch.optim.Optimizer):
             if not params:
                 continue
             stats = self._statistics(params, norm_stats)
-            if (self.foreach or self.fused) and self.kind != "lamb":
+            if self.kind == "lamb" and self.foreach:
+                diag = self._lamb_foreach_step(group, params, stats)
+            elif (self.foreach or self.fused) and self.kind != "lamb":
                 diag = self._foreach_step(group, params, stats)
             else:
                 diag = self._reference_step(group, params, stats)
@@ -396,7 +398,7 @@ class TVLARS(LARS):
 
 
 class LAMB(_Layerwise):
-    r"""LAMB (You et al. 2019) as a torch optimizer, through the core (reference path only).
+    r"""LAMB (You et al. 2019) as a torch optimizer (``foreach`` fast path or the core as reference).
 
     .. math:: u = \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \lambda w, \quad
               w \leftarrow w - \gamma_t \frac{\|w\|}{\|u\|} u
@@ -415,10 +417,10 @@ class LAMB(_Layerwise):
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), *, eps: float = 1e-6,
                  weight_decay: float = 0.0, exclude_1d: bool = True, decay_1d: bool = True,
-                 on_nonfinite: str = "raise"):
+                 on_nonfinite: str = "raise", foreach: bool = True):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, exclude_1d=exclude_1d,
                         decay_1d=decay_1d, on_nonfinite=on_nonfinite)
-        super().__init__(params, defaults, foreach=False)
+        super().__init__(params, defaults, foreach=foreach)
 
     def _core(self, group, params=None):
         b1, b2 = group["betas"]
@@ -431,6 +433,60 @@ class LAMB(_Layerwise):
         zeros = [torch.zeros_like(p) for p in params]
         return LambState(t, tuple(self.state[p].get("exp_avg", z) for p, z in zip(params, zeros)),
                          tuple(self.state[p].get("exp_avg_sq", z) for p, z in zip(params, zeros)))
+
+    def _lamb_foreach_step(self, group, params, stats) -> LayerDiagnostics:
+        """LAMB with multi-tensor kernels; the ratio comes from the core's ``trust_ratios``."""
+        grads = [p.grad for p in params]
+        t = self._step_count(params)
+        stat_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        w_norms = torch.stack(torch._foreach_norm(params, dtype=stat_dtype))
+        g_norms = torch.stack(torch._foreach_norm(grads, dtype=stat_dtype))
+        lr = float(group["lr"])
+        checks = [("parameter norm", w_norms), ("gradient norm", g_norms)]
+        mean_norms = None
+        if stats is not None:
+            mean_norms = (stats.sum_norms / stats.count).to(stat_dtype)
+            checks.append(("mean per-sample gradient norm", mean_norms))
+        problem = _first_nonfinite(torch, checks)
+        if problem is not None:
+            if group["on_nonfinite"] == "raise":
+                raise lwrs.NonFiniteError(f"{problem} at step {t}; pass on_nonfinite='skip' to skip such steps")
+            ones = torch.ones_like(w_norms)
+            return LayerDiagnostics(w_norms, g_norms, ones, ones, torch.zeros_like(w_norms), lr, t, skipped=True)
+        for p in params:
+            if "exp_avg" not in self.state[p]:
+                self.state[p]["exp_avg"] = torch.zeros_like(p)
+                self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        b1, b2 = group["betas"]
+        adapt, decay = self._masks(group, params)
+        decays = [group["weight_decay"] if d else 0.0 for d in decay]
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, grads, alpha=1.0 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
+        c1, c2 = 1.0 - b1 ** (t + 1), 1.0 - b2 ** (t + 1)
+        denom = torch._foreach_div(v, c2)  # as the core: (m / c1) / (sqrt(v / c2) + eps) + wd w
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        u = torch._foreach_div(m, c1)
+        torch._foreach_div_(u, denom)
+        decayed = [k for k, lam in enumerate(decays) if lam]
+        if decayed:
+            torch._foreach_add_([u[k] for k in decayed], [params[k] for k in decayed], alpha=group["weight_decay"])
+        u_norms = torch.stack(torch._foreach_norm(u, dtype=stat_dtype))
+        ratios = trust_ratios(w_norms, u_norms, eta=1.0, adapt=adapt, grad_norms=g_norms)
+        rates = lr * ratios
+        factors = torch.ones_like(w_norms)
+        if mean_norms is not None:  # reported, not used: LAMB has no per-sample term
+            factors = clars_factors(lars_denominators(w_norms, g_norms, weight_decay=decays),
+                                    clars_denominators(w_norms, mean_norms, weight_decay=decays))
+        torch._foreach_mul_(u, list(rates.unbind(0)))
+        torch._foreach_sub_(params, u)
+        for p in params:
+            self.state[p]["step"] = t + 1
+        return LayerDiagnostics(w_norms, g_norms, ratios, factors, rates, lr, t)
 
     def _store_core_state(self, params, new_state):
         for k, p in enumerate(params):
