@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 import lwrs
+from _machine import cpu_name, versions
 from lwrs.backends.torch import CLARS, LARS, PerSampleNorms, minibatch_norm_statistics
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -214,9 +215,8 @@ def main(argv=None) -> int:
             print(f"  {m:<44} {ms:9.1f} ms   {ms / base:6.2f} x plain")
     record = {
         "command": "python benchmarks/clars_step.py" + (" --quick" if args.quick else ""),
-        "machine": {"cpu": _cpu(), "threads": torch.get_num_threads(), "system": platform.system()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "lwrs": lwrs.__version__,
-                     "opacus": _version("opacus")},
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "system": platform.system()},
+        "versions": {**versions("opacus"), "torch": torch.__version__, "lwrs": lwrs.__version__},
         "repeats": repeats,
         "results": results,
     }
@@ -226,23 +226,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _version(dist: str) -> str | None:
-    import importlib.metadata as md
-
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
 
 
-def _cpu() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 import lwrs
+from _machine import cpu_name, versions
 from lwrs.backends.torch import CLARS, LARS
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -144,23 +145,8 @@ def bench(shapes, repeats: int) -> dict[str, float]:
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
-def _version(dist: str) -> str | None:
-    import importlib.metadata as md
-
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
 
 
-def cpu_name() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
@@ -186,8 +172,7 @@ def main(argv=None) -> int:
     record = {
         "command": "python benchmarks/optimizer_step.py" + (" --quick" if args.quick else ""),
         "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "system": platform.system()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "lwrs": lwrs.__version__,
-                     **{d: _version(d) for d in ("timm", "pytorch_optimizer")}},
+        "versions": {**versions("timm", "pytorch_optimizer"), "torch": torch.__version__, "lwrs": lwrs.__version__},
         "settings": "float32; lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, trust coefficient 1e-3",
         "inplace_bandwidth_GBps": bandwidth / 1e9,
         "repeats": repeats,

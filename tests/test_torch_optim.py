@@ -57,6 +57,20 @@ def train(make_opt, *, foreach, stats=False, scheduler=None, model=None, data=No
     return model, opt, diags
 
 
+def run_core(core):
+    """The same training run through the core's functional optimizer, by hand (the oracle)."""
+    ref = make_model()
+    params = [p.detach().clone() for p in ref.parameters()]
+    state = core.init(params)
+    for x, y in batches():
+        for p, w in zip(ref.parameters(), params):
+            p.data.copy_(w)
+            p.grad = None
+        torch.nn.functional.mse_loss(ref(x), y, reduction="sum").div(len(x)).backward()
+        params, state, _ = core.step(params, [p.grad for p in ref.parameters()], state)
+    return params
+
+
 CONFIGS = {
     "mnag": (lambda p, f: MNAG(p, lr=0.05, momentum=0.9, weight_decay=1e-2, foreach=f), False),
     "mnag-heavy-ball": (lambda p, f: MNAG(p, lr=0.05, momentum=0.5, nesterov=False, foreach=f), False),
@@ -89,16 +103,7 @@ def test_foreach_and_reference_paths_agree(name):
 def test_reference_path_is_the_core():
     """The reference path's trajectory equals the core functional optimizer run by hand."""
     model, _, _ = train(CONFIGS["lars"][0], foreach=False)
-    ref = make_model()
-    params = [p.detach().clone() for p in ref.parameters()]
-    core = lwrs.lars(2.0, eta=0.02, weight_decay=1e-2)
-    state = core.init(params)
-    for x, y in batches():
-        for p, w in zip(ref.parameters(), params):
-            p.data.copy_(w)
-            p.grad = None
-        torch.nn.functional.mse_loss(ref(x), y, reduction="sum").div(len(x)).backward()
-        params, state, _ = core.step(params, [p.grad for p in ref.parameters()], state)
+    params = run_core(lwrs.lars(2.0, eta=0.02, weight_decay=1e-2))
     for a, b in zip(model.parameters(), params):
         torch.testing.assert_close(a.detach(), b, rtol=1e-13, atol=1e-15)
 
@@ -125,16 +130,7 @@ def test_lr_scheduler_drives_the_rate(foreach):
     assert [d.learning_rate for d in diags] == [2.0, 2.0, 1.0, 1.0, 0.5]
     core_model, _, _ = train(make, foreach=foreach, scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5))
     # the same run through the core with the equivalent schedule
-    ref = make_model()
-    params = [p.detach().clone() for p in ref.parameters()]
-    core = lwrs.lars(lwrs.schedules.step_decay(2.0, [2, 4], factor=0.5), eta=0.02)
-    state = core.init(params)
-    for x, y in batches():
-        for p, w in zip(ref.parameters(), params):
-            p.data.copy_(w)
-            p.grad = None
-        torch.nn.functional.mse_loss(ref(x), y, reduction="sum").div(len(x)).backward()
-        params, state, _ = core.step(params, [p.grad for p in ref.parameters()], state)
+    params = run_core(lwrs.lars(lwrs.schedules.step_decay(2.0, [2, 4], factor=0.5), eta=0.02))
     for a, b in zip(core_model.parameters(), params):
         torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-14)
 

@@ -160,19 +160,11 @@ class _Layerwise(torch.optim.Optimizer):
             w_norms = torch.stack(torch._foreach_norm(params, dtype=stat_dtype))
             g_norms = torch.stack(torch._foreach_norm(grads, dtype=stat_dtype))
         lr = self._global_rate(group, t)
-        checks = [("parameter norm", w_norms), ("gradient norm", g_norms)]
-        mean_norms = None
-        if stats is not None:
-            mean_norms = (stats.sum_norms / stats.count).to(stat_dtype)
-            checks.append(("mean per-sample gradient norm", mean_norms))
-        elif self.kind == "clars":
+        if stats is None and self.kind == "clars":
             raise ValueError("CLARS needs per-sample norm statistics: pass norm_source= or step(norm_stats=...)")
-        problem = _first_nonfinite(torch, checks)
-        if problem is not None:
-            if group["on_nonfinite"] == "raise":
-                raise lwrs.NonFiniteError(f"{problem} at step {t}; pass on_nonfinite='skip' to skip such steps")
-            ones = torch.ones_like(w_norms)
-            return LayerDiagnostics(w_norms, g_norms, ones, ones, torch.zeros_like(w_norms), lr, t, skipped=True)
+        mean_norms, skipped = _finite_or_skip(group, t, lr, w_norms, g_norms, stats)
+        if skipped is not None:
+            return skipped
 
         for p in params:  # created only once the step is known to go ahead
             if "momentum_buffer" not in self.state[p]:
@@ -204,6 +196,24 @@ class _Layerwise(torch.optim.Optimizer):
         for p in params:
             self.state[p]["step"] = t + 1
         return LayerDiagnostics(w_norms, g_norms, lars_r, factors, rates, lr, t)
+
+
+def _finite_or_skip(group, t, lr, w_norms, g_norms, stats):
+    """The step's one host synchronisation: ``(mean per-sample norms or None, None)`` when every norm is
+    finite; otherwise raise :class:`lwrs.NonFiniteError` or, with ``on_nonfinite="skip"``, return the
+    diagnostics of a skipped step as the second item."""
+    checks = [("parameter norm", w_norms), ("gradient norm", g_norms)]
+    mean_norms = None
+    if stats is not None:
+        mean_norms = (stats.sum_norms / stats.count).to(w_norms.dtype)
+        checks.append(("mean per-sample gradient norm", mean_norms))
+    problem = _first_nonfinite(torch, checks)
+    if problem is None:
+        return mean_norms, None
+    if group["on_nonfinite"] == "raise":
+        raise lwrs.NonFiniteError(f"{problem} at step {t}; pass on_nonfinite='skip' to skip such steps")
+    ones = torch.ones_like(w_norms)
+    return mean_norms, LayerDiagnostics(w_norms, g_norms, ones, ones, torch.zeros_like(w_norms), lr, t, skipped=True)
 
 
 def _foreach_update(params, grads, bufs, rates, decays, beta, nesterov) -> None:
@@ -442,17 +452,9 @@ class LAMB(_Layerwise):
         w_norms = torch.stack(torch._foreach_norm(params, dtype=stat_dtype))
         g_norms = torch.stack(torch._foreach_norm(grads, dtype=stat_dtype))
         lr = float(group["lr"])
-        checks = [("parameter norm", w_norms), ("gradient norm", g_norms)]
-        mean_norms = None
-        if stats is not None:
-            mean_norms = (stats.sum_norms / stats.count).to(stat_dtype)
-            checks.append(("mean per-sample gradient norm", mean_norms))
-        problem = _first_nonfinite(torch, checks)
-        if problem is not None:
-            if group["on_nonfinite"] == "raise":
-                raise lwrs.NonFiniteError(f"{problem} at step {t}; pass on_nonfinite='skip' to skip such steps")
-            ones = torch.ones_like(w_norms)
-            return LayerDiagnostics(w_norms, g_norms, ones, ones, torch.zeros_like(w_norms), lr, t, skipped=True)
+        mean_norms, skipped = _finite_or_skip(group, t, lr, w_norms, g_norms, stats)
+        if skipped is not None:
+            return skipped
         for p in params:
             if "exp_avg" not in self.state[p]:
                 self.state[p]["exp_avg"] = torch.zeros_like(p)
