@@ -159,11 +159,11 @@ def test_batch_norm_policy():
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 1)).double()
     x = torch.randn(8, 4, dtype=torch.float64)
     strict = PerSampleNorms(model, batch_norm="strict")
-    with pytest.raises(RuntimeError, match="BatchNorm1d in training mode"):
+    with pytest.raises(RuntimeError, match=r"1 \(BatchNorm1d\) is in training mode.*before it: 0 "):
         model(x)
     strict.remove()
     norms = PerSampleNorms(model)
-    with pytest.warns(RuntimeWarning, match="per-sample split of the batch gradient"):
+    with pytest.warns(RuntimeWarning, match=r"per-sample norms of 0 are a per-sample split of the batch gradient"):
         model(x).sum().backward()
     bn_weight = model[1].weight
     s1, _ = norms.sums([bn_weight])[bn_weight]
@@ -173,6 +173,23 @@ def test_batch_norm_policy():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # eval mode: exact, no warning
         model(x).sum().backward()
+
+
+def test_layers_after_a_batch_norm_are_exact_and_not_flagged():
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    norms = PerSampleNorms(model, batch_norm="strict")  # nothing measured runs before the BN
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_fn(model, x, y).backward()
+    # per-sample gradients of the layers after the BN are well defined: check them against torch.func,
+    # feeding the BN's (batch-dependent) output as the input of the rest of the network
+    h = model[0](x).detach()
+    tail = nn.Sequential(*list(model)[1:])
+    want = oracle(tail, h, y)
+    got = norms.sums(list(tail.parameters()))
+    for p in tail.parameters():
+        torch.testing.assert_close(got[p][0], want[p][0], rtol=1e-10, atol=0)
 
 
 def test_unsupported_modules_are_named():

@@ -34,12 +34,14 @@ the layer output, so in-place activations after a layer are fine. Calls made
 under ``torch.func`` transforms (``vmap``, ``grad``) are ignored.
 
 BatchNorm in training mode makes every sample's loss depend on the whole batch,
-so per-sample gradients are not defined for layers before it. Policy
-(``batch_norm=``): ``"warn"`` (default) warns once and measures anyway; the
-values of layers upstream of the BN are then a per-sample split of the batch
-gradient, not true per-sample gradients. ``"strict"`` raises. BatchNorm's own
-parameters are reported with :math:`S^{(1)} = \|\texttt{p.grad}\|` (CLARS factor
-1, i.e. LARS); they are 1-D and excluded from adaptation by default anyway.
+so per-sample gradients are not defined for the layers before it. The layers
+upstream of a training-mode BatchNorm are those whose forward ran before the BN's
+in the same pass. Policy (``batch_norm=``): ``"warn"`` (default) names them in a
+warning (once) and measures anyway, giving a per-sample split of the batch
+gradient rather than true per-sample gradients; ``"strict"`` raises, naming them.
+Layers after the BN are exact and get neither. BatchNorm's own parameters are
+reported with :math:`S^{(1)} = \|\texttt{p.grad}\|` (CLARS factor 1, i.e. LARS);
+they are 1-D and excluded from adaptation by default anyway.
 """
 
 from __future__ import annotations
@@ -218,16 +220,18 @@ class PerSampleNorms:
         self._handles: list[Any] = []
         self._owner: dict[torch.nn.Parameter, str] = {}
         self._bn_params: set[torch.nn.Parameter] = set()
-        self._batch_norms: list[torch.nn.Module] = []
-        self._warned = False
+        self._names: dict[int, str] = {}
+        self._warned: set[tuple[str, ...]] = set()
         unsupported = []
         for name, module in model.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if isinstance(module, _BATCH_NORMS):
-                self._batch_norms.append(module)
                 self._bn_params.update(own)
+                self._names[id(module)] = name or type(module).__name__
+                self._handles.append(module.register_forward_pre_hook(self._batch_norm_hook))
                 continue
             if _handler(module) is not None:
+                self._names[id(module)] = name or type(module).__name__
                 self._handles.append(module.register_forward_hook(self._forward_hook))
                 for p in own:
                     self._owner[p] = name or type(module).__name__
@@ -255,28 +259,31 @@ class PerSampleNorms:
 
     # ---- hooks ---------------------------------------------------------------------------------
 
-    def _check_batch_norm(self) -> None:
-        training = [m for m in self._batch_norms if m.training]
-        if not training:
+    def _batch_norm_hook(self, module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+        """Before a BatchNorm's forward: the measured layers that already ran in this pass are upstream of it."""
+        if not (module.training and torch.is_grad_enabled()) or torch._C._are_functorch_transforms_active():
             return
+        upstream = tuple(sorted(self._names[k] for k, pending in self._pending.items() if pending))
+        if not upstream:
+            return
+        bn = f"{self._names[id(module)]} ({type(module).__name__})"
         if self.batch_norm == "strict":
             raise RuntimeError(
-                f"{type(training[0]).__name__} in training mode: per-sample gradients are not defined for the "
-                "layers before it (batch_norm='strict'); use eval mode, GroupNorm/LayerNorm, or batch_norm='warn'"
+                f"{bn} is in training mode: per-sample gradients are not defined for the layers before it: "
+                f"{', '.join(upstream)} (batch_norm='strict'); use eval mode, GroupNorm/LayerNorm, or batch_norm='warn'"
             )
-        if not self._warned:
+        if upstream not in self._warned:
             warnings.warn(
-                "BatchNorm in training mode: per-sample norms of the layers before it are a per-sample split of "
-                "the batch gradient, not true per-sample gradients", RuntimeWarning, stacklevel=3,
+                f"{bn} is in training mode: the per-sample norms of {', '.join(upstream)} are a per-sample split "
+                "of the batch gradient, not true per-sample gradients", RuntimeWarning, stacklevel=3,
             )
-            self._warned = True
+            self._warned.add(upstream)
 
     def _forward_hook(self, module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
         if torch._C._are_functorch_transforms_active():  # torch.func calls (vmap, grad) are not a backward pass
             return
-        self._check_batch_norm()
         if self._pending.get(id(module), 0):
             raise RuntimeError(
                 f"{module} was called twice before backward: per-sample norms of a shared layer are not supported"
