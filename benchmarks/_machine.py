@@ -27,3 +27,21 @@ def versions(*dists: str) -> dict[str, str | None]:
         except md.PackageNotFoundError:
             out[dist] = None
     return out
+
+
+def write_record(path: pathlib.Path, command: str, peers: tuple[str, ...], **fields) -> None:
+    """Write a benchmark's JSON record: the command, the machine, the versions, then ``fields``."""
+    import json
+
+    import torch
+
+    import lwrs
+
+    record = {
+        "command": command,
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "system": platform.system()},
+        "versions": {**versions(*peers), "torch": torch.__version__, "lwrs": lwrs.__version__},
+        **fields,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))

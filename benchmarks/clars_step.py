@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import pathlib
-import platform
 import statistics
 import time
 import warnings
@@ -33,7 +31,7 @@ import torch
 import torch.nn as nn
 
 import lwrs
-from _machine import cpu_name, versions
+from _machine import write_record
 from lwrs.backends.torch import CLARS, LARS, PerSampleNorms, minibatch_norm_statistics
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -213,21 +211,10 @@ def main(argv=None) -> int:
         print(f"\n{name}" + (f"  (Opacus vs lwrs norms: max rel. diff {agreement:.1e})" if agreement is not None else ""))
         for m, ms in sorted(medians.items(), key=lambda kv: kv[1]):
             print(f"  {m:<44} {ms:9.1f} ms   {ms / base:6.2f} x plain")
-    record = {
-        "command": "python benchmarks/clars_step.py" + (" --quick" if args.quick else ""),
-        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "system": platform.system()},
-        "versions": {**versions("opacus"), "torch": torch.__version__, "lwrs": lwrs.__version__},
-        "repeats": repeats,
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2))
+    write_record(args.out, "python benchmarks/clars_step.py" + (" --quick" if args.quick else ""), ("opacus",),
+                 repeats=repeats, results=results)
     print(f"\nwrote {args.out.name}")
     return 0
-
-
-
-
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -25,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 import lwrs
-from _machine import cpu_name, versions
+from _machine import write_record
 from lwrs.backends.torch import CLARS, LARS
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -169,17 +167,10 @@ def main(argv=None) -> int:
         print(f"\n{set_name}: {len(shapes)} tensors, {numel:,} parameters, bandwidth bound {bound_ms:.1f} ms")
         for name, ms in sorted(medians.items(), key=lambda kv: kv[1]):
             print(f"  {name:<38} {ms:8.2f} ms   {ms / bound_ms:5.2f} x bound")
-    record = {
-        "command": "python benchmarks/optimizer_step.py" + (" --quick" if args.quick else ""),
-        "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "system": platform.system()},
-        "versions": {**versions("timm", "pytorch_optimizer"), "torch": torch.__version__, "lwrs": lwrs.__version__},
-        "settings": "float32; lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, trust coefficient 1e-3",
-        "inplace_bandwidth_GBps": bandwidth / 1e9,
-        "repeats": repeats,
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2))
+    write_record(args.out, "python benchmarks/optimizer_step.py" + (" --quick" if args.quick else ""),
+                 ("timm", "pytorch_optimizer"),
+                 settings="float32; lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, trust coefficient 1e-3",
+                 inplace_bandwidth_GBps=bandwidth / 1e9, repeats=repeats, results=results)
     print(f"\nin-place bandwidth {bandwidth / 1e9:.1f} GB/s; wrote {args.out.name}")
     return 0
 
