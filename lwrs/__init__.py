@@ -8,8 +8,9 @@ the array API standard. Every optimizer is a pair of pure functions::
     state = opt.init(params)
     params, state, diagnostics = opt.step(params, grads, state, norm_stats=stats)
 
-The core imports no array library: it runs unchanged on NumPy, PyTorch, CuPy,
-JAX and array-api-strict arrays. Fast backends live in :mod:`lwrs.backends`.
+The core imports no array library; it is tested on NumPy, PyTorch, JAX and
+array-api-strict arrays (CuPy only where a GPU is present). Fast backends live in
+:mod:`lwrs.backends`.
 """
 
 from . import momentum, schedules, statistics, trust_ratios
