@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import pathlib
-import statistics
-import time
 import warnings
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus's hooks on the first layer
@@ -31,7 +29,7 @@ import torch
 import torch.nn as nn
 
 import lwrs
-from _machine import write_record
+from _harness import interleaved_medians, write_record
 from lwrs.backends.torch import CLARS, LARS, PerSampleNorms, minibatch_norm_statistics
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -197,13 +195,7 @@ def main(argv=None) -> int:
         steps = build_methods(make, x, y)
         for step in steps.values():
             step()  # warm-up
-        times: dict[str, list[float]] = {m: [] for m in steps}
-        for _ in range(repeats):
-            for m, step in steps.items():
-                t0 = time.perf_counter()
-                step()
-                times[m].append(time.perf_counter() - t0)
-        medians = {m: 1e3 * statistics.median(ts) for m, ts in times.items()}
+        medians = interleaved_medians(steps, repeats)
         base = medians["plain SGD step"]
         agreement = check_opacus_agrees(make, x, y)
         results[name] = {"median_ms": medians, "ratio_to_plain": {m: v / base for m, v in medians.items()},

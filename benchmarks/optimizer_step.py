@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import pathlib
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 import lwrs
-from _machine import write_record
+from _harness import interleaved_medians, write_record
 from lwrs.backends.torch import CLARS, LARS
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -134,17 +133,7 @@ def bench(shapes, repeats: int) -> dict[str, float]:
         steps[name] = build(params)
         for _ in range(3):  # warm-up: allocate state, touch memory
             steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
-
-
-
-
+    return interleaved_medians(steps, repeats)
 
 
 def main(argv=None) -> int:

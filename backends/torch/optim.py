@@ -62,7 +62,7 @@ class _Layerwise(torch.optim.Optimizer):
         decay = [p.ndim > 1 or group["decay_1d"] for p in params]
         return adapt, decay
 
-    def _core(self, group: dict[str, Any], params: list[torch.Tensor] | None = None) -> lwrs.Optimizer:
+    def _core(self, group: dict[str, Any]) -> lwrs.Optimizer:
         raise NotImplementedError
 
     def _global_rate(self, group: dict[str, Any], step: int) -> float:
@@ -118,7 +118,7 @@ class _Layerwise(torch.optim.Optimizer):
 
     def _reference_step(self, group, params, stats) -> LayerDiagnostics:
         state_before = self._core_state(params)
-        opt = self._core(group, params)
+        opt = self._core(group)
         new_params, new_state, diag = opt.step([p.detach() for p in params], [p.grad for p in params],
                                                state_before, norm_stats=stats)
         if not diag.skipped:
@@ -274,7 +274,7 @@ class MNAG(_Layerwise):
                          foreach=foreach)
         self.fused = bool(fused)
 
-    def _core(self, group, params=None):
+    def _core(self, group):
         decay_mask = (lambda w: w.ndim > 1 or group["decay_1d"])
         return lwrs.mnag(group["lr"], beta=group["momentum"], nesterov=group["nesterov"],
                          weight_decay=group["weight_decay"], decay_mask=decay_mask, on_nonfinite=group["on_nonfinite"])
@@ -314,17 +314,14 @@ class LARS(_Layerwise):
     def _factory(self):
         return lwrs.lars
 
-    def _core(self, group, params=None):
+    def _core(self, group):
         return self._factory()(
-            self._core_rate(group), beta=group["momentum"], eta=group["eta"], weight_decay=group["weight_decay"],
+            group["lr"], beta=group["momentum"], eta=group["eta"], weight_decay=group["weight_decay"],
             weight_decay_form=group["weight_decay_form"], eps=group["eps"], max_ratio=group["max_ratio"],
             larc_clip=group["larc_clip"], adapt_mask=lambda w: w.ndim > 1 or not group["exclude_1d"],
             decay_mask=lambda w: w.ndim > 1 or group["decay_1d"], nesterov=group["nesterov"],
             on_nonfinite=group["on_nonfinite"],
         )
-
-    def _core_rate(self, group):
-        return group["lr"]
 
 
 class CLARS(LARS):
@@ -394,7 +391,7 @@ class TVLARS(LARS):
         self._phi = lwrs.schedules.tvlars_factor(**self._phi_args)
         super().__init__(params, lr, momentum, **kwargs)
 
-    def _core(self, group, params=None):
+    def _core(self, group):
         g = group
         return lwrs.tvlars(
             g["lr"], **self._phi_args, beta=g["momentum"], eta=g["eta"], weight_decay=g["weight_decay"],
@@ -432,7 +429,7 @@ class LAMB(_Layerwise):
                         decay_1d=decay_1d, on_nonfinite=on_nonfinite)
         super().__init__(params, defaults, foreach=foreach)
 
-    def _core(self, group, params=None):
+    def _core(self, group):
         b1, b2 = group["betas"]
         return lwrs.lamb(group["lr"], b1=b1, b2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
                          adapt_mask=lambda w: w.ndim > 1 or not group["exclude_1d"],

@@ -1,10 +1,24 @@
-"""What every benchmark records about where it ran: the CPU and the versions of the libraries."""
+"""Shared by the benchmarks: interleaved timing, and the record of where and with what they ran."""
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import pathlib
 import platform
+import statistics
+import time
+from collections.abc import Callable
+
+
+def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median milliseconds of each step, timed round-robin so that every method sees the same machine load."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def cpu_name() -> str:
