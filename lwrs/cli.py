@@ -1,8 +1,16 @@
 """The ``lwrs`` command line.
 
-``lwrs quadratic`` runs mGD, mNAG, LARS, LARS with warm-up, CLARS, TVLARS and
-LAMB on a layered quadratic whose constants are known, next to the theorems'
-own method, and prints a table, a PNG and a JSON; see :mod:`lwrs.quadratic`.
+* ``lwrs quadratic`` runs mGD, mNAG, LARS, LARS with warm-up, CLARS, TVLARS and
+  LAMB on a layered quadratic whose constants are known, next to the theorems'
+  own method, and prints a table, a PNG and a JSON; see :mod:`lwrs.quadratic`.
+* ``lwrs train`` trains a small model on MNIST-1D or digits with one optimizer
+  and writes per-epoch metrics (JSON) and plots; see
+  :mod:`lwrs.backends.torch.training`.
+* ``lwrs reproduce`` runs the papers' experiments at small scale with several
+  seeds and writes figures, tables and a verdict per claim; see
+  :mod:`lwrs.backends.torch.reproduce`.
+
+``train`` and ``reproduce`` need torch and the ``train`` extra.
 """
 
 from __future__ import annotations
@@ -48,7 +56,41 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="seed of the problem and the batches (default 0)")
     q.add_argument("--out", type=pathlib.Path, default=pathlib.Path("lwrs-out"),
                    help="folder for quadratic.png and quadratic.json (default ./lwrs-out)")
+    _add_train_parser(sub)
+    r = sub.add_parser("reproduce", help="the CLARS and TVLARS papers' experiments at small scale on MNIST-1D")
+    r.add_argument("--quick", action="store_true", help="a few-minute smoke preset (2 seeds, tiny grids)")
+    r.add_argument("--only", default="fig1,fig2,fig3,table1",
+                   help="comma-separated experiments to run (default all: fig1,fig2,fig3,table1)")
+    r.add_argument("--jobs", type=_positive, default=None, help="worker processes (default: one per CPU core)")
+    r.add_argument("--out", type=pathlib.Path, default=pathlib.Path("lwrs-out/reproduce"),
+                   help="folder for results.json, the figures, report.md and report.rst (default ./lwrs-out/reproduce)")
+    r.add_argument("--from", dest="source", type=pathlib.Path, default=None, metavar="RESULTS_JSON",
+                   help="train nothing: draw the reports and figures again from a results.json")
     return parser
+
+
+def _add_train_parser(sub) -> None:
+    from dataclasses import fields
+
+    t = sub.add_parser("train", help="train a small model with one optimizer; per-epoch metrics and plots")
+    helps = {
+        "dataset": "mnist1d or digits", "model": "fcn, cnn or mlp",
+        "optimizer": "mnag, mnag-warmup, mnag-freeze, lars, lars-warmup, clars, tvlars, lamb, lamb-warmup",
+        "batch_size": "batch size B (accumulated over micro-batches)", "micro_batch": "largest forward/backward batch",
+        "lr": "global rate (default: base-lr scaled by the rule)", "base_lr": "rate at base-batch",
+        "scaling": "linear, sqrt or none", "eta": "trust coefficient (default 1e-3; CLARS 1e-2)",
+        "decay": "constant, cosine or poly after any warm-up", "tvlars_lambda": "TVLARS decay per step",
+        "tvlars_delay_epochs": "TVLARS delay d_e in epochs",
+        "stats_samples": "training samples for the per-epoch gradient-variance ratio (0: off)",
+    }
+    from .train_config import TrainConfig
+
+    for f in fields(TrainConfig):
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], float)
+        t.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+                       help=f"{helps.get(f.name, f.name.replace('_', ' '))} (default {f.default})")
+    t.add_argument("--out", type=pathlib.Path, default=pathlib.Path("lwrs-out/train"),
+                   help="folder for train.json and train.png (default ./lwrs-out/train)")
 
 
 def _plot(path: pathlib.Path, runs: list[Run], theory_criteria: list[float], bound: float, limits: list[float]) -> None:
@@ -82,21 +124,48 @@ def _plot(path: pathlib.Path, runs: list[Run], theory_criteria: list[float], bou
     plt.close(fig)
 
 
-def _environment(backend: str) -> dict[str, str]:
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _environment(backend: str, extra: Sequence[str] = ()) -> dict[str, str]:
     """Versions and machine facts for the JSON record."""
     import importlib.metadata as md
+    import os
     import platform
 
     from . import __version__
 
     versions = {"lwrs": __version__, "python": platform.python_version()}
-    for dist in ("numpy", "array-api-compat", {"torch": "torch", "jax": "jax",
-                                               "array-api-strict": "array-api-strict"}.get(backend, "numpy")):
+    dists = ["numpy", "array-api-compat", {"torch": "torch", "jax": "jax",
+                                           "array-api-strict": "array-api-strict"}.get(backend, "numpy"), *extra]
+    for dist in dict.fromkeys(dists):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
             pass
-    return {"machine": f"{platform.machine()}, {platform.system()}, {platform.processor() or 'cpu'}", **versions}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"machine": f"{platform.machine()}, {platform.system()}, {_cpu_name()}, {cores} cores", **versions}
+
+
+def _command_line(name: str, args: argparse.Namespace, skip: Sequence[str] = ("out", "command")) -> str:
+    """The command with every option spelled out (``--out`` left out, so no local path lands in a record)."""
+    parts = [f"lwrs {name}"]
+    for key, value in vars(args).items():
+        if key in skip or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
 
 
 def quadratic(args: argparse.Namespace) -> int:
@@ -157,9 +226,136 @@ def quadratic(args: argparse.Namespace) -> int:
     return 0
 
 
+_TRAIN_DISTS = ("torch", "scipy", "mnist1d", "scikit-learn")
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Run ``lwrs train``: one run, its per-epoch table, ``train.json`` and ``train.png``."""
+    from dataclasses import fields
+
+    from .train_config import TrainConfig
+
+    try:
+        config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    except ValueError as e:
+        print(f"lwrs train: {e}", file=sys.stderr)
+        return 2
+    from .backends.torch.data import load_dataset
+    from .backends.torch.training import train
+
+    data = load_dataset(config.dataset)
+    try:
+        record = train(config, data, progress=True)
+    except ValueError as e:
+        print(f"lwrs train: {e}", file=sys.stderr)
+        return 2
+    record = {"command": _command_line("train", args), "environment": _environment("torch", _TRAIN_DISTS), **record}
+    print(f"{config.optimizer} on {config.model} / {data.name} (checksum {data.checksum[:12]}), B = "
+          f"{config.batch_size}, peak rate {record['learning_rate']:.4g}, {record['steps_per_epoch']} steps per epoch")
+    print(f"{'epoch':>5} {'train loss':>10} {'test loss':>9} {'test acc':>8}")
+    for e in record["epochs"]:
+        cells = [f"{e[k]:.4f}" if e[k] is not None else "—" for k in ("train_loss", "test_loss", "test_accuracy")]
+        print(f"{e['epoch']:>5} {cells[0]:>10} {cells[1]:>9} {cells[2]:>8}")
+    if record["diverged_epoch"] is not None:
+        print(f"diverged in epoch {record['diverged_epoch']}: {record['divergence']}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    from .backends.torch.reproduce import write_json
+
+    write_json(args.out / "train.json", record)
+    _plot_train(args.out / "train.png", record)
+    print(f"Wrote {args.out / 'train.json'} and {args.out / 'train.png'}.")
+    return 0
+
+
+def _plot_train(path: pathlib.Path, record: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [e for e in record["epochs"] if e["test_accuracy"] is not None]
+    xs = [e["epoch"] for e in epochs]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot(xs[1:], [e["train_loss"] for e in epochs[1:]], label="train loss")
+    axes[0].plot(xs, [e["test_loss"] for e in epochs], label="test loss")
+    twin = axes[0].twinx()
+    twin.plot(xs, [100 * e["test_accuracy"] for e in epochs], "k--", label="test accuracy (%)")
+    axes[0].set(xlabel="epoch", title="loss and test accuracy (dashed, right axis)")
+    axes[0].legend(fontsize=7)
+    for ax, key, title in ((axes[1], "rate", r"per-layer rate $\gamma_k$ (epoch mean)"),
+                           (axes[2], "variance_ratio", r"$\frac{1}{n}\sum\|g_{ik}\|^2/\|\bar g_k\|^2$")):
+        for k, name in enumerate(record["layers"]):
+            pts = [(e["epoch"], e["layers"][key][k]) for e in epochs if e["layers"].get(key)
+                   and e["layers"][key][k] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=name)
+        ax.set(yscale="log", xlabel="epoch", title=title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def reproduce_command(args: argparse.Namespace) -> int:
+    """Run ``lwrs reproduce``: the experiments, then ``results.json``, the reports and the figures.
+
+    With ``--from FILE`` nothing is trained: the reports and figures are drawn
+    again from a ``results.json`` written earlier.
+    """
+    import dataclasses
+    import time
+
+    from .backends.torch import reproduce as rp
+
+    if args.source is not None:
+        record = json.loads(args.source.read_text())
+    else:
+        from .backends.torch.data import load_mnist1d
+
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in rp.EXPERIMENTS]
+        if unknown or not names:
+            print(f"lwrs reproduce: unknown experiments {unknown}; choose from {', '.join(rp.EXPERIMENTS)}",
+                  file=sys.stderr)
+            return 2
+        preset_name = "quick" if args.quick else "full"
+        preset = rp.PRESETS[preset_name]
+        jobs = args.jobs or rp.default_jobs()
+        data = load_mnist1d()
+        started = time.perf_counter()
+        results = rp.run_experiments(names, preset, data, jobs=jobs, progress=_progress_runs)
+        record = {"command": _command_line("reproduce", args, skip=("out", "command", "source")),
+                  "preset": preset_name, "preset_values": dataclasses.asdict(preset),
+                  "jobs": jobs, "seconds": round(time.perf_counter() - started, 1),
+                  "environment": _environment("torch", _TRAIN_DISTS),
+                  "dataset": {"name": data.name, "checksum": data.checksum, "train": len(data.y_train),
+                              "test": len(data.y_test)}, **results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = rp.render(record, args.out)
+    print((args.out / "report.md").read_text())
+    print(f"Wrote {', '.join(written)} to {args.out}.")
+    return 0
+
+
+def _progress_runs(name: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+
+    def wrap(items, total: int):
+        return tqdm(items, total=total, desc=f"reproduce {name}", unit="run", file=sys.stderr)
+
+    return wrap
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lwrs`` command."""
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return train_command(args)
+    if args.command == "reproduce":
+        return reproduce_command(args)
     return quadratic(args)
 
 

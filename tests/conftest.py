@@ -16,3 +16,9 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 def backend(request):
     """Each array backend in turn; absent libraries and devices are skipped."""
     return load_backend(request.param)
+
+
+@pytest.fixture(scope="session")
+def mnist1d_dir(tmp_path_factory):
+    """One folder per test session for the generated MNIST-1D (about 20 s to make, then cached)."""
+    return tmp_path_factory.mktemp("mnist1d")
