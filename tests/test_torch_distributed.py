@@ -14,8 +14,11 @@ WORLD, BATCH, STEPS = 2, 8, 3
 
 
 def make_model():
+    """A convolution (fused per-sample gradients on the ranks) and Linear layers (hooks)."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2)).double()
+    nn = torch.nn
+    return nn.Sequential(nn.Unflatten(1, (1, 5)), nn.Conv1d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(9, 7),
+                         nn.Tanh(), nn.Linear(7, 2)).double()
 
 
 def data():
@@ -24,8 +27,8 @@ def data():
              torch.randn(BATCH, 2, generator=g, dtype=torch.float64)) for _ in range(STEPS)]
 
 
-def train(model, wrapped, batches, rank=0, world=1):
-    norms = PerSampleNorms(model)
+def train(model, wrapped, batches, rank=0, world=1, fused=False):
+    norms = PerSampleNorms(model, fused=fused)
     opt = CLARS(model.parameters(), lr=1.0, eta=0.02, weight_decay=1e-3, norm_source=norms)
     local = BATCH // world
     for x, y in batches:
@@ -41,7 +44,7 @@ def worker(rank, init_file, out_dir):
     try:
         model = make_model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        params = train(model, ddp, data(), rank, WORLD)
+        params = train(model, ddp, data(), rank, WORLD, fused=True)
         torch.save(params, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -51,7 +54,7 @@ def test_ddp_equals_single_process_on_the_full_batch(tmp_path):
     mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     single_model = make_model()
-    single = train(single_model, single_model, data())
+    single = train(single_model, single_model, data())  # hooks only, one process
     for a, b, c in zip(ranks[0], ranks[1], single):
         assert torch.equal(a, b)  # identical on both ranks
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)  # equal to full-batch training

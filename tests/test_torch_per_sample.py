@@ -85,21 +85,67 @@ def loss_fn(model, x, y, reduction="mean"):
     return total / x.shape[0] if reduction == "mean" else total
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["hooks", "fused"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_hooks_match_torch_func_to_1e10(name):
+def test_hooks_match_torch_func_to_1e10(name, fused):
     model, x, y = setup(name)
-    norms = PerSampleNorms(model)
+    norms = PerSampleNorms(model, fused=fused)
     loss_fn(model, x, y).backward()
     got = norms.sums(model.parameters())
     want = oracle(model, x, y)
     for pname, p in model.named_parameters():
         for a, b, what in ((got[p][0], want[p][0], "S1"), (got[p][1], want[p][1], "S2")):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=f"{name} {pname} {what}")
+    # the gradients are autograd's, to rounding (fused: the sum of the per-sample gradients)
+    plain, _, _ = setup(name)
+    loss_fn(plain, x, y).backward()
+    for (pname, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-15, msg=f"{name} {pname} grad")
 
 
-def test_accumulated_micro_batches_equal_the_whole_batch():
-    model, x, y = setup("mlp-inplace-relu")
-    norms = PerSampleNorms(model)
+def test_fused_mode_takes_over_convolutions_and_sequence_linears_and_remove_restores_them():
+    model, x, y = setup("conv")
+    norms = PerSampleNorms(model, fused=True)
+    fused = {name for name, m in model.named_modules() if "forward" in m.__dict__}
+    assert fused == {"c2", "c1", "grouped", "head"}
+    with torch.no_grad():
+        model(x)  # no gradient: the ordinary forward, nothing recorded
+    with pytest.raises(RuntimeError, match="was backward run"):
+        norms.sums([model.c2.weight])
+    norms.remove()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_fused_mode_falls_back_to_hooks_under_autocast():
+    model, x, y = setup("conv")
+    model.float()
+    norms = PerSampleNorms(model, fused=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x.float())
+    ((out.float() - y.float()) ** 2).sum().backward()
+    sums = norms.sums(model.parameters())
+    hooks_model, _, _ = setup("conv")
+    hooks_model.float()
+    hooks = PerSampleNorms(hooks_model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = hooks_model(x.float())
+    ((out.float() - y.float()) ** 2).sum().backward()
+    want = hooks.sums(hooks_model.parameters())
+    for p, q in zip(model.parameters(), hooks_model.parameters()):
+        torch.testing.assert_close(sums[p][0], want[q][0], rtol=1e-6, atol=0)
+
+
+def test_fused_mode_refuses_a_layer_used_twice():
+    layer = nn.Conv1d(2, 2, 1).double()
+    PerSampleNorms(layer, fused=True)
+    with pytest.raises(RuntimeError, match="called twice before backward"):
+        layer(layer(torch.randn(2, 2, 4, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["hooks", "fused"])
+def test_accumulated_micro_batches_equal_the_whole_batch(fused):
+    model, x, y = setup("conv" if fused else "mlp-inplace-relu")
+    norms = PerSampleNorms(model, fused=fused)
     for part in (slice(0, 2), slice(2, 6)):  # micro-batches, each loss scaled as a share of the batch
         (((model(x[part]) - y[part]) ** 2).sum() / B).backward()
     want = oracle(model, x, y)
@@ -153,6 +199,14 @@ def test_zero_grad_resets_the_statistics():
     want = oracle(model, x[:3], y[:3])
     p = next(model.parameters())
     torch.testing.assert_close(norms.sums([p])[p][0], want[p][0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["hooks", "fused"])
+def test_batch_norm_policy_names_a_fused_conv_upstream(fused):
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.Flatten(), nn.Linear(3 * 4, 1)).double()
+    PerSampleNorms(model, batch_norm="strict", fused=fused)
+    with pytest.raises(RuntimeError, match=r"1 \(BatchNorm1d\) is in training mode.*before it: 0 "):
+        model(torch.randn(8, 2, 6, dtype=torch.float64))
 
 
 def test_batch_norm_policy():
@@ -221,10 +275,11 @@ def test_statistics_feed_the_core_clars():
                                rtol=1e-10, atol=0)
 
 
-def test_subsample_estimator_scales_the_first_samples():
+@pytest.mark.parametrize("fused", [False, True], ids=["hooks", "fused"])
+def test_subsample_estimator_scales_the_first_samples(fused):
     """The paper's estimator: (B / |J|) times the sums over the first |J| samples (torch.func oracle)."""
     model, x, y = setup("tokens")
-    norms = PerSampleNorms(model, subsample=2)
+    norms = PerSampleNorms(model, subsample=2, fused=fused)
     loss_fn(model, x, y).backward()
     got = norms.sums(model.parameters())
     params = {k: v.detach() for k, v in model.named_parameters()}

@@ -53,6 +53,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import per_sample_fused
+
 __all__ = ["PerSampleNorms", "UnsupportedModuleError", "minibatch_norm_statistics"]
 
 _BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
@@ -194,6 +196,13 @@ class PerSampleNorms:
         ``subsample`` samples :math:`J` of each backward pass, scaled by
         :math:`B/|J|` (CLARS, "Comparison with Related Methods", :math:`|J| = 512`).
         ``None`` (default) is exact.
+    fused : bool
+        Let the per-sample gradients of convolutions and of Linear layers on
+        sequences *be* the weight gradient (:mod:`lwrs.backends.torch.per_sample_fused`):
+        their forward is routed through a custom autograd function whose
+        backward builds every sample's weight gradient once, records its norm
+        and returns the sum, so autograd's own weight-gradient call is not
+        made. :meth:`remove` restores the modules. Default ``False`` (hooks only).
 
     Examples
     --------
@@ -209,7 +218,7 @@ class PerSampleNorms:
     """
 
     def __init__(self, model: torch.nn.Module, *, batch_norm: str = "warn", all_reduce: bool | None = None,
-                 subsample: int | None = None):
+                 subsample: int | None = None, fused: bool = False):
         if batch_norm not in ("warn", "strict"):
             raise ValueError(f'batch_norm must be "warn" or "strict", got {batch_norm!r}')
         if subsample is not None and (isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1):
@@ -218,6 +227,7 @@ class PerSampleNorms:
         self.batch_norm = batch_norm
         self.all_reduce = all_reduce
         self._handles: list[Any] = []
+        self._fused_modules: list[torch.nn.Module] = []
         self._owner: dict[torch.nn.Parameter, str] = {}
         self._bn_params: set[torch.nn.Parameter] = set()
         self._names: dict[int, str] = {}
@@ -232,7 +242,10 @@ class PerSampleNorms:
                 continue
             if _handler(module) is not None:
                 self._names[id(module)] = name or type(module).__name__
-                self._handles.append(module.register_forward_hook(self._forward_hook))
+                if fused and per_sample_fused.fusable(module):
+                    self._install_fused(module)
+                else:
+                    self._handles.append(module.register_forward_hook(self._forward_hook))
                 for p in own:
                     self._owner[p] = name or type(module).__name__
             elif own:
@@ -252,10 +265,34 @@ class PerSampleNorms:
         self._pending: dict[int, int] = {}
 
     def remove(self) -> None:
-        """Detach the hooks from the model."""
+        """Detach the hooks from the model (and give fused modules their own forward back)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        for module in self._fused_modules:
+            per_sample_fused.uninstall(module)
+        self._fused_modules = []
+
+    def _install_fused(self, module: torch.nn.Module) -> None:
+        key = id(module)
+
+        def start() -> None:
+            if self._pending.get(key, 0):
+                raise RuntimeError(
+                    f"{module} was called twice before backward: per-sample norms of a shared layer are not supported"
+                )
+            self._pending[key] = 1
+
+        def done() -> None:
+            self._pending[key] = 0
+
+        def record(p: torch.nn.Parameter, sq: torch.Tensor) -> None:
+            if p.requires_grad:
+                self._add(p, sq)
+
+        per_sample_fused.install(module, record, start, done,
+                                 lambda inputs, output: self._forward_hook(module, inputs, output))
+        self._fused_modules.append(module)
 
     # ---- hooks ---------------------------------------------------------------------------------
 

@@ -1,0 +1,207 @@
+r"""Per-sample gradients that *are* the weight gradient: the fused mode of :class:`PerSampleNorms`.
+
+For a convolution, and for a Linear layer applied to a sequence, the per-sample
+weight gradients :math:`G_i = \sum_t \delta_{it} a_{it}^\top` cost as many
+multiply-adds as the ordinary weight gradient :math:`\sum_i G_i`. Autograd
+computes the latter anyway, so measuring the former with hooks doubles that
+part of the backward pass. In the fused mode the layer's forward runs through
+:class:`_PerSampleWeightGrad`, whose backward builds every :math:`G_i` once, takes
+:math:`\|G_i\|^2` from them and returns :math:`\sum_i G_i` as the weight
+gradient: the per-sample norms cost one reduction over the :math:`G_i`, and
+autograd's own weight-gradient call is not made.
+
+The input gradient is computed as autograd would
+(``torch.nn.grad.conv*_input``, or :math:`\delta W`), and the bias gradient
+and its per-sample norms come from :math:`\delta` directly. In float32 the weight
+gradient differs from autograd's by rounding only (the sum runs in a different
+order); in float64 it agrees to about 1e-15.
+
+The layer falls back to its ordinary forward (and the hook-based measurement)
+where the fused form does not apply: no gradient needed, inside ``torch.func``
+transforms, under autocast, and for a Linear layer with one row per sample,
+where the hook-based :math:`\|a_i\|^2\|\delta_i\|^2` is already almost free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["fusable", "install", "uninstall"]
+
+# A built (B, d, p) per-sample Linear gradient is allowed up to this many elements (256 MiB in float32);
+# beyond it the hook path (ghost norm or a separate build) is used.
+_MAX_BUILT_ELEMENTS = 1 << 26
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class _PerSampleWeightGrad(torch.autograd.Function):
+    """``op(x, weight, bias)`` whose backward returns the sum of per-sample weight gradients and records their norms."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: "_Layer"):
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return layer.op(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        layer: _Layer = ctx.layer
+        grad_x = layer.input_grad(x, weight, grad_out) if ctx.needs_input_grad[0] else None
+        per_sample = layer.per_sample(x, grad_out)  # (B, *weight.shape) in float32 / float64
+        layer.record(layer.module.weight, per_sample.reshape(per_sample.shape[0], -1).pow(2).sum(dim=1))
+        grad_w = per_sample.sum(dim=0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = None
+        if ctx.has_bias:
+            per_sample_bias = layer.per_sample_bias(grad_out)
+            layer.record(layer.module.bias, per_sample_bias.pow(2).sum(dim=1))
+            grad_b = per_sample_bias.sum(dim=0).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        layer.done()
+        return grad_x, grad_w, grad_b, None
+
+
+class _Layer:
+    """How one module's forward, input gradient and per-sample gradients are computed."""
+
+    def __init__(self, module: torch.nn.Module, record: Callable[[torch.nn.Parameter, torch.Tensor], None],
+                 done: Callable[[], None]):
+        self.module = module
+        self.record = record
+        self.done = done
+
+    # per-type pieces, overridden below
+    def op(self, x, weight, bias):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def input_grad(self, x, weight, grad_out):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def per_sample(self, x, grad_out):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def per_sample_bias(self, grad_out):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return True
+
+
+class _ConvLayer(_Layer):
+    def __init__(self, module, record, done):
+        super().__init__(module, record, done)
+        two_d = isinstance(module, torch.nn.Conv2d)
+        self._conv = F.conv2d if two_d else F.conv1d
+        self._input = torch.nn.grad.conv2d_input if two_d else torch.nn.grad.conv1d_input
+        self._weight = torch.nn.grad.conv2d_weight if two_d else torch.nn.grad.conv1d_weight
+        m = module
+        self._args = dict(stride=m.stride, padding=m.padding, dilation=m.dilation)
+
+    def op(self, x, weight, bias):
+        return self._conv(x, weight, bias, groups=self.module.groups, **self._args)
+
+    def input_grad(self, x, weight, grad_out):
+        return self._input(x.shape, weight, grad_out, groups=self.module.groups, **self._args)
+
+    def per_sample(self, x, grad_out):
+        # the batch folded into the groups: every sample's weight gradient in one call
+        dtype = _stat_dtype(x)
+        x, d = x.to(dtype), grad_out.to(dtype)
+        b, w = x.shape[0], self.module.weight
+        g = self._weight(x.reshape(1, -1, *x.shape[2:]), (b * w.shape[0], *w.shape[1:]),
+                         d.reshape(1, -1, *d.shape[2:]), groups=b * self.module.groups, **self._args)
+        return g.reshape(b, *w.shape)
+
+    def per_sample_bias(self, grad_out):
+        d = grad_out.to(_stat_dtype(grad_out))
+        return d.reshape(d.shape[0], d.shape[1], -1).sum(dim=2)
+
+
+class _SequenceLinearLayer(_Layer):
+    def op(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def input_grad(self, x, weight, grad_out):
+        return grad_out @ weight.to(grad_out.dtype)
+
+    def per_sample(self, x, grad_out):
+        dtype = _stat_dtype(x)
+        a = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
+        d = grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1]).to(dtype)
+        return torch.bmm(d.transpose(1, 2), a)
+
+    def per_sample_bias(self, grad_out):
+        d = grad_out.to(_stat_dtype(grad_out))
+        return d.reshape(d.shape[0], -1, d.shape[-1]).sum(dim=1)
+
+    def applies(self, x: torch.Tensor) -> bool:
+        if x.ndim < 3:
+            return False  # one row per sample: the hook path's ||a_i||^2 ||d_i||^2 is cheaper
+        w = self.module.weight
+        return x.shape[0] * w.shape[0] * w.shape[1] <= _MAX_BUILT_ELEMENTS
+
+
+def fusable(module: torch.nn.Module) -> bool:
+    """Whether the fused mode can take over ``module``'s weight gradient (Conv1d, Conv2d, Linear).
+
+    Examples
+    --------
+    >>> import torch
+    >>> fusable(torch.nn.Conv2d(1, 2, 3)), fusable(torch.nn.Linear(2, 2)), fusable(torch.nn.LayerNorm(2))
+    (True, True, False)
+    """
+    if type(module) in (torch.nn.Conv1d, torch.nn.Conv2d):
+        return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return type(module) is torch.nn.Linear
+
+
+def install(module: torch.nn.Module, record: Callable[[torch.nn.Parameter, torch.Tensor], None],
+            start: Callable[[], None], done: Callable[[], None], fallback: Callable[[Any, Any], None]) -> None:
+    r"""Route ``module``'s forward through the fused per-sample weight gradient.
+
+    ``record(param, sq_norms)`` receives each sample's :math:`\|c_i\|^2`;
+    ``start()`` and ``done()`` bracket a pass (forward to backward);
+    ``fallback(inputs, output)`` is called after an ordinary forward when the
+    fused form does not apply, so that the caller can measure it another way.
+    :func:`uninstall` restores the module. (Reference: CLARS eq. 5's
+    per-sample term; see the module notes.)
+
+    Examples
+    --------
+    >>> import torch
+    >>> conv, seen = torch.nn.Conv1d(1, 2, 3), []
+    >>> install(conv, lambda p, sq: seen.append(sq.shape), lambda: None, lambda: None, lambda i, o: None)
+    >>> conv(torch.randn(4, 1, 8)).sum().backward(); uninstall(conv); seen
+    [torch.Size([4]), torch.Size([4])]
+    """
+    if "forward" in module.__dict__:
+        raise RuntimeError(f"{module} already has an instance-level forward; cannot fuse its per-sample gradients")
+    layer = (_ConvLayer if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) else _SequenceLinearLayer)(
+        module, record, done)
+    ordinary = module.forward
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        weight, bias = module.weight, module.bias
+        use = (not args and not kwargs and torch.is_grad_enabled() and weight.requires_grad
+               and not torch._C._are_functorch_transforms_active()
+               and not torch.is_autocast_enabled(x.device.type) and layer.applies(x))
+        if not use:
+            out = ordinary(x, *args, **kwargs)
+            fallback((x, *args), out)
+            return out
+        start()
+        return _PerSampleWeightGrad.apply(x, weight, bias, layer)
+
+    module.forward = forward
+
+
+def uninstall(module: torch.nn.Module) -> None:
+    """Give ``module`` its class's forward back (see :func:`install`)."""
+    module.__dict__.pop("forward", None)
