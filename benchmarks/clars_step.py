@@ -7,6 +7,9 @@ round-robin and each reports its median, as a multiple of the plain SGD step:
 * plain: torch.optim.SGD (momentum 0.9, Nesterov, foreach), no per-sample work;
 * lwrs LARS: the same step with lwrs's LARS (no per-sample work);
 * lwrs CLARS, exact: PerSampleNorms hooks during the ordinary backward, then CLARS;
+* the same with ``PerSampleNorms(fused=True)`` (the per-sample gradients of convolutions and
+  sequence Linears are built once and summed into the weight gradient), with the ``foreach``
+  CLARS step and with the compiled ``fused=True`` step;
 * torch.func: per-sample gradients with vmap(grad), their norms, then CLARS;
 * Opacus: GradSampleModuleFastGradientClipping (ghost clipping) norms, then CLARS;
 * official estimator: 64 extra mini-batches of 8 through the model, then CLARS.
@@ -89,9 +92,10 @@ def build_methods(make, x, y):
             opt.step()
         return step
 
-    def clars_exact():
+    def clars_exact(fused_norms=False, fused_step=False):
         model = make()
-        opt = CLARS(model.parameters(), lr=1.0, eta=1e-2, norm_source=PerSampleNorms(model))
+        opt = CLARS(model.parameters(), lr=1.0, eta=1e-2, norm_source=PerSampleNorms(model, fused=fused_norms),
+                    fused=fused_step)
 
         def step():
             opt.zero_grad()
@@ -156,6 +160,8 @@ def build_methods(make, x, y):
     out["plain SGD step"] = plain()
     out["lwrs LARS step"] = lars()
     out["lwrs CLARS, exact (hooks)"] = clars_exact()
+    out["lwrs CLARS, exact (fused per-sample grads)"] = clars_exact(fused_norms=True)
+    out["lwrs CLARS, exact (fused per-sample grads, fused step)"] = clars_exact(fused_norms=True, fused_step=True)
     out["torch.func per-sample grads + CLARS"] = clars_torch_func()
     if importlib.util.find_spec("opacus") is not None:
         out["Opacus ghost-clipping norms + CLARS"] = clars_opacus()

@@ -336,3 +336,30 @@ def test_table1_verdict_counts_batch_sizes_where_tvlars_is_best():
         acc[f"tvlars/B{b}/lr2/lambda0.01"] = (tv - 0.3, 0.01)  # the best setting counts, not this one
     v = _table1_verdict(_summary(acc), (512, 1024, 2048))
     assert v["verdict"] == "reproduced" and "2 of 3" in v["evidence"]
+
+
+# ---- the committed full run -----------------------------------------------------------------------------
+
+def test_the_results_page_is_the_committed_full_run(tmp_path):
+    """docs/results/ holds a full `lwrs reproduce`; its report and verdicts are what the code makes of its data."""
+    import pathlib
+
+    from lwrs.backends.torch.reproduce import preset_of, render, verdicts
+
+    folder = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
+    record = json.loads((folder / "results.json").read_text())
+    assert record["preset"] == "full" and record["command"].startswith("lwrs reproduce")
+    assert record["preset_values"]["seeds"] >= 3
+    assert record["dataset"]["checksum"] == MNIST1D_CHECKSUM
+    assert verdicts(record, preset_of(record)) == record["verdicts"]  # the stored verdicts follow the rules
+    render(record, tmp_path)
+    for name in ("report.rst", "report.md"):
+        assert (tmp_path / name).read_text() == (folder / name).read_text(), name
+    page = (folder.parent / "results.rst").read_text()
+    assert ".. include:: results/report.rst" in page
+    for figure in ("fig1.png", "fig2.png", "fig3.png", "table1.png"):
+        assert (folder / figure).exists() and f"results/{figure}" in page
+    for v in record["verdicts"]:  # the page states every claim's verdict as the data gives it
+        assert v["claim"] in page, v["claim"]
+        section = page.split(v["claim"], 1)[1].split("\nVerdict: ", 1)[1]
+        assert section.startswith(f"**{v['verdict']}**"), v["claim"]

@@ -347,10 +347,10 @@ def verdicts(results: dict[str, Any], preset: Preset) -> list[dict[str, str]]:
     r"""One verdict per paper claim whose experiment was run, by the fixed rules written in each entry.
 
     Each verdict is a dict with ``claim``, ``rule``, ``evidence`` and
-    ``verdict`` (``"reproduced"``, ``"partly reproduced"`` or ``"not
-    reproduced"``). The claims are CLARS Figures 1–3 and TVLARS Table 1; for
-    Figure 2 the statistic is :math:`
-ho_k = rac1n\sum_i\|g_{ik}\|^2 / \|ar g_k\|^2`
+    ``verdict``: ``"reproduced"``, ``"partly reproduced"`` or
+    ``"not reproduced"``. The claims are CLARS Figures 1–3 and TVLARS Table 1; for
+    Figure 2 the statistic is
+    :math:`\rho_k = \frac1n\sum_i\|g_{ik}\|^2 / \|\bar g_k\|^2`
     (see :func:`~lwrs.backends.torch.training.gradient_statistics`).
 
     Examples
