@@ -28,13 +28,14 @@ __all__ = ["main"]
 
 
 def _progress(desc: str):
+    """A wrapper ``wrap(items, total=None)`` that shows a tqdm bar over runs; silent without tqdm."""
     try:
         from tqdm import tqdm
-    except ImportError:  # tqdm is in the "cli" extra; without it the runs are silent
-        return iter
+    except ImportError:  # tqdm is in the "cli" and "train" extras; without it the runs are silent
+        return lambda items, total=None: items
 
-    def wrap(items: Iterable) -> Iterable:
-        return tqdm(list(items), desc=desc, unit="run", file=sys.stderr)
+    def wrap(items: Iterable, total: int | None = None) -> Iterable:
+        return tqdm(items, total=total, desc=desc, unit="run", file=sys.stderr)
 
     return wrap
 
@@ -323,7 +324,7 @@ def reproduce_command(args: argparse.Namespace) -> int:
         jobs = args.jobs or rp.default_jobs()
         data = load_mnist1d()
         started = time.perf_counter()
-        results = rp.run_experiments(names, preset, data, jobs=jobs, progress=_progress_runs)
+        results = rp.run_experiments(names, preset, data, jobs=jobs, progress=lambda name: _progress(f"reproduce {name}"))
         record = {"command": _command_line("reproduce", args, skip=("out", "command", "source")),
                   "preset": preset_name, "preset_values": dataclasses.asdict(preset),
                   "jobs": jobs, "seconds": round(time.perf_counter() - started, 1),
@@ -335,18 +336,6 @@ def reproduce_command(args: argparse.Namespace) -> int:
     print((args.out / "report.md").read_text())
     print(f"Wrote {', '.join(written)} to {args.out}.")
     return 0
-
-
-def _progress_runs(name: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-
-    def wrap(items, total: int):
-        return tqdm(items, total=total, desc=f"reproduce {name}", unit="run", file=sys.stderr)
-
-    return wrap
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,6 @@ pytest.importorskip("sklearn")
 
 import torch.nn.functional as F  # noqa: E402
 
-from lwrs import schedules  # noqa: E402
 from lwrs.backends.torch import PerSampleNorms  # noqa: E402
 from lwrs.backends.torch.data import MNIST1D_CHECKSUM, checksum, load_digits, load_mnist1d  # noqa: E402
 from lwrs.backends.torch.models import build_model, layer_names  # noqa: E402

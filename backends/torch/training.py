@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -278,24 +277,14 @@ def _nanmean(values) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix(self, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress_bar(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return _NoBar()
+    """A tqdm bar over epochs (disabled unless ``enabled``); a silent stand-in where tqdm is absent."""
     try:
         from tqdm import tqdm
     except ImportError:  # tqdm comes with the "cli" and "train" extras
-        return _NoBar()
+        from types import SimpleNamespace
+
+        return SimpleNamespace(update=lambda n: None, set_postfix=lambda **kw: None, close=lambda: None)
     import sys
 
-    return tqdm(total=total, desc=desc, unit="epoch", file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=desc, unit="epoch", file=sys.stderr, leave=False, disable=not enabled)
