@@ -20,9 +20,10 @@ and differ only in the denominator :math:`D_k`:
      - You et al. 2019
 
 A ratio is 1 where :math:`\|w_k\| = 0` or :math:`D_k = 0` (the optax and timm
-convention), where :math:`D_k` is so small against :math:`\eta\|w_k\|` that the
-ratio would overflow the floating type (a vanishing gradient, e.g. a subnormal
-norm), and for layers excluded from adaptation. Every function works on
+convention), where :math:`D_k + \epsilon` is below the smallest normal floating-point
+number times :math:`\max(1, \eta\|w_k\|)` (a vanishing gradient, e.g. a subnormal
+norm: the ratio would overflow or be meaningless), and for layers excluded from
+adaptation. Every function works on
 1-D arrays with one entry per layer, in one array-API expression, so no host
 synchronisation is needed.
 """
@@ -127,8 +128,9 @@ def trust_ratios(
     The condition on the raw gradient norm :math:`\|\bar g_k\|` (applied
     when ``grad_norms`` is given) is timm's and apex's convention: a layer with
     a zero gradient gets ratio 1, and its weight decay still applies. A
-    denominator so small that the ratio would overflow the floating type counts
-    as vanishing too (ratio 1), so no infinity reaches the update.
+    denominator below the smallest normal number times
+    :math:`\max(1, \eta\|w_k\|)` counts as vanishing too (ratio 1), so every
+    ratio stays below ``1 / smallest_normal`` and no infinity reaches the update.
 
     With :math:`D_k` from :func:`lars_denominators` this is LARS (CLARS paper
     eq. 3); from :func:`clars_denominators`, CLARS (eq. 5); with
@@ -163,9 +165,10 @@ def trust_ratios(
             f"weight_norms {tuple(weight_norms.shape)} and denominators {tuple(denominators.shape)} "
             "must be 1-D arrays of one entry per layer"
         )
-    # the ratio is finite only where D + eps > eta |w| / max-float (checked without overflowing)
-    representable = denominators + eps > (eta / xp.finfo(weight_norms.dtype).max) * weight_norms
-    valid = (weight_norms > 0) & (denominators > 0) & representable
+    # a denominator below the smallest normal number (times max(1, eta |w|)) is a vanishing gradient: ratio 1.
+    # This keeps every ratio below 1 / smallest_normal, so it cannot overflow, and nothing here under/overflows.
+    floor = xp.finfo(weight_norms.dtype).smallest_normal * xp.maximum(eta * weight_norms, xp.ones_like(weight_norms))
+    valid = (weight_norms > 0) & (denominators > 0) & (denominators + eps >= floor)
     if grad_norms is not None:
         valid = valid & (grad_norms > 0)
     safe_den = xp.where(valid, denominators + eps, xp.ones_like(denominators))
