@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import lwrs  # noqa: E402
-from lwrs.backends.torch import CLARS, PerSampleNorms, UnsupportedModuleError  # noqa: E402
+from lwrs.backends.torch import CLARS, PerSampleNorms, UnsupportedModuleError, per_sample_fused  # noqa: E402
 
 nn = torch.nn
 B = 6
@@ -27,6 +27,18 @@ class TokenModel(nn.Module):
 
     def forward(self, ids):
         return self.narrow(torch.tanh(self.wide(self.norm(self.emb(ids))))).sum(dim=1)
+
+
+class LongSequenceModel(nn.Module):
+    """Two Linears on 8 tokens: T^2 (p + d) >= 16 p d, so the fused mode builds their per-sample gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)  # 64 * 7 = 448 >= 16 * 12
+        self.b = nn.Linear(3, 2)  # 64 * 5 = 320 >= 16 * 6
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).sum(dim=1)
 
 
 class ConvModel(nn.Module):
@@ -51,6 +63,7 @@ def mlp():
 CASES = {
     "mlp-inplace-relu": (mlp, lambda g: torch.randn(B, 10, generator=g, dtype=torch.float64), 4),
     "tokens": (TokenModel, lambda g: torch.randint(0, 5, (B, 3), generator=g), 2),
+    "long-sequence": (LongSequenceModel, lambda g: torch.randn(B, 8, 4, generator=g, dtype=torch.float64), 2),
     "conv": (ConvModel, lambda g: torch.randn(B, 3, 8, 8, generator=g, dtype=torch.float64), 2),
 }
 
@@ -85,9 +98,12 @@ def loss_fn(model, x, y, reduction="mean"):
     return total / x.shape[0] if reduction == "mean" else total
 
 
+@pytest.mark.parametrize("chunks", ["default", "small"], ids=["", "small-chunks"])
 @pytest.mark.parametrize("fused", [False, True], ids=["hooks", "fused"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_hooks_match_torch_func_to_1e10(name, fused):
+def test_hooks_match_torch_func_to_1e10(name, fused, chunks, monkeypatch):
+    if chunks == "small":  # per-sample gradients built 1 to 4 samples at a time, the last chunk shorter (B = 6)
+        monkeypatch.setattr(per_sample_fused, "_CHUNK_ELEMENTS", 48)
     model, x, y = setup(name)
     norms = PerSampleNorms(model, fused=fused)
     loss_fn(model, x, y).backward()
@@ -116,6 +132,49 @@ def test_fused_mode_takes_over_convolutions_and_sequence_linears_and_remove_rest
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+def test_fused_mode_builds_only_where_it_beats_the_ghost_norm(monkeypatch):
+    short, long_ = TokenModel(), LongSequenceModel()
+    for model in (short, long_):
+        PerSampleNorms(model, fused=True)
+    built = []
+    original = per_sample_fused._SequenceLinearLayer.per_sample
+
+    def spy(self, x, grad_out, out=None):
+        built.append(self.module)
+        return original(self, x, grad_out, out=out)
+
+    monkeypatch.setattr(per_sample_fused._SequenceLinearLayer, "per_sample", spy)
+    short(torch.randint(0, 5, (B, 3))).sum().backward()  # T = 3: the ghost norm or a hook build
+    assert built == []
+    long_(torch.randn(B, 8, 4)).sum().backward()
+    assert set(built) == {long_.a, long_.b}
+
+
+def test_fused_layers_share_one_chunk_buffer_across_steps():
+    model = LongSequenceModel().double()
+    norms = PerSampleNorms(model)
+    x = torch.randn(B, 8, 4, dtype=torch.float64)
+    model(x).sum().backward()
+    (buffer,) = norms._workspace.values()
+    address = buffer.data_ptr()
+    assert buffer.numel() == B * max(p.numel() for p in (model.a.weight, model.b.weight))
+    norms.reset()
+    model(x).sum().backward()
+    assert [b.data_ptr() for b in norms._workspace.values()] == [address]
+    norms.remove()
+    assert norms._workspace == {}
+
+
+def test_a_second_recorder_on_a_fused_model_uses_hooks_and_agrees():
+    model, x, y = setup("conv")
+    first, second = PerSampleNorms(model), PerSampleNorms(model)
+    assert len(first._fused_modules) == 4 and second._fused_modules == []
+    loss_fn(model, x, y).backward()
+    a, b = first.sums(model.parameters()), second.sums(model.parameters())
+    for p in model.parameters():
+        torch.testing.assert_close(a[p][0], b[p][0], rtol=1e-12, atol=0)
+
+
 def test_fused_mode_falls_back_to_hooks_under_autocast():
     model, x, y = setup("conv")
     model.float()
@@ -126,7 +185,7 @@ def test_fused_mode_falls_back_to_hooks_under_autocast():
     sums = norms.sums(model.parameters())
     hooks_model, _, _ = setup("conv")
     hooks_model.float()
-    hooks = PerSampleNorms(hooks_model)
+    hooks = PerSampleNorms(hooks_model, fused=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = hooks_model(x.float())
     ((out.float() - y.float()) ** 2).sum().backward()

@@ -14,18 +14,24 @@ over backward passes, so gradient accumulation over micro-batches gives the
 statistics of the accumulated batch; :meth:`PerSampleNorms.reset` clears them
 (``CLARS.zero_grad`` calls it).
 
-How each layer is measured, without materialising per-sample gradients where
-avoidable (:math:`a_{it}` the layer input, :math:`\delta_{it}` the gradient of
-its output, :math:`t` over tokens or output positions):
+By default (``fused=True``) convolutions and Linear layers on long sequences
+build their per-sample gradients inside their own backward and return their sum
+as the weight gradient (:mod:`lwrs.backends.torch.per_sample_fused`), so the
+norms cost no second weight-gradient computation. The hooks below measure every
+other layer, and all layers with ``fused=False``, without materialising
+per-sample gradients where avoidable (:math:`a_{it}` the layer input,
+:math:`\delta_{it}` the gradient of its output, :math:`t` over tokens or output
+positions):
 
-* ``Linear``: :math:`\|c_i\|^2 = \|a_i\|^2\|\delta_i\|^2` for one row per sample;
+* ``Linear``: :math:`\|c_i\|^2 = \|a_i\|^2\|\delta_i\|^2` for one row per sample
+  (:math:`\|a_i\|^2` taken in the forward pass, while the input is in cache);
   for sequences either the ghost form
   :math:`\langle a_i a_i^\top, \delta_i\delta_i^\top\rangle` (cost :math:`T^2(p+d)`)
   or the built :math:`\delta_i^\top a_i` (cost :math:`Tpd`), whichever is cheaper
   (ghost when :math:`2T^2 \le pd`).
-* ``Conv1d`` / ``Conv2d`` (zero padding, any ``groups``): every sample's weight
-  gradient from one grouped weight-gradient call, with the batch folded into the
-  groups, at the FLOP cost of the ordinary weight gradient.
+* ``Conv1d`` / ``Conv2d`` (zero padding, any ``groups``): the samples' weight
+  gradients from grouped weight-gradient calls, with a chunk of samples folded
+  into the groups, at the FLOP cost of the ordinary weight gradient.
 * ``Embedding``: :math:`\sum_{t,s}[\mathrm{id}_t = \mathrm{id}_s]\,\delta_t\cdot\delta_s`.
 * ``LayerNorm`` / ``GroupNorm`` affine parameters and all biases: built, they are small.
 
@@ -65,18 +71,16 @@ class UnsupportedModuleError(TypeError):
 
 
 def _sq_norms(x: torch.Tensor) -> torch.Tensor:
-    """Squared norm of every sample's slice, accumulated in float32 at least."""
+    """Squared norm of every sample's slice, accumulated in float32 at least, in one pass without temporaries."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.reshape(x.shape[0], -1).to(dtype).pow(2).sum(dim=1)
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=dtype).square()
 
 
 def _linear_weight_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Per-sample squared norm of sum_t d_t a_t^T, for a (B, T, p) and d (B, T, d)."""
+    """Per-sample squared norm of sum_t d_t a_t^T, for a (B, T, p) and d (B, T, d), T > 1."""
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     a, d = a.to(dtype), d.to(dtype)
     T, p, q = a.shape[1], a.shape[2], d.shape[2]
-    if T == 1:
-        return a.pow(2).sum(dim=(1, 2)) * d.pow(2).sum(dim=(1, 2))
     if 2 * T * T <= p * q:  # ghost norm: <a a^T, d d^T>
         return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2))
     return torch.bmm(d.transpose(1, 2), a).pow(2).sum(dim=(1, 2))
@@ -87,8 +91,19 @@ def _as_sequence(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def _linear_rows(module: torch.nn.Linear, a_sq: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """One row per sample: ``||c_i||^2 = ||a_i||^2 ||d_i||^2`` for the weight and ``||d_i||^2`` for the bias."""
+    d_sq = _sq_norms(d)
+    out = {module.weight: a_sq * d_sq}
+    if module.bias is not None:
+        out[module.bias] = d_sq
+    return out
+
+
 def _linear(module: torch.nn.Linear, x: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
     a, dd = _as_sequence(x), _as_sequence(d)
+    if a.shape[1] == 1:
+        return _linear_rows(module, _sq_norms(a), dd)
     out = {module.weight: _linear_weight_sq(a, dd)}
     if module.bias is not None:
         out[module.bias] = _sq_norms(dd.sum(dim=1))
@@ -96,23 +111,17 @@ def _linear(module: torch.nn.Linear, x: torch.Tensor, d: torch.Tensor) -> dict[t
 
 
 def _conv(module: torch.nn.Module, x: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """Per-sample weight gradients of a convolution in one grouped weight-gradient call.
+    """Per-sample weight gradients of a convolution from grouped weight-gradient calls.
 
-    Folding the batch into the channels, ``(1, B*C, ...)`` against ``(1, B*O, ...)``
-    with ``groups = B * module.groups``, gives every sample's weight gradient at
-    the FLOP cost of the ordinary batch weight gradient.
+    Folding a chunk of samples into the channels, ``(1, c*C, ...)`` against ``(1, c*O, ...)``
+    with ``groups = c * module.groups``, gives those samples' weight gradients at the FLOP
+    cost of their share of the ordinary weight gradient. Chunks bound the memory
+    (see ``per_sample_fused._CHUNK_ELEMENTS``).
     """
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
         raise UnsupportedModuleError(f"{module}: per-sample norms need padding_mode='zeros' and numeric padding")
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x, d = x.to(dtype), d.to(dtype)
     batch, out_ch = x.shape[0], module.out_channels
-    weight_grad = torch.nn.grad.conv2d_weight if isinstance(module, torch.nn.Conv2d) else torch.nn.grad.conv1d_weight
-    per_sample = weight_grad(
-        x.reshape(1, -1, *x.shape[2:]), (batch * out_ch, *module.weight.shape[1:]), d.reshape(1, -1, *d.shape[2:]),
-        stride=module.stride, padding=module.padding, dilation=module.dilation, groups=batch * module.groups,
-    )
-    out = {module.weight: per_sample.reshape(batch, -1).pow(2).sum(dim=1)}
+    out = {module.weight: per_sample_fused.conv_sq_norms(module, x, d)}
     if module.bias is not None:
         out[module.bias] = _sq_norms(d.reshape(batch, out_ch, -1).sum(dim=2))
     return out
@@ -198,11 +207,14 @@ class PerSampleNorms:
         ``None`` (default) is exact.
     fused : bool
         Let the per-sample gradients of convolutions and of Linear layers on
-        sequences *be* the weight gradient (:mod:`lwrs.backends.torch.per_sample_fused`):
+        long sequences *be* the weight gradient (:mod:`lwrs.backends.torch.per_sample_fused`):
         their forward is routed through a custom autograd function whose
         backward builds every sample's weight gradient once, records its norm
         and returns the sum, so autograd's own weight-gradient call is not
-        made. :meth:`remove` restores the modules. Default ``False`` (hooks only).
+        made. :meth:`remove` restores the modules. Default ``True``, the
+        faster mode in ``benchmarks/clars_step.py``; ``False`` measures with
+        hooks only and leaves the modules' forward untouched (the weight
+        gradients are then autograd's own, bit for bit).
 
     Examples
     --------
@@ -218,7 +230,7 @@ class PerSampleNorms:
     """
 
     def __init__(self, model: torch.nn.Module, *, batch_norm: str = "warn", all_reduce: bool | None = None,
-                 subsample: int | None = None, fused: bool = False):
+                 subsample: int | None = None, fused: bool = True):
         if batch_norm not in ("warn", "strict"):
             raise ValueError(f'batch_norm must be "warn" or "strict", got {batch_norm!r}')
         if subsample is not None and (isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1):
@@ -228,6 +240,7 @@ class PerSampleNorms:
         self.all_reduce = all_reduce
         self._handles: list[Any] = []
         self._fused_modules: list[torch.nn.Module] = []
+        self._workspace: dict = {}  # the fused layers' shared chunk buffer
         self._owner: dict[torch.nn.Parameter, str] = {}
         self._bn_params: set[torch.nn.Parameter] = set()
         self._names: dict[int, str] = {}
@@ -242,8 +255,8 @@ class PerSampleNorms:
                 continue
             if _handler(module) is not None:
                 self._names[id(module)] = name or type(module).__name__
-                if fused and per_sample_fused.fusable(module):
-                    self._install_fused(module)
+                if fused and per_sample_fused.fusable(module) and "forward" not in module.__dict__:
+                    self._install_fused(module)  # (a module another recorder already fused gets hooks here)
                 else:
                     self._handles.append(module.register_forward_hook(self._forward_hook))
                 for p in own:
@@ -272,6 +285,7 @@ class PerSampleNorms:
         for module in self._fused_modules:
             per_sample_fused.uninstall(module)
         self._fused_modules = []
+        self._workspace.clear()
 
     def _install_fused(self, module: torch.nn.Module) -> None:
         key = id(module)
@@ -291,7 +305,7 @@ class PerSampleNorms:
                 self._add(p, sq)
 
         per_sample_fused.install(module, record, start, done,
-                                 lambda inputs, output: self._forward_hook(module, inputs, output))
+                                 lambda inputs, output: self._forward_hook(module, inputs, output), self._workspace)
         self._fused_modules.append(module)
 
     # ---- hooks ---------------------------------------------------------------------------------
@@ -328,6 +342,9 @@ class PerSampleNorms:
         self._pending[id(module)] = 1
         x = inputs[0].detach()
         handler = _handler(module)
+        if handler is _linear and x.ndim == 2:
+            # one row per sample: take ||a_i||^2 now, while the input is still in cache, and keep no reference to it
+            x, handler = _sq_norms(x), _linear_rows
 
         def on_grad(grad_output: torch.Tensor) -> None:
             self._pending[id(module)] = 0

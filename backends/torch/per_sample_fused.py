@@ -16,10 +16,18 @@ and its per-sample norms come from :math:`\delta` directly. In float32 the weigh
 gradient differs from autograd's by rounding only (the sum runs in a different
 order); in float64 it agrees to about 1e-15.
 
+The per-sample gradients are built a chunk of samples at a time (about
+``_CHUNK_ELEMENTS`` elements, 4 MiB in float32), so they stay in cache and the
+memory needed does not grow with the batch.
+
 The layer falls back to its ordinary forward (and the hook-based measurement)
-where the fused form does not apply: no gradient needed, inside ``torch.func``
-transforms, under autocast, and for a Linear layer with one row per sample,
-where the hook-based :math:`\|a_i\|^2\|\delta_i\|^2` is already almost free.
+where the fused form does not apply or does not pay: no gradient needed, inside
+``torch.func`` transforms, under autocast, for a Linear layer with one row per
+sample (the hook-based :math:`\|a_i\|^2\|\delta_i\|^2` is already almost free),
+and for a Linear layer on short sequences, where the ghost norm's
+:math:`T^2(p+d)` multiply-adds per sample cost less than writing and reading a
+:math:`p \times d` gradient per sample (fused only when
+:math:`T^2 (p+d) \ge 16\, p d`, a rule measured by ``benchmarks/sequence_linear.py``).
 """
 
 from __future__ import annotations
@@ -30,11 +38,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fusable", "install", "uninstall"]
+__all__ = ["conv_sq_norms", "fusable", "install", "uninstall"]
 
-# A built (B, d, p) per-sample Linear gradient is allowed up to this many elements (256 MiB in float32);
-# beyond it the hook path (ghost norm or a separate build) is used.
-_MAX_BUILT_ELEMENTS = 1 << 26
+# Per-sample gradients built at a time, in elements (4 MiB in float32): small enough to stay in cache and
+# to bound the memory, large enough that each chunk is one efficient batched call.
+_CHUNK_ELEMENTS = 1 << 20
+
+# A Linear on sequences is fused when T^2 (p + d) >= _GHOST_FACTOR * p * d: below that the ghost norm
+# (two T x T Gram matrices per sample, beside autograd's weight gradient) costs less than building.
+_GHOST_FACTOR = 16
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -56,9 +68,9 @@ class _PerSampleWeightGrad(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         layer: _Layer = ctx.layer
         grad_x = layer.input_grad(x, weight, grad_out) if ctx.needs_input_grad[0] else None
-        per_sample = layer.per_sample(x, grad_out)  # (B, *weight.shape) in float32 / float64
-        layer.record(layer.module.weight, per_sample.reshape(per_sample.shape[0], -1).pow(2).sum(dim=1))
-        grad_w = per_sample.sum(dim=0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_w, sq_norms = _sum_and_sq_norms(layer, x, grad_out, weight)
+        layer.record(layer.module.weight, sq_norms)
+        grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_b = None
         if ctx.has_bias:
             per_sample_bias = layer.per_sample_bias(grad_out)
@@ -68,14 +80,75 @@ class _PerSampleWeightGrad(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def _sum_and_sq_norms(layer: "_Layer", x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor,
+                      with_sum: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``sum_i G_i`` (unless ``with_sum`` is false) and ``||G_i||^2`` of the per-sample weight gradients.
+
+    They are built a chunk of samples at a time.
+    """
+    batch = x.shape[0]
+    chunk = max(1, min(batch, _CHUNK_ELEMENTS // max(1, weight.numel())))
+    dtype = _stat_dtype(x)
+    total = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if with_sum else None
+    partial = torch.empty_like(total) if with_sum and chunk < batch else None
+    sq_norms = torch.empty(batch, dtype=dtype, device=weight.device)
+    buffer = layer.buffer((chunk, *weight.shape), dtype, weight.device) if layer.writes_into_buffer else None
+    for start in range(0, batch, chunk):
+        stop = min(batch, start + chunk)
+        out = buffer[: stop - start] if buffer is not None else None
+        g = layer.per_sample(x[start:stop], grad_out[start:stop], out=out)  # (chunk, *weight.shape)
+        torch.linalg.vector_norm(g.reshape(stop - start, -1), dim=1, out=sq_norms[start:stop])
+        if total is None:
+            continue
+        if partial is None:
+            total = g.sum(dim=0)
+        else:
+            torch.sum(g, dim=0, out=partial)
+            total += partial
+    sq_norms.square_()
+    return total, sq_norms
+
+
+def conv_sq_norms(module: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """``||G_i||^2`` of a convolution's per-sample weight gradients, built a chunk of samples at a time (hook path).
+
+    Examples
+    --------
+    >>> import torch
+    >>> conv, x = torch.nn.Conv1d(1, 2, 3).double(), torch.randn(4, 1, 8, dtype=torch.float64)
+    >>> d = torch.randn(4, 2, 6, dtype=torch.float64)
+    >>> g0 = torch.nn.grad.conv1d_weight(x[:1], conv.weight.shape, d[:1])
+    >>> bool(torch.isclose(conv_sq_norms(conv, x, d)[0], g0.pow(2).sum()))
+    True
+    """
+    layer = _ConvLayer(module, lambda p, sq: None, lambda: None)
+    return _sum_and_sq_norms(layer, x, grad_out, module.weight, with_sum=False)[1]
+
+
 class _Layer:
     """How one module's forward, input gradient and per-sample gradients are computed."""
 
     def __init__(self, module: torch.nn.Module, record: Callable[[torch.nn.Parameter, torch.Tensor], None],
-                 done: Callable[[], None]):
+                 done: Callable[[], None], workspace: dict | None = None):
         self.module = module
         self.record = record
         self.done = done
+        # shared by the layers of one recorder (their backward passes run one at a time): one chunk's buffer,
+        # kept between steps so that it is not allocated (and faulted in) again at every backward
+        self.workspace = {} if workspace is None else workspace
+
+    def buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A tensor of ``shape`` on the shared workspace (contents undefined)."""
+        n = 1
+        for s in shape:
+            n *= s
+        key = (dtype, device)
+        flat = self.workspace.get(key)
+        if flat is None or flat.numel() < n:
+            flat = self.workspace[key] = torch.empty(n, dtype=dtype, device=device)
+        return flat[:n].view(shape)
+
+    writes_into_buffer = False  # whether ``per_sample`` can write into a given ``out`` tensor
 
     # per-type pieces, overridden below
     def op(self, x, weight, bias):  # pragma: no cover - abstract
@@ -84,7 +157,7 @@ class _Layer:
     def input_grad(self, x, weight, grad_out):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def per_sample(self, x, grad_out):  # pragma: no cover - abstract
+    def per_sample(self, x, grad_out, out=None):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def per_sample_bias(self, grad_out):  # pragma: no cover - abstract
@@ -95,8 +168,8 @@ class _Layer:
 
 
 class _ConvLayer(_Layer):
-    def __init__(self, module, record, done):
-        super().__init__(module, record, done)
+    def __init__(self, module, record, done, workspace=None):
+        super().__init__(module, record, done, workspace)
         two_d = isinstance(module, torch.nn.Conv2d)
         self._conv = F.conv2d if two_d else F.conv1d
         self._input = torch.nn.grad.conv2d_input if two_d else torch.nn.grad.conv1d_input
@@ -110,7 +183,7 @@ class _ConvLayer(_Layer):
     def input_grad(self, x, weight, grad_out):
         return self._input(x.shape, weight, grad_out, groups=self.module.groups, **self._args)
 
-    def per_sample(self, x, grad_out):
+    def per_sample(self, x, grad_out, out=None):  # no ``out``: the weight-gradient call allocates
         # the batch folded into the groups: every sample's weight gradient in one call
         dtype = _stat_dtype(x)
         x, d = x.to(dtype), grad_out.to(dtype)
@@ -125,17 +198,19 @@ class _ConvLayer(_Layer):
 
 
 class _SequenceLinearLayer(_Layer):
+    writes_into_buffer = True
+
     def op(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
     def input_grad(self, x, weight, grad_out):
         return grad_out @ weight.to(grad_out.dtype)
 
-    def per_sample(self, x, grad_out):
+    def per_sample(self, x, grad_out, out=None):
         dtype = _stat_dtype(x)
         a = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
         d = grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1]).to(dtype)
-        return torch.bmm(d.transpose(1, 2), a)
+        return torch.bmm(d.transpose(1, 2), a, out=out)
 
     def per_sample_bias(self, grad_out):
         d = grad_out.to(_stat_dtype(grad_out))
@@ -144,8 +219,9 @@ class _SequenceLinearLayer(_Layer):
     def applies(self, x: torch.Tensor) -> bool:
         if x.ndim < 3:
             return False  # one row per sample: the hook path's ||a_i||^2 ||d_i||^2 is cheaper
-        w = self.module.weight
-        return x.shape[0] * w.shape[0] * w.shape[1] <= _MAX_BUILT_ELEMENTS
+        d, p = self.module.weight.shape
+        tokens = x.numel() // max(1, x.shape[0] * p)
+        return tokens * tokens * (p + d) >= _GHOST_FACTOR * p * d
 
 
 def fusable(module: torch.nn.Module) -> bool:
@@ -163,14 +239,16 @@ def fusable(module: torch.nn.Module) -> bool:
 
 
 def install(module: torch.nn.Module, record: Callable[[torch.nn.Parameter, torch.Tensor], None],
-            start: Callable[[], None], done: Callable[[], None], fallback: Callable[[Any, Any], None]) -> None:
+            start: Callable[[], None], done: Callable[[], None], fallback: Callable[[Any, Any], None],
+            workspace: dict | None = None) -> None:
     r"""Route ``module``'s forward through the fused per-sample weight gradient.
 
     ``record(param, sq_norms)`` receives each sample's :math:`\|c_i\|^2`;
     ``start()`` and ``done()`` bracket a pass (forward to backward);
     ``fallback(inputs, output)`` is called after an ordinary forward when the
-    fused form does not apply, so that the caller can measure it another way.
-    :func:`uninstall` restores the module. (Reference: CLARS eq. 5's
+    fused form does not apply, so that the caller can measure it another way;
+    ``workspace`` (a dict) holds one chunk's buffer between steps and may be
+    shared by the layers of one model. :func:`uninstall` restores the module. (Reference: CLARS eq. 5's
     per-sample term; see the module notes.)
 
     Examples
@@ -184,7 +262,7 @@ def install(module: torch.nn.Module, record: Callable[[torch.nn.Parameter, torch
     if "forward" in module.__dict__:
         raise RuntimeError(f"{module} already has an instance-level forward; cannot fuse its per-sample gradients")
     layer = (_ConvLayer if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) else _SequenceLinearLayer)(
-        module, record, done)
+        module, record, done, workspace)
     ordinary = module.forward
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

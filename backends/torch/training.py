@@ -124,7 +124,7 @@ def gradient_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     saved = [p.grad for p in model.parameters()]
     for p in model.parameters():
         p.grad = None
-    recorder = PerSampleNorms(model)
+    recorder = PerSampleNorms(model, fused=False)  # hooks only: the model's forward stays untouched
     try:
         n = len(y)
         for i in range(0, n, chunk):
