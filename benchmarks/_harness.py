@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import pathlib
 import platform
 import statistics
@@ -10,14 +11,25 @@ import time
 from collections.abc import Callable
 
 
-def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median milliseconds of each step, timed round-robin so that every method sees the same machine load."""
+def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int, untimed: int = 0,
+                        per_sample: int = 1, slow: frozenset[str] = frozenset()) -> dict[str, float]:
+    """Median milliseconds of each step, timed round-robin so that every method sees the same machine load.
+
+    ``untimed`` steps run before each timed sample, so that a method is not timed right after
+    another method has freed (and the allocator returned to the system) the memory it needs;
+    each sample is the mean of ``per_sample`` consecutive steps. Methods in ``slow`` (many
+    times the others' cost, where that noise does not matter) get one timed step per round.
+    """
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            k = 1 if name in slow else per_sample
+            for _ in range(0 if name in slow else untimed):
+                step()
             t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(k):
+                step()
+            times[name].append((time.perf_counter() - t0) / k)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
@@ -55,6 +67,7 @@ def write_record(path: pathlib.Path, command: str, peers: tuple[str, ...], **fie
         "command": command,
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "system": platform.system()},
         "versions": {**versions(*peers), "torch": torch.__version__, "lwrs": lwrs.__version__},
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("MALLOC_", "OMP_", "MKL_"))},
         **fields,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
