@@ -67,3 +67,25 @@ def test_optimizer_verdict_needs_the_bound_and_the_peer(report):
             slow["results"]["resnet50"]["median_ms"][m] = peer * 1.01
             slow["results"]["resnet50"]["ratio_to_bound"][m] = 1.0
     assert "**met**" not in "\n".join(report.optimizer_step(slow))
+
+
+@pytest.mark.parametrize("script", ["clars_step.py", "sequence_linear.py", "optimizer_step.py"])
+def test_benchmark_scripts_run_and_their_records_render(report, script, tmp_path):
+    """Each benchmark's --quick smoke run writes a record that report.py can render (peers absent or not)."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    out = tmp_path / script.replace(".py", ".json")
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    record = json.loads(out.read_text())
+    assert record["command"].startswith(f"python benchmarks/{script} --quick")
+    section = report.SECTIONS[out.name](record)
+    assert any("list-table" in line for line in section)
+    if script == "clars_step.py":
+        for res in record["results"].values():
+            assert res["ratio_to_plain"]["plain SGD step"] == 1.0
+            assert all(r > 0 for r in res["ratio_to_plain"].values())
+            if res["opacus_vs_lwrs_max_relative_difference"] is not None:
+                assert res["opacus_vs_lwrs_max_relative_difference"] < 1e-5
