@@ -110,7 +110,15 @@ def _sum_and_sq_norms(layer: "_Layer", x: torch.Tensor, grad_out: torch.Tensor, 
 
 
 def conv_sq_norms(module: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """``||G_i||^2`` of a convolution's per-sample weight gradients, built a chunk of samples at a time (hook path).
+    r"""Squared norms of a convolution's per-sample weight gradients (the hook path), a chunk of samples at a time.
+
+    .. math:: \|G_i\|^2, \qquad G_i = \sum_t \delta_{it}\, a_{it}^\top
+
+    with :math:`a_{it}` the input patch and :math:`\delta_{it}` the output
+    gradient at position :math:`t` of sample :math:`i`: the per-sample term of
+    the CLARS denominator (eq. 5), computed with grouped weight-gradient calls
+    (the samples folded into the groups). Returns a ``(B,)`` tensor in float32
+    (float64 for float64 inputs).
 
     Examples
     --------
