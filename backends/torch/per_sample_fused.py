@@ -32,6 +32,7 @@ and for a Linear layer on short sequences, where the ghost norm's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -89,8 +90,7 @@ def _sum_and_sq_norms(layer: "_Layer", x: torch.Tensor, grad_out: torch.Tensor, 
     batch = x.shape[0]
     chunk = max(1, min(batch, _CHUNK_ELEMENTS // max(1, weight.numel())))
     dtype = _stat_dtype(x)
-    total = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if with_sum else None
-    partial = torch.empty_like(total) if with_sum and chunk < batch else None
+    total = None
     sq_norms = torch.empty(batch, dtype=dtype, device=weight.device)
     buffer = layer.buffer((chunk, *weight.shape), dtype, weight.device) if layer.writes_into_buffer else None
     for start in range(0, batch, chunk):
@@ -98,13 +98,9 @@ def _sum_and_sq_norms(layer: "_Layer", x: torch.Tensor, grad_out: torch.Tensor, 
         out = buffer[: stop - start] if buffer is not None else None
         g = layer.per_sample(x[start:stop], grad_out[start:stop], out=out)  # (chunk, *weight.shape)
         torch.linalg.vector_norm(g.reshape(stop - start, -1), dim=1, out=sq_norms[start:stop])
-        if total is None:
-            continue
-        if partial is None:
-            total = g.sum(dim=0)
-        else:
-            torch.sum(g, dim=0, out=partial)
-            total += partial
+        if with_sum:
+            chunk_sum = g.sum(dim=0)
+            total = chunk_sum if total is None else total.add_(chunk_sum)
     sq_norms.square_()
     return total, sq_norms
 
@@ -147,9 +143,7 @@ class _Layer:
 
     def buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A tensor of ``shape`` on the shared workspace (contents undefined)."""
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         key = (dtype, device)
         flat = self.workspace.get(key)
         if flat is None or flat.numel() < n:
