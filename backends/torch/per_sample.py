@@ -395,7 +395,7 @@ class PerSampleNorms:
 
         ``mean_norms()`` is :math:`S^{(1)}_k`, the CLARS denominator (``count`` is 1).
         """
-        from lwrs.statistics import NormStatistics
+        from lwrs.norm_statistics import NormStatistics
 
         params = list(params)
         sums = self.sums(params, scale=scale)
@@ -443,7 +443,7 @@ def minibatch_norm_statistics(model: torch.nn.Module, loss_fn: Any, batches: Ite
     >>> stats.count, tuple(stats.sum_norms.shape)
     (4, (2,))
     """
-    from lwrs.statistics import NormStatistics
+    from lwrs.norm_statistics import NormStatistics
 
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     s1 = torch.zeros(len(params), dtype=torch.float64)
