@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from array_api_compat import array_namespace, device
+from array_api_compat import array_namespace, device, is_array_api_obj
 
 from ._validation import check_hyperparameter, check_layers
 
@@ -158,7 +158,8 @@ def layer_trust_ratios(
     array([0.05, 1.  , 1.  ])
     """
     xp = array_namespace(weight_norms, denominators)
-    eta = check_hyperparameter("eta", eta, low=0.0, low_open=True)
+    if not is_array_api_obj(eta):  # an array eta (LARC's eta / lr under tracing) is not read
+        eta = check_hyperparameter("eta", eta, low=0.0, low_open=True)
     eps = check_hyperparameter("eps", eps, low=0.0)
     if weight_norms.shape != denominators.shape or weight_norms.ndim != 1:
         raise ValueError(
@@ -363,8 +364,8 @@ def layer_rates(
     ----------
     weight_norms, grad_norms : 1-D array
         :math:`\|w_k\|` and :math:`\|\bar g_k\|`.
-    learning_rate : float
-        :math:`\gamma_t`.
+    learning_rate : float or 0-d array
+        :math:`\gamma_t`; a 0-d array (a traced schedule) in the norms' dtype.
     options : TrustOptions
     adapt : sequence of bool
         Layers that get a trust ratio.
@@ -405,7 +406,13 @@ def layer_rates(
         raise ValueError("CLARS rates need mean_norms, the mean per-sample gradient norms")
     eta, max_ratio = options.eta, options.max_ratio
     if options.larc_clip:  # apex LARC: rate = min(eta |w| / D, lr) = lr * min(eta |w| / (lr D), 1)
-        eta, max_ratio = (options.eta / learning_rate if learning_rate > 0 else options.eta), 1.0
+        max_ratio = 1.0
+        if is_array_api_obj(learning_rate):
+            positive = learning_rate > 0
+            safe = xp.where(positive, learning_rate, xp.ones_like(learning_rate))
+            eta = xp.where(positive, options.eta / safe, xp.full_like(learning_rate, options.eta))
+        else:
+            eta = options.eta / learning_rate if learning_rate > 0 else options.eta
 
     def ratios(den: Any) -> Any:
         return layer_trust_ratios(weight_norms, den, eta=eta, eps=options.eps, max_ratio=max_ratio, adapt=adapt,
