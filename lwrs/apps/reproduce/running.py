@@ -1,6 +1,6 @@
 r"""``lwrs reproduce``: the CLARS and TVLARS papers' experiments at small scale, on MNIST-1D.
 
-Four experiments, each a list of :class:`~lwrs.backends.torch.training.TrainConfig`
+Four experiments, each a list of :class:`~lwrs.apps.train.config.TrainConfig`
 run for several seeds and reported as mean ± standard deviation:
 
 ``fig1``
@@ -36,10 +36,9 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from .data import Dataset
-from lwrs.train_config import TrainConfig
-
-from .training import train
+from ..train.config import TrainConfig
+from ..train.data import Dataset
+from ..train.loop import train
 
 __all__ = ["Preset", "PRESETS", "EXPERIMENTS", "TABLE1_LRS", "experiment_configs", "run_configs", "run_experiments",
            "summarize", "verdicts", "format_report", "plot_all", "render", "preset_of", "write_json", "default_jobs"]
@@ -168,7 +167,7 @@ def run_configs(configs: Sequence[TrainConfig], data: Dataset, *, jobs: int = 1,
 
     Examples
     --------
-    >>> from lwrs.backends.torch.data import load_digits
+    >>> from lwrs.apps.train.data import load_digits
     >>> recs = run_configs([TrainConfig(dataset="digits", batch_size=512, epochs=1, stats_samples=0)], load_digits())
     >>> len(recs), recs[0]["config"]["optimizer"]
     (1, 'lars')
@@ -351,7 +350,7 @@ def verdicts(results: dict[str, Any], preset: Preset) -> list[dict[str, str]]:
     ``"not reproduced"``. The claims are CLARS Figures 1–3 and TVLARS Table 1; for
     Figure 2 the statistic is
     :math:`\rho_k = \frac1n\sum_i\|g_{ik}\|^2 / \|\bar g_k\|^2`
-    (see :func:`~lwrs.backends.torch.training.gradient_statistics`).
+    (see :func:`~lwrs.apps.train.loop.gradient_statistics`).
 
     Examples
     --------
