@@ -201,7 +201,7 @@ def test_warmup_ramps_the_rate(digits):
 
 
 def test_divergence_is_recorded_and_the_record_stays_strict_json(digits, tmp_path):
-    from lwrs.apps.reproduce.running import write_json
+    from lwrs.apps.records import write_json
 
     cfg = TrainConfig(dataset="digits", optimizer="mnag", batch_size=128, epochs=3, lr=1e4, stats_samples=0)
     record = train(cfg, digits)
@@ -317,7 +317,7 @@ def _summary(acc: dict[str, tuple[float, float]]):
     ((0.5, 0.8), (0.5, 0.8), "not reproduced"),       # LARS behind everywhere, gap constant
 ])
 def test_fig1_verdict_rule(small, large, verdict):
-    from lwrs.apps.reproduce.running import _fig1_verdict
+    from lwrs.apps.reproduce.verdicts import _fig1_verdict
 
     s = _summary({"lars/B128": (small[0], 0.01), "mnag/B128": (small[1], 0.01),
                   "lars/B8192": (large[0], 0.01), "mnag/B8192": (large[1], 0.01)})
@@ -325,7 +325,7 @@ def test_fig1_verdict_rule(small, large, verdict):
 
 
 def test_table1_verdict_counts_batch_sizes_where_tvlars_is_best():
-    from lwrs.apps.reproduce.running import _table1_verdict
+    from lwrs.apps.reproduce.verdicts import _table1_verdict
 
     acc = {}
     for b, tv in ((512, 0.9), (1024, 0.9), (2048, 0.5)):
@@ -343,7 +343,9 @@ def test_the_results_page_is_the_committed_full_run(tmp_path):
     """docs/results/ holds a full `lwrs reproduce`; its report and verdicts are what the code makes of its data."""
     import pathlib
 
-    from lwrs.apps.reproduce.running import preset_of, render, verdicts
+    from lwrs.apps.reproduce.experiments import preset_of
+    from lwrs.apps.reproduce.report import render
+    from lwrs.apps.reproduce.verdicts import verdicts
 
     folder = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
     record = json.loads((folder / "results.json").read_text())

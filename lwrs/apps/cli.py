@@ -261,7 +261,7 @@ def train_command(args: argparse.Namespace) -> int:
     if record["diverged_epoch"] is not None:
         print(f"diverged in epoch {record['diverged_epoch']}: {record['divergence']}")
     args.out.mkdir(parents=True, exist_ok=True)
-    from .reproduce.running import write_json
+    from .records import write_json
 
     write_json(args.out / "train.json", record)
     _plot_train(args.out / "train.png", record)
@@ -307,7 +307,7 @@ def reproduce_command(args: argparse.Namespace) -> int:
     import dataclasses
     import time
 
-    from .reproduce import running as rp
+    from .reproduce import experiments, report, running
 
     if args.source is not None:
         record = json.loads(args.source.read_text())
@@ -315,17 +315,17 @@ def reproduce_command(args: argparse.Namespace) -> int:
         from .train.data import load_mnist1d
 
         names = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = [n for n in names if n not in rp.EXPERIMENTS]
+        unknown = [n for n in names if n not in experiments.EXPERIMENTS]
         if unknown or not names:
-            print(f"lwrs reproduce: unknown experiments {unknown}; choose from {', '.join(rp.EXPERIMENTS)}",
+            print(f"lwrs reproduce: unknown experiments {unknown}; choose from {', '.join(experiments.EXPERIMENTS)}",
                   file=sys.stderr)
             return 2
         preset_name = "quick" if args.quick else "full"
-        preset = rp.PRESETS[preset_name]
-        jobs = args.jobs or rp.default_jobs()
+        preset = experiments.PRESETS[preset_name]
+        jobs = args.jobs or running.default_jobs()
         data = load_mnist1d()
         started = time.perf_counter()
-        results = rp.run_experiments(names, preset, data, jobs=jobs, progress=lambda name: _progress(f"reproduce {name}"))
+        results = running.run_experiments(names, preset, data, jobs=jobs, progress=lambda name: _progress(f"reproduce {name}"))
         record = {"command": _command_line("reproduce", args, skip=("out", "command", "source")),
                   "preset": preset_name, "preset_values": dataclasses.asdict(preset),
                   "jobs": jobs, "seconds": round(time.perf_counter() - started, 1),
@@ -333,7 +333,7 @@ def reproduce_command(args: argparse.Namespace) -> int:
                   "dataset": {"name": data.name, "checksum": data.checksum, "train": len(data.y_train),
                               "test": len(data.y_test)}, **results}
     args.out.mkdir(parents=True, exist_ok=True)
-    written = rp.render(record, args.out)
+    written = report.render(record, args.out)
     print((args.out / "report.md").read_text())
     print(f"Wrote {', '.join(written)} to {args.out}.")
     return 0
