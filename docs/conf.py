@@ -32,6 +32,8 @@ nitpicky = False
 html_theme = "furo"
 html_title = f"lwrs {release}"
 exclude_patterns = ["_build"]
+html_static_path = ["_static"]
+html_css_files = ["lwrs.css"]  # code, tables and math stay inside the page width
 
 
 def _skip_namedtuple_fields(app, what, name, obj, skip, options):
