@@ -91,7 +91,7 @@ def test_torch_sgd_is_heavy_ball_or_nesterov_with_lr_outside_the_buffer():
 @pytest.mark.parametrize("options, expected", [
     (dict(nesterov=False, weight_decay_form="norm_of_sum"), dict(nesterov=False, weight_decay_form="norm_of_sum")),
     (dict(larc_clip=True, eps=1e-6), dict(larc_clip=True, eps=1e-6)),
-    (dict(adapt_mask=lambda w: True, decay_mask=lambda w: w.ndim > 1), dict(adapt="all", decay="ndim>1")),
+    (dict(adapt_mask=lambda w: True, weight_decay_mask=lambda w: w.ndim > 1), dict(adapt="all", decay="ndim>1")),
 ])
 def test_the_core_itself_is_identified_under_each_option(options, expected):
     report = check(FunctionalDriver(lwrs.lars, xp=np, **options))

@@ -110,10 +110,10 @@ def reference_optimizer(kind: str, problem: Problem, convention: Mapping[str, An
     lr = problem.learning_rates[0] if problem.constant_rate else problem.learning_rate
     if kind == "mnag":
         return mnag(lr, beta=problem.beta, nesterov=convention["nesterov"], weight_decay=problem.weight_decay,
-                    decay_mask=decay)
+                    weight_decay_mask=decay)
     return lars(lr, beta=problem.beta, eta=problem.eta, weight_decay=problem.weight_decay,
                 weight_decay_form=convention["weight_decay_form"], eps=convention["eps"],
-                larc_clip=convention["larc_clip"], adapt_mask=adapt, decay_mask=decay,
+                larc_clip=convention["larc_clip"], adapt_mask=adapt, weight_decay_mask=decay,
                 nesterov=convention["nesterov"])
 
 
