@@ -177,6 +177,6 @@ def battery(steps: int = 20, seed: int = 0) -> tuple[Problem, ...]:
                  _layer(seeded(9), "decayed.weight", (4, 4), steps, role="equilibrium", weight_decay=0.1)),
                 (0.05,) * steps, 0.9, 0.1, 0.1),
         Problem("large_lr", "learning rate 1.5 with a zero-initialised fc1.weight, eta 0.02",
-                mlp(seeded(10), {"fc1.weight": "zero_init"}), (1.5,) * steps, 0.5, 0.02, 0.01),
+                mlp(seeded(10), {"fc1.weight": "zero_init"}), (1.5,) * steps, 0.8, 0.02, 0.01),
     ]
     return tuple(problems)
