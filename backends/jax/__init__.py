@@ -7,6 +7,8 @@ parameters, under ``jax.jit``, and in ``optax.chain``. The per-layer
 diagnostics of the last update are arrays in the state
 (``state.diagnostics``). :func:`grad_and_norm_statistics` gives CLARS its exact
 per-sample statistics; :func:`psum_statistics` sums them over devices.
+:mod:`lwrs.backends.jax.conformance` drives optax transformations through
+:mod:`lwrs.testing`.
 
 Examples
 --------
