@@ -73,7 +73,7 @@ def _options(name):
         "lars_norm_of_sum": dict(learning_rate=0.1, eta=0.2, weight_decay=1e-2, weight_decay_form="norm_of_sum",
                                  nesterov=False, max_ratio=0.5),
         "clars": dict(learning_rate=0.1, eta=0.5, weight_decay=1e-3),
-        "tvlars": dict(learning_rate=0.15, decay=0.1, delay_steps=3, alpha=0.5, gamma_min=0.01, eta=0.2),
+        "tvlars": dict(learning_rate=0.15, decay_coefficient=0.1, delay_steps=3, alpha=0.5, gamma_min=0.01, eta=0.2),
         "lamb": dict(learning_rate=0.01, weight_decay=1e-2, adapt_mask=lambda w: True),
     }[name]
 
@@ -183,7 +183,7 @@ def _grads(params, seed):
 def test_multisteps_accumulates_like_one_big_batch():
     """optax.MultiSteps accumulates in float32 whatever the params' dtype, so this runs in float32."""
     with jax.enable_x64(False):
-        params = _params(jnp.float32)
+        params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.ones(3)}
         g1, g2 = _grads(params, 1), _grads(params, 2)
         multi = optax.MultiSteps(lj.lars(0.5, eta=0.1), every_k_schedule=2)
         state = multi.init(params)
@@ -192,7 +192,7 @@ def test_multisteps_accumulates_like_one_big_batch():
         u2, state = jax.jit(multi.update)(g2, state, params)
         single = lj.lars(0.5, eta=0.1)
         mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
-        want, _ = single.update(mean, single.init(params), params)
+        want, _ = jax.jit(single.update)(mean, single.init(params), params)
         for x, y in zip(jax.tree.leaves(u2), jax.tree.leaves(want)):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
             assert float(jnp.max(jnp.abs(y))) > 1e-3
@@ -220,7 +220,7 @@ def test_inject_hyperparams_learning_rate():
         state.hyperparams["learning_rate"] = jnp.asarray(0.03)
         updates, state = jax.jit(opt.update)(grads, state, params)
         plain = lj.lars(0.03, eta=0.05, weight_decay=1e-3)
-        want, _ = plain.update(grads, plain.init(params), params)
+        want, _ = jax.jit(plain.update)(grads, plain.init(params), params)
         for x, y in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12)
         with pytest.raises(TypeError, match=r"eta is traced .* static_args=\('eta', 'eps', 'max_ratio'\)"):
@@ -282,17 +282,24 @@ def test_bad_input_is_refused_clearly():
 
 
 @pytest.mark.parametrize("name", ["mnag", "lars", "clars", "tvlars", "lamb"])
-def test_option_names_and_defaults_are_the_core_factories(name):
+def test_option_names_and_defaults_are_the_tables(name):
     def options(factory):
         return [(p.name, p.kind, p.default) for p in inspect.signature(factory).parameters.values()]
 
     assert options(getattr(lj, name)) == options(getattr(lwrs, name))
+    spec = lwrs.table.spec(name)
+    ours = inspect.signature(getattr(lj, name)).parameters
+    assert list(ours) == [h.core_name for h in spec.hyperparameters]
+    for h in spec.hyperparameters:
+        want = inspect.Parameter.empty if h.default is lwrs.table.REQUIRED else h.default
+        assert ours[h.core_name].default == want, h.core_name
 
 
 def test_tvlars_factor_equals_the_core_schedule():
     with jax.enable_x64(True):
-        for options in (dict(decay=0.01, delay_steps=100), dict(decay=0.5, delay_steps=-1, alpha=0.1, gamma_min=0.02),
-                        dict(decay=5.0, delay_steps=0)):
+        for options in (dict(decay_coefficient=0.01, delay_steps=100),
+                        dict(decay_coefficient=0.5, delay_steps=-1, alpha=0.1, gamma_min=0.02),
+                        dict(decay_coefficient=5.0, delay_steps=0)):
             core = lwrs.schedules.tvlars_factor(**options)
             steps = jnp.arange(0, 400, 7, dtype=jnp.int32)
             got = jax.jit(lambda t, o=options: lj.tvlars_factor(t, **o))(steps)

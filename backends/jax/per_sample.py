@@ -18,16 +18,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lwrs.statistics import NormStatistics
-from lwrs.trust_ratios import statistics_dtype
+from lwrs.masks import weight_decay_default
+from lwrs.norm_statistics import NormStatistics
+from lwrs.rates import statistics_dtype
 
 from ._tree import flatten_params, resolve_mask
 
 __all__ = ["grad_and_norm_statistics", "psum_statistics"]
-
-
-def _decay_default(w: Any) -> bool:
-    return True
 
 
 def grad_and_norm_statistics(
@@ -37,7 +34,7 @@ def grad_and_norm_statistics(
     *args: Any,
     chunk_size: int | None = None,
     weight_decay: float = 0.0,
-    decay_mask: Any = None,
+    weight_decay_mask: Any = None,
 ) -> tuple[Any, Any, NormStatistics]:
     r"""Mean loss, mean gradient and exact per-sample norm statistics of a batch.
 
@@ -49,7 +46,7 @@ def grad_and_norm_statistics(
 
     with :math:`g_{ik} = \nabla_k f_i(w)` the gradient of sample :math:`i`'s
     own loss ``loss_fn(params, example, *args)`` and :math:`\lambda_k` the
-    weight decay of the layers in ``decay_mask`` (0 by default: the
+    weight decay of the layers in ``weight_decay_mask`` (0 by default: the
     statistics for ``weight_decay_form="sum_of_norms"``; pass the optimizer's
     weight decay and mask for ``"norm_of_sum"``). Layer :math:`k` is leaf
     :math:`k` of ``params``, as in the optimizers.
@@ -65,7 +62,7 @@ def grad_and_norm_statistics(
     chunk_size : int, optional
         Samples per vectorised chunk (memory: ``chunk_size`` per-sample
         gradients). ``None``: the whole batch at once.
-    weight_decay, decay_mask
+    weight_decay, weight_decay_mask
         As in the optimizers.
 
     Returns
@@ -86,7 +83,7 @@ def grad_and_norm_statistics(
     [1.5 2. ] [5.] 2
     """
     layers = flatten_params(params)
-    decay = resolve_mask("decay_mask", decay_mask, layers, _decay_default)
+    decay = resolve_mask("weight_decay_mask", weight_decay_mask, layers, weight_decay_default)
     dtype = statistics_dtype(jnp, [w.dtype for w in layers.leaves])
     sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
     if len(sizes) != 1:

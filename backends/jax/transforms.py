@@ -10,7 +10,7 @@ Each factory takes the options of the core factory of the same name
     params = optax.apply_updates(params, updates)
 
 ``params + updates`` is the core's step: the per-layer rates come from
-:func:`lwrs.trust_ratios.layer_rates`, the mNAG increment from
+:func:`lwrs.rates.layer_rates`, the mNAG increment from
 :func:`lwrs.momentum.apply_momentum` (eq. 4), so every formula is the core's.
 Layer :math:`k` is leaf :math:`k` of the params pytree in JAX's flattening
 order. The update is traceable: ``jax.jit``, ``optax.chain``,
@@ -31,8 +31,9 @@ import lwrs
 from lwrs._validation import NonFiniteError
 from lwrs.diagnostics import LayerDiagnostics
 from lwrs.momentum import apply_momentum
-from lwrs.trust_ratios import TrustOptions, _layer_norms, layer_rates, statistics_dtype, trust_ratios
-from lwrs.trust_ratios import clars_denominators, clars_factors, lars_denominators
+from lwrs.masks import adapt_default, weight_decay_default
+from lwrs.rates import TrustOptions, _layer_norms, clars_denominators, clars_factors, lars_denominators
+from lwrs.rates import layer_rates, layer_trust_ratios, statistics_dtype
 
 from ._tree import Layers, flatten_params, is_traced, leaves_like, resolve_mask
 
@@ -85,7 +86,7 @@ def _schedule(value: Any) -> Callable[[Any], Any]:
     return lambda count: value
 
 
-def tvlars_factor(count: Any, *, decay: Any, delay_steps: Any, alpha: Any = 1.0, gamma_min: Any = 0.0) -> Any:
+def tvlars_factor(count: Any, *, decay_coefficient: Any, delay_steps: Any, alpha: Any = 1.0, gamma_min: Any = 0.0) -> Any:
     r"""The TVLARS factor :math:`\phi_t` on a traced step count, without overflow.
 
     .. math:: \phi_t = \frac{1}{\alpha + e^{\lambda (t - d_e)}} + \gamma_{\min}
@@ -99,10 +100,10 @@ def tvlars_factor(count: Any, *, decay: Any, delay_steps: Any, alpha: Any = 1.0,
     Examples
     --------
     >>> import jax.numpy as jnp
-    >>> float(tvlars_factor(jnp.int32(100), decay=0.01, delay_steps=100))
+    >>> float(tvlars_factor(jnp.int32(100), decay_coefficient=0.01, delay_steps=100))
     0.5
     """
-    x = decay * (jnp.asarray(count, jnp.result_type(float)) - delay_steps)
+    x = decay_coefficient * (jnp.asarray(count, jnp.result_type(float)) - delay_steps)
     e = jnp.exp(-jnp.abs(x))
     return jnp.where(x > 0, e / (alpha * e + 1.0), 1.0 / (alpha + e)) + gamma_min
 
@@ -115,25 +116,17 @@ class _Config:
     nesterov: bool = True
     weight_decay: Any = 0.0
     adapt_mask: Any = None
-    decay_mask: Any = None
+    weight_decay_mask: Any = None
     on_nonfinite: str = "raise"
     trust: TrustOptions = TrustOptions("none")
     tvlars: dict | None = None
 
 
-def _adapt_default(w: Any) -> bool:
-    return w.ndim > 1
-
-
-def _decay_default(w: Any) -> bool:
-    return True
-
-
 def _layer_setup(cfg: _Config, params: Any, updates: Any, norm_stats: Any):
     layers = flatten_params(params)
     grads = leaves_like(layers, updates, "updates")
-    adapt = resolve_mask("adapt_mask", cfg.adapt_mask, layers, _adapt_default)
-    decay = resolve_mask("decay_mask", cfg.decay_mask, layers, _decay_default)
+    adapt = resolve_mask("adapt_mask", cfg.adapt_mask, layers, adapt_default)
+    decay = resolve_mask("weight_decay_mask", cfg.weight_decay_mask, layers, weight_decay_default)
     if norm_stats is not None:
         count = len(layers.leaves)
         for field in ("sum_norms", "sum_squared_norms"):
@@ -262,7 +255,7 @@ def _validated(core_factory: Callable, learning_rate: Any, **options: Any) -> No
     core_factory(lr, **{k: (float(v) if hasattr(v, "dtype") else v) for k, v in options.items()})
 
 
-def mnag(learning_rate, *, beta=0.9, nesterov=True, weight_decay=0.0, decay_mask=None, on_nonfinite="raise"):
+def mnag(learning_rate, *, beta=0.9, nesterov=True, weight_decay=0.0, weight_decay_mask=None, on_nonfinite="raise"):
     r"""mNAG (CLARS eq. 2/4) as an optax transformation: one rate for every layer.
 
     .. math:: d_t = \beta d_{t-1} - \gamma_t (\bar g_t + \lambda w_t), \qquad
@@ -285,7 +278,7 @@ def mnag(learning_rate, *, beta=0.9, nesterov=True, weight_decay=0.0, decay_mask
     options = dict(beta=beta, nesterov=nesterov, weight_decay=weight_decay, on_nonfinite=on_nonfinite)
     _validated(lwrs.mnag, learning_rate, **options)
     return _momentum_transform(_Config("mnag", _schedule(learning_rate), beta, nesterov, weight_decay, None,
-                                       decay_mask, on_nonfinite))
+                                       weight_decay_mask, on_nonfinite))
 
 
 def _trust_options(kind, eta, eps, max_ratio, larc_clip, weight_decay_form) -> TrustOptions:
@@ -294,7 +287,7 @@ def _trust_options(kind, eta, eps, max_ratio, larc_clip, weight_decay_form) -> T
 
 
 def lars(learning_rate, *, beta=0.9, eta=0.001, weight_decay=0.0, weight_decay_form="sum_of_norms", eps=0.0,
-         max_ratio=None, larc_clip=False, adapt_mask=None, decay_mask=None, nesterov=True, on_nonfinite="raise"):
+         max_ratio=None, larc_clip=False, adapt_mask=None, weight_decay_mask=None, nesterov=True, on_nonfinite="raise"):
     r"""LARS on mNAG as an optax transformation.
 
     .. math:: \gamma_k = \gamma_t\,\eta\,\frac{\|w_k\|}{D_k + \epsilon}, \qquad
@@ -325,11 +318,11 @@ def lars(learning_rate, *, beta=0.9, eta=0.001, weight_decay=0.0, weight_decay_f
     _validated(lwrs.lars, learning_rate, **options)
     trust = _trust_options("lars", eta, eps, max_ratio, larc_clip, weight_decay_form)
     return _momentum_transform(_Config("lars", _schedule(learning_rate), beta, nesterov, weight_decay, adapt_mask,
-                                       decay_mask, on_nonfinite, trust))
+                                       weight_decay_mask, on_nonfinite, trust))
 
 
 def clars(learning_rate, *, beta=0.9, eta=0.01, weight_decay=0.0, weight_decay_form="sum_of_norms", eps=0.0,
-          max_ratio=None, larc_clip=False, adapt_mask=None, decay_mask=None, nesterov=True, on_nonfinite="raise"):
+          max_ratio=None, larc_clip=False, adapt_mask=None, weight_decay_mask=None, nesterov=True, on_nonfinite="raise"):
     r"""CLARS on mNAG as an optax transformation; ``update`` needs ``norm_stats=``.
 
     .. math:: \gamma_k = \gamma_t\,\eta\,\frac{\|w_k\|}{\frac1B\sum_i\|g_{ik}\| + \lambda\|w_k\| + \epsilon}
@@ -360,18 +353,18 @@ def clars(learning_rate, *, beta=0.9, eta=0.01, weight_decay=0.0, weight_decay_f
     _validated(lwrs.clars, learning_rate, **options)
     trust = _trust_options("clars", eta, eps, max_ratio, larc_clip, weight_decay_form)
     return _momentum_transform(_Config("clars", _schedule(learning_rate), beta, nesterov, weight_decay, adapt_mask,
-                                       decay_mask, on_nonfinite, trust))
+                                       weight_decay_mask, on_nonfinite, trust))
 
 
-def tvlars(learning_rate, *, decay, delay_steps, alpha=1.0, gamma_min=0.0, beta=0.9, eta=0.001, weight_decay=0.0,
-           weight_decay_form="sum_of_norms", eps=0.0, adapt_mask=None, decay_mask=None, nesterov=True,
+def tvlars(learning_rate, *, decay_coefficient, delay_steps, alpha=1.0, gamma_min=0.0, beta=0.9, eta=0.001, weight_decay=0.0,
+           weight_decay_form="sum_of_norms", eps=0.0, adapt_mask=None, weight_decay_mask=None, nesterov=True,
            on_nonfinite="raise"):
     r"""TVLARS as an optax transformation: LARS with the global rate :math:`\gamma_{target}\,\phi_t`.
 
     .. math:: \phi_t = \frac{1}{\alpha + e^{\lambda (t - d_e)}} + \gamma_{\min}, \qquad
               \gamma_k = \gamma_{target}\,\phi_t\,\eta\,\frac{\|w_k\|}{\|\bar g_k\| + \lambda_{wd}\|w_k\|}
 
-    Options as in :func:`lwrs.tvlars` (``decay`` is :math:`\lambda`,
+    Options as in :func:`lwrs.tvlars` (``decay_coefficient`` is :math:`\lambda`,
     ``delay_steps`` is :math:`d_e`); :math:`\phi_t` is :func:`tvlars_factor`.
 
     References: TVLARS (2023), Algorithm 1 and eq. (8)-(9).
@@ -380,23 +373,23 @@ def tvlars(learning_rate, *, decay, delay_steps, alpha=1.0, gamma_min=0.0, beta=
     --------
     >>> import jax.numpy as jnp
     >>> from lwrs.backends import jax as lj
-    >>> opt = lj.tvlars(1.0, decay=0.01, delay_steps=0, eta=1.0, beta=0.0)
+    >>> opt = lj.tvlars(1.0, decay_coefficient=0.01, delay_steps=0, eta=1.0, beta=0.0)
     >>> params = {"w": jnp.array([[1.0]])}
     >>> _, state = opt.update({"w": jnp.array([[1.0]])}, opt.init(params), params)
     >>> print(state.diagnostics.learning_rate)       # phi_0 = 1 / (1 + e^0)
     0.5
     """
-    options = dict(decay=decay, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min, beta=beta, eta=eta,
+    options = dict(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min, beta=beta, eta=eta,
                    weight_decay=weight_decay, weight_decay_form=weight_decay_form, eps=eps, nesterov=nesterov,
                    on_nonfinite=on_nonfinite)
     _validated(lwrs.tvlars, learning_rate, **options)
     trust = _trust_options("lars", eta, eps, None, False, weight_decay_form)
-    phi = dict(decay=decay, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)
+    phi = dict(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)
     return _momentum_transform(_Config("tvlars", _schedule(learning_rate), beta, nesterov, weight_decay, adapt_mask,
-                                       decay_mask, on_nonfinite, trust, phi))
+                                       weight_decay_mask, on_nonfinite, trust, phi))
 
 
-def lamb(learning_rate, *, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0, adapt_mask=None, decay_mask=None,
+def lamb(learning_rate, *, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, adapt_mask=None, weight_decay_mask=None,
          on_nonfinite="raise"):
     r"""LAMB as an optax transformation.
 
@@ -406,7 +399,7 @@ def lamb(learning_rate, *, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0, adapt_m
         u_t = \frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon} + \lambda w_t, \quad
         \Delta w = -\gamma_t \frac{\|w_k\|}{\|u_k\|} u_t
 
-    Options as in :func:`lwrs.lamb`; the ratio is :func:`lwrs.trust_ratios.trust_ratios`
+    Options as in :func:`lwrs.lamb`; the ratio is :func:`lwrs.rates.layer_trust_ratios`
     with :math:`\eta = 1`.
 
     References: You et al. (2019), *Large Batch Optimization for Deep Learning:
@@ -422,9 +415,9 @@ def lamb(learning_rate, *, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0, adapt_m
     >>> round(float(state.diagnostics.trust_ratios[0]), 2)       # |w| / |u| with u ~ sign(g)
     3.54
     """
-    options = dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, on_nonfinite=on_nonfinite)
+    options = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, on_nonfinite=on_nonfinite)
     _validated(lwrs.lamb, learning_rate, **options)
-    cfg = _Config("lamb", _schedule(learning_rate), 0.0, True, weight_decay, adapt_mask, decay_mask, on_nonfinite)
+    cfg = _Config("lamb", _schedule(learning_rate), 0.0, True, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
 
     def init(params: Any) -> LambState:
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -447,12 +440,12 @@ def lamb(learning_rate, *, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0, adapt_m
                                     clars_denominators(w_norms, mean_norms, weight_decay=decays))
         ok = _nonfinite(cfg, layers, state.count, checks)
         t1 = (state.count + 1).astype(w_norms.dtype)
-        c1, c2 = 1.0 - b1 ** t1, 1.0 - b2 ** t1
-        m = tuple(b1 * mk + (1.0 - b1) * g for mk, g in zip(m_old, grads))
-        v = tuple(b2 * vk + (1.0 - b2) * (g * g) for vk, g in zip(v_old, grads))
+        c1, c2 = 1.0 - beta1 ** t1, 1.0 - beta2 ** t1
+        m = tuple(beta1 * mk + (1.0 - beta1) * g for mk, g in zip(m_old, grads))
+        v = tuple(beta2 * vk + (1.0 - beta2) * (g * g) for vk, g in zip(v_old, grads))
         u = tuple((mk / c1.astype(w.dtype)) / (jnp.sqrt(vk / c2.astype(w.dtype)) + eps) + (weight_decay * w if d and not _is_zero(weight_decay) else 0.0)
                   for mk, vk, w, d in zip(m, v, params_, decay))
-        ratios = trust_ratios(w_norms, _layer_norms(jnp, u), eta=1.0, adapt=adapt, grad_norms=g_norms)
+        ratios = layer_trust_ratios(w_norms, _layer_norms(jnp, u), eta=1.0, adapt=adapt, grad_norms=g_norms)
         lr = cfg.learning_rate(state.count)
         rates = lr * ratios
         increments = tuple(-rates[k].astype(w.dtype) * uk for k, (w, uk) in enumerate(zip(params_, u)))
