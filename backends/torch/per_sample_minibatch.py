@@ -35,7 +35,7 @@ def minibatch_norm_statistics(model: torch.nn.Module, loss_fn: Any, batches: Ite
     >>> stats.count, tuple(stats.sum_norms.shape)
     (4, (2,))
     """
-    from lwrs.statistics import NormStatistics
+    from lwrs import NormStatistics
 
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     s1 = torch.zeros(len(params), dtype=torch.float64)

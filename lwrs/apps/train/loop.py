@@ -1,6 +1,6 @@
 r"""``lwrs train``: one training run of a small model with an lwrs optimizer, and its metrics.
 
-:func:`train` runs a :class:`TrainConfig` on a :class:`~lwrs.backends.torch.data.Dataset`
+:func:`train` runs a :class:`TrainConfig` on a :class:`~lwrs.apps.train.data.Dataset`
 and returns a JSON-ready record: per epoch the train loss, the test loss and
 accuracy, and per layer the rate :math:`\gamma_k`, :math:`\|w_k\|`,
 :math:`\|\bar g_k\|`, the trust ratio, the CLARS factor and the gradient-variance
@@ -39,12 +39,11 @@ import torch
 import torch.nn.functional as F
 
 import lwrs
-from lwrs.train_config import DEFAULT_ETA, OPTIMIZERS, TrainConfig, factor_schedule
+from lwrs.backends.torch import CLARS, LAMB, LARS, MNAG, TVLARS, PerSampleNorms
 
+from .config import DEFAULT_ETA, OPTIMIZERS, TrainConfig, factor_schedule
 from .data import Dataset
 from .models import build_model, layer_names
-from .optim import CLARS, LAMB, LARS, MNAG, TVLARS
-from .per_sample import PerSampleNorms
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "train", "gradient_statistics", "evaluate"]
 
@@ -65,7 +64,7 @@ def _optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int
         recorder = PerSampleNorms(model)
         opt = CLARS(params, lr=lr, eta=eta, norm_source=recorder, **common)
     elif config.family == "tvlars":
-        opt = TVLARS(params, lr=lr, eta=eta, decay=config.tvlars_lambda,
+        opt = TVLARS(params, lr=lr, eta=eta, decay_coefficient=config.tvlars_lambda,
                      delay_steps=config.tvlars_delay_epochs * steps_per_epoch, **common)
     else:
         opt = LAMB(params, lr=lr, weight_decay=config.weight_decay)
@@ -114,7 +113,7 @@ def gradient_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     Examples
     --------
     >>> import torch
-    >>> from lwrs.backends.torch.models import mlp
+    >>> from lwrs.apps.train.models import mlp
     >>> _ = torch.manual_seed(0); net = mlp(4, 3, width=8)
     >>> s = gradient_statistics(net, torch.randn(64, 4), torch.randint(0, 3, (64,)))
     >>> all(r >= 1 for r in s["variance_ratio"]), all(0 < c <= 1 for c in s["clars_factor"])
@@ -180,7 +179,7 @@ def train(config: TrainConfig, data: Dataset, *, progress: bool = False) -> dict
 
     Examples
     --------
-    >>> from lwrs.backends.torch.data import load_digits
+    >>> from lwrs.apps.train.data import load_digits
     >>> cfg = TrainConfig(dataset="digits", model="mlp", optimizer="clars", batch_size=256, epochs=2,
     ...                   stats_samples=256)
     >>> rec = train(cfg, load_digits())

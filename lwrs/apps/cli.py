@@ -2,13 +2,13 @@
 
 * ``lwrs quadratic`` runs mGD, mNAG, LARS, LARS with warm-up, CLARS, TVLARS and
   LAMB on a layered quadratic whose constants are known, next to the theorems'
-  own method, and prints a table, a PNG and a JSON; see :mod:`lwrs.quadratic`.
+  own method, and prints a table, a PNG and a JSON; see :mod:`lwrs.apps.quadratic`.
 * ``lwrs train`` trains a small model on MNIST-1D or digits with one optimizer
   and writes per-epoch metrics (JSON) and plots; see
-  :mod:`lwrs.backends.torch.training`.
+  :mod:`lwrs.apps.train.loop`.
 * ``lwrs reproduce`` runs the papers' experiments at small scale with several
   seeds and writes figures, tables and a verdict per claim; see
-  :mod:`lwrs.backends.torch.reproduce`.
+  :mod:`lwrs.apps.reproduce`.
 
 ``train`` and ``reproduce`` need torch and the ``train`` extra.
 """
@@ -21,7 +21,8 @@ import pathlib
 import sys
 from collections.abc import Iterable, Sequence
 
-from . import theory
+from lwrs import theory
+
 from .quadratic import GRID, NAMESPACES, Run, compare_optimizers, default_problem, format_table, load_namespace, theory_run
 
 __all__ = ["main"]
@@ -84,7 +85,7 @@ def _add_train_parser(sub) -> None:
         "tvlars_delay_epochs": "TVLARS delay d_e in epochs",
         "stats_samples": "training samples for the per-epoch gradient-variance ratio (0: off)",
     }
-    from .train_config import TrainConfig
+    from .train.config import TrainConfig
 
     for f in fields(TrainConfig):
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], float)
@@ -144,7 +145,7 @@ def _environment(backend: str, extra: Sequence[str] = ()) -> dict[str, str]:
     import os
     import platform
 
-    from . import __version__
+    from lwrs import __version__
 
     versions = {"lwrs": __version__, "python": platform.python_version()}
     dists = ["numpy", "array-api-compat", {"torch": "torch", "jax": "jax",
@@ -234,15 +235,15 @@ def train_command(args: argparse.Namespace) -> int:
     """Run ``lwrs train``: one run, its per-epoch table, ``train.json`` and ``train.png``."""
     from dataclasses import fields
 
-    from .train_config import TrainConfig
+    from .train.config import TrainConfig
 
     try:
         config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     except ValueError as e:
         print(f"lwrs train: {e}", file=sys.stderr)
         return 2
-    from .backends.torch.data import load_dataset
-    from .backends.torch.training import train
+    from .train.data import load_dataset
+    from .train.loop import train
 
     data = load_dataset(config.dataset)
     try:
@@ -260,7 +261,7 @@ def train_command(args: argparse.Namespace) -> int:
     if record["diverged_epoch"] is not None:
         print(f"diverged in epoch {record['diverged_epoch']}: {record['divergence']}")
     args.out.mkdir(parents=True, exist_ok=True)
-    from .backends.torch.reproduce import write_json
+    from .records import write_json
 
     write_json(args.out / "train.json", record)
     _plot_train(args.out / "train.png", record)
@@ -306,25 +307,25 @@ def reproduce_command(args: argparse.Namespace) -> int:
     import dataclasses
     import time
 
-    from .backends.torch import reproduce as rp
+    from .reproduce import experiments, report, running
 
     if args.source is not None:
         record = json.loads(args.source.read_text())
     else:
-        from .backends.torch.data import load_mnist1d
+        from .train.data import load_mnist1d
 
         names = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = [n for n in names if n not in rp.EXPERIMENTS]
+        unknown = [n for n in names if n not in experiments.EXPERIMENTS]
         if unknown or not names:
-            print(f"lwrs reproduce: unknown experiments {unknown}; choose from {', '.join(rp.EXPERIMENTS)}",
+            print(f"lwrs reproduce: unknown experiments {unknown}; choose from {', '.join(experiments.EXPERIMENTS)}",
                   file=sys.stderr)
             return 2
         preset_name = "quick" if args.quick else "full"
-        preset = rp.PRESETS[preset_name]
-        jobs = args.jobs or rp.default_jobs()
+        preset = experiments.PRESETS[preset_name]
+        jobs = args.jobs or running.default_jobs()
         data = load_mnist1d()
         started = time.perf_counter()
-        results = rp.run_experiments(names, preset, data, jobs=jobs, progress=lambda name: _progress(f"reproduce {name}"))
+        results = running.run_experiments(names, preset, data, jobs=jobs, progress=lambda name: _progress(f"reproduce {name}"))
         record = {"command": _command_line("reproduce", args, skip=("out", "command", "source")),
                   "preset": preset_name, "preset_values": dataclasses.asdict(preset),
                   "jobs": jobs, "seconds": round(time.perf_counter() - started, 1),
@@ -332,7 +333,7 @@ def reproduce_command(args: argparse.Namespace) -> int:
                   "dataset": {"name": data.name, "checksum": data.checksum, "train": len(data.y_train),
                               "test": len(data.y_test)}, **results}
     args.out.mkdir(parents=True, exist_ok=True)
-    written = rp.render(record, args.out)
+    written = report.render(record, args.out)
     print((args.out / "report.md").read_text())
     print(f"Wrote {', '.join(written)} to {args.out}.")
     return 0

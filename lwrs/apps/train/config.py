@@ -2,7 +2,7 @@ r"""The configuration of one ``lwrs train`` run, and its learning-rate schedule.
 
 This module imports no array library: the command line reads :class:`TrainConfig`'s
 fields to build its options without importing torch. The training loop itself is
-:func:`lwrs.backends.torch.training.train`.
+:func:`lwrs.apps.train.loop.train`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from . import schedules
+from lwrs import schedules
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "DATASETS", "MODELS", "DEFAULT_ETA", "factor_schedule"]
 
@@ -27,7 +27,7 @@ _SCALINGS = ("linear", "sqrt", "none")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    r"""Everything that defines one run of :func:`lwrs.backends.torch.training.train`.
+    r"""Everything that defines one run of :func:`lwrs.apps.train.loop.train`.
 
     The peak global rate follows the scaling rule (Goyal et al. 2017 for linear;
     the TVLARS paper uses square root):
