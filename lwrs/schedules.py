@@ -22,7 +22,7 @@ from typing import Any
 
 from array_api_compat import array_namespace, is_array_api_obj
 
-from ._validation import check_hyperparameter
+from ._validation import check_hyperparameter, is_traced
 
 __all__ = [
     "Schedule",
@@ -428,8 +428,8 @@ def as_schedule(name: str, value: float | Schedule) -> Schedule:
     r"""A number becomes :func:`constant`; a callable is wrapped to check its output.
 
     The wrapped schedule raises ``ValueError`` naming ``name``, the step and
-    the value when the schedule returns a negative or non-finite rate. A rate
-    that is an array (a traced step) is returned unchecked: checking it would
+    the value when the schedule returns a negative or non-finite rate. For an
+    array step (tracing), an array rate is returned unchecked: checking it would
     need its value on the host.
 
     .. math:: \gamma_t \in [0, \infty) \ \text{checked at every step } t
@@ -449,8 +449,8 @@ def as_schedule(name: str, value: float | Schedule) -> Schedule:
 
     def checked(step: Any) -> Any:
         rate = value(step)
-        if is_array_api_obj(rate):
-            return rate
+        if is_array_api_obj(rate) and (is_array_api_obj(step) or is_traced(rate)):
+            return rate  # an array step (tracing): array arithmetic, no host read
         try:
             rate = float(rate)
         except (TypeError, ValueError):

@@ -242,3 +242,30 @@ def test_grad_and_vmap_through_a_step():
     np.testing.assert_allclose(np.asarray(jax.grad(loss)(w)[0]), expected, rtol=1e-12)
     batched = jax.vmap(lambda p: opt.step([p], [p], opt.init([p]))[0][0])(jnp.ones((3, 2, 2)))
     assert batched.shape == (3, 2, 2)
+
+
+def test_trust_ratio_options_may_be_traced_arrays():
+    jax.config.update("jax_enable_x64", True)
+    w, d, g = jnp.asarray([2.0, 3.0]), jnp.asarray([4.0, 1.0]), jnp.asarray([1.0, 1.0])
+
+    @jax.jit
+    def ratios(eta, eps, max_ratio):
+        return lwrs.layer_trust_ratios(w, d, eta=eta, eps=eps, max_ratio=max_ratio, grad_norms=g)
+
+    got = ratios(jnp.asarray(0.5), jnp.asarray(1.0), jnp.asarray(0.6))
+    expected = lwrs.layer_trust_ratios(np.asarray(w), np.asarray(d), eta=0.5, eps=1.0, max_ratio=0.6,
+                                       grad_norms=np.asarray(g))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-15)  # [0.2, 0.6]: the second is clipped
+    assert expected.tolist() == [0.2, 0.6]
+
+
+def test_larc_with_a_traced_rate():
+    jax.config.update("jax_enable_x64", True)
+    opt = lwrs.lars(S.linear_warmup(1.0, 2), eta=0.5, larc_clip=True, beta=0.0, on_nonfinite="skip")
+    w, g = [np.array([[3.0, 4.0]])], [np.array([[0.0, 10.0]])]
+    eager = [opt.step(w, g, opt.init(w, step=t))[2].rates for t in range(3)]
+    step = jax.jit(lambda p, q, s: opt.step(p, q, s)[2].rates)
+    traced = [step([jnp.asarray(w[0])], [jnp.asarray(g[0])], opt.init(w, step=jnp.asarray(t))) for t in range(3)]
+    for a, b in zip(traced, eager):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-14)
+    assert [float(r[0]) for r in eager] == [0.0, 0.25, 0.25]  # min(eta |w| / |g|, lr) with lr = 0, 0.5, 1
