@@ -25,7 +25,7 @@ def load():
     try:
         # built on the machine that runs it, so -march=native is safe and lets the loops use its vector units
         # at::parallel_for expands to an OpenMP pragma here, so the extension itself needs -fopenmp
-        return build(name="lwrs_fused_cpu", sources=[str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        return build(name="lwrs_fused_cpu_v2", sources=[str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                      extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # a missing compiler or ninja: say so plainly
         raise RuntimeError(f"fused=True needs the lwrs CPU extension, which failed to build: {err}") from err
