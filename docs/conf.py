@@ -13,6 +13,8 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # copies the MathJax it bundles into _static/mathjax and points mathjax_path there: no CDN
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "sphinx.ext.doctest",
 ]

@@ -322,16 +322,28 @@ def test_a_layer_used_twice_is_refused():
         layer(layer(torch.randn(2, 3, dtype=torch.float64)))
 
 
-def test_statistics_feed_the_core_clars():
-    """PerSampleNorms.norm_statistics is a NormStatistics whose mean_norms is S1 (count 1)."""
-    model, x, y = setup("mlp-inplace-relu")
-    norms = PerSampleNorms(model)
-    loss_fn(model, x, y).backward()
+@pytest.mark.parametrize("fused", [False, True], ids=["hooks", "fused"])
+def test_statistics_follow_the_core_convention(fused):
+    """norm_statistics: S1 = sum_i |g_i|, S2 = sum_i |g_i|^2, count = N (torch.func per-sample gradients g_i),
+    over two accumulated micro-batches; mean_norms() is the CLARS denominator in p.grad units (mean loss)."""
+    model, x, y = setup("long-sequence")
+    norms = PerSampleNorms(model, fused=fused)
+    for part in (slice(0, 2), slice(2, 6)):
+        (((model(x[part]) - y[part]) ** 2).sum() / B).backward()
     stats = norms.norm_statistics(model.parameters())
-    assert isinstance(stats, lwrs.NormStatistics) and stats.count == 1
-    want = oracle(model, x, y)
-    torch.testing.assert_close(stats.mean_norms(), torch.stack([want[p][0] for p in model.parameters()]),
+    assert isinstance(stats, lwrs.NormStatistics) and stats.count == B
+    per_sample = oracle(model, x, y, reduction="sum")  # gradients of each sample's own loss
+    in_grad_units = oracle(model, x, y)
+    params = list(model.parameters())
+    torch.testing.assert_close(stats.sum_norms, torch.stack([per_sample[p][0] for p in params]), rtol=1e-10, atol=0)
+    torch.testing.assert_close(stats.sum_squared_norms, torch.stack([per_sample[p][1] for p in params]),
                                rtol=1e-10, atol=0)
+    torch.testing.assert_close(stats.mean_norms(), torch.stack([in_grad_units[p][0] for p in params]),
+                               rtol=1e-10, atol=0)
+    # merging with the core's own statistics of the same samples doubles the sums and the count, same means
+    merged = lwrs.merge_statistics(stats, stats)
+    assert merged.count == 2 * B
+    torch.testing.assert_close(merged.mean_norms(), stats.mean_norms(), rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["hooks", "fused"])

@@ -4,11 +4,15 @@ r"""Exact per-sample gradient norms during the ordinary backward pass, for CLARS
 :math:`k`, the sums over samples :math:`i` of the norms of sample :math:`i`'s
 contribution :math:`c_{ik}` to ``p.grad``, exactly as autograd accumulates it:
 
-.. math:: S^{(1)}_k = \sum_i \|c_{ik}\|, \qquad S^{(2)}_k = \sum_i \|c_{ik}\|^2 .
+.. math:: \sum_i \|c_{ik}\|, \qquad \sum_i \|c_{ik}\|^2 .
 
-For a mean-reduced loss over :math:`B` samples, :math:`c_{ik} = g_{ik}/B`, so
-:math:`S^{(1)}_k = \frac1B\sum_i\|g_{ik}\|` is the CLARS denominator (eq. 5) in
-the units of ``p.grad``. The ratio :math:`\|\texttt{p.grad}\| / S^{(1)}_k` does
+For a mean-reduced loss over :math:`N` samples, :math:`c_{ik} = g_{ik}/N`, so
+:math:`\sum_i \|c_{ik}\| = \frac1N\sum_i\|g_{ik}\|` is the CLARS denominator
+(eq. 5) in the units of ``p.grad``. :meth:`PerSampleNorms.norm_statistics`
+returns them in the core's convention, :math:`S^{(1)}_k = \sum_i\|g_{ik}\|`,
+:math:`S^{(2)}_k = \sum_i\|g_{ik}\|^2` and ``count`` :math:`= N` with
+:math:`g_{ik} = N c_{ik}`, so that ``mean_norms()`` is that denominator. The ratio
+:math:`\|\texttt{p.grad}\| / \sum_i \|c_{ik}\|` does
 not depend on the loss reduction or on an accumulation divisor. Statistics add
 over backward passes, so gradient accumulation over micro-batches gives the
 statistics of the accumulated batch; :meth:`PerSampleNorms.reset` clears them
@@ -275,6 +279,7 @@ class PerSampleNorms:
         """Forget the statistics (call it when the gradients are zeroed)."""
         self._s1: dict[torch.nn.Parameter, torch.Tensor] = {}
         self._s2: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._n: dict[torch.nn.Parameter, int] = {}  # samples recorded per parameter (summed over passes)
         self._pending: dict[int, int] = {}
 
     def remove(self) -> None:
@@ -364,13 +369,14 @@ class PerSampleNorms:
         if p in self._s1:
             self._s1[p] = self._s1[p] + s1
             self._s2[p] = self._s2[p] + s2
+            self._n[p] += sq.shape[0]
         else:
-            self._s1[p], self._s2[p] = s1, s2
+            self._s1[p], self._s2[p], self._n[p] = s1, s2, sq.shape[0]
 
     # ---- results -------------------------------------------------------------------------------
 
     def sums(self, params: Iterable[torch.nn.Parameter], *, scale: float = 1.0) -> dict[torch.nn.Parameter, tuple]:
-        r"""``param -> (S1, S2)`` in the units of ``p.grad``, divided by ``scale`` and ``scale**2``.
+        r"""``param -> (sum_i |c_i|, sum_i |c_i|^2)``, the contributions to ``p.grad``, divided by ``scale`` and ``scale**2``.
 
         ``scale`` is a loss scale still inside the gradients (e.g. a
         GradScaler's before ``unscale_``); the default 1 means none.
@@ -391,23 +397,37 @@ class PerSampleNorms:
         return out
 
     def norm_statistics(self, params: Iterable[torch.nn.Parameter], *, scale: float = 1.0):
-        """The statistics of ``params``, in order, as a :class:`lwrs.NormStatistics` in ``p.grad`` units.
+        r"""The statistics of ``params``, in order, as a :class:`lwrs.NormStatistics`.
 
-        ``mean_norms()`` is :math:`S^{(1)}_k`, the CLARS denominator (``count`` is 1).
+        The convention of the core: with :math:`N` the number of samples
+        recorded since the last reset (summed over micro-batches and, with
+        ``all_reduce``, over ranks) and :math:`g_{ik} = N c_{ik}` the per-sample
+        gradients in the units of ``p.grad`` (exactly so for a mean-reduced loss),
+
+        .. math:: S^{(1)}_k = \sum_i \|g_{ik}\|, \qquad S^{(2)}_k = \sum_i \|g_{ik}\|^2, \qquad \text{count} = N,
+
+        so ``mean_norms()`` is :math:`\frac1N\sum_i\|g_{ik}\|` = :math:`\sum_i\|c_{ik}\|`,
+        the CLARS denominator (eq. 5) in the units of ``p.grad``, whatever the
+        loss reduction, and ``merge_statistics`` of two recorders' statistics
+        is the statistics of the union of their samples.
         """
-        from lwrs.statistics import NormStatistics
+        from lwrs import NormStatistics
 
         params = list(params)
         sums = self.sums(params, scale=scale)
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         s1 = torch.stack([sums[p][0].to(dtype) for p in params])
         s2 = torch.stack([sums[p][1].to(dtype) for p in params])
+        count = max((self._n.get(p, 0) for p in params), default=0)
+        if count == 0:  # BatchNorm parameters only: one "sample", the batch gradient
+            count = 1
         if self._distributed():
             world = torch.distributed.get_world_size()
             both = torch.cat([s1, s2])
             torch.distributed.all_reduce(both)  # one collective per step
             s1, s2 = both[: len(params)] / world, both[len(params):] / world**2
-        return NormStatistics(s1, s2, 1)
+            count *= world  # equal local batch sizes, as DistributedDataParallel's averaging assumes
+        return NormStatistics(s1 * count, s2 * (count * count), count)
 
     def _distributed(self) -> bool:
         dist = torch.distributed
@@ -443,7 +463,7 @@ def minibatch_norm_statistics(model: torch.nn.Module, loss_fn: Any, batches: Ite
     >>> stats.count, tuple(stats.sum_norms.shape)
     (4, (2,))
     """
-    from lwrs.statistics import NormStatistics
+    from lwrs.norm_statistics import NormStatistics
 
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     s1 = torch.zeros(len(params), dtype=torch.float64)

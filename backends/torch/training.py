@@ -65,7 +65,7 @@ def _optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int
         recorder = PerSampleNorms(model)
         opt = CLARS(params, lr=lr, eta=eta, norm_source=recorder, **common)
     elif config.family == "tvlars":
-        opt = TVLARS(params, lr=lr, eta=eta, decay=config.tvlars_lambda,
+        opt = TVLARS(params, lr=lr, eta=eta, decay_coefficient=config.tvlars_lambda,
                      delay_steps=config.tvlars_delay_epochs * steps_per_epoch, **common)
     else:
         opt = LAMB(params, lr=lr, weight_decay=config.weight_decay)
