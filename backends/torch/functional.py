@@ -6,7 +6,7 @@ takes the parameters, gradients and state tensors of one group and updates them
 in place. It picks one of three implementations of the same kernels:
 
 * ``"reference"`` (``foreach=False``): the core's own functions on the tensors
-  (:func:`lwrs.layer_norms`, :func:`lwrs.trust_ratios.layer_rates`,
+  (:func:`lwrs.layer_norms`, :func:`lwrs.rates.layer_rates`,
   :func:`lwrs.momentum_step`), results copied back;
 * ``"foreach"`` (the default): the same formulas, in place, with one fused
   squared-norm pass per list and, on the CPU, BLAS ``axpby`` updates;
@@ -14,7 +14,7 @@ in place. It picks one of three implementations of the same kernels:
   :mod:`lwrs.backends.torch.fused`.
 
 The per-layer rates are always computed by the core's
-:func:`lwrs.trust_ratios.layer_rates` from the norms; the kernels here only take
+:func:`lwrs.rates.layer_rates` from the norms; the kernels here only take
 norms and apply CLARS eq. (4). The tests check each kernel against the core.
 
 A step has three phases, which the optimizer classes run for every parameter
@@ -32,7 +32,15 @@ import torch
 
 import lwrs
 from lwrs.diagnostics import LayerDiagnostics
-from lwrs.trust_ratios import TrustOptions, layer_rates, statistics_dtype
+from lwrs.rates import (
+    TrustOptions,
+    clars_denominators,
+    clars_factors,
+    lars_denominators,
+    layer_rates,
+    layer_trust_ratios,
+    statistics_dtype,
+)
 
 __all__ = [
     "squared_norms",
@@ -45,6 +53,9 @@ __all__ = [
     "clars",
     "tvlars",
     "lamb",
+    "LambPlan",
+    "plan_lamb",
+    "apply_lamb",
 ]
 
 _CHUNK = 1 << 16  # elements per chunk of g + lambda w (256 KiB in float32): formed in a small scratch buffer
@@ -87,7 +98,8 @@ def _decayed_sq(w: torch.Tensor, g: torch.Tensor, lam: float, dtype: torch.dtype
     total = torch.zeros((), dtype=torch.float64, device=g.device)
     for start in range(0, gf.numel(), _CHUNK):
         n = min(_CHUNK, gf.numel() - start)
-        part = torch.add(gf[start:start + n], wf[start:start + n], alpha=lam, out=buf[:n])
+        part = torch.mul(wf[start:start + n], lam, out=buf[:n])  # lambda w, then + g: the core's rounding
+        part += gf[start:start + n]
         total += _sq(part, part.dtype if part.dtype in (torch.float32, torch.float64) else torch.float32)
     return total.to(dtype)
 
@@ -146,6 +158,7 @@ class MomentumPlan(NamedTuple):
 
     diagnostics: LayerDiagnostics
     decays: tuple[float, ...]
+    direction_norms: torch.Tensor  # |g + lambda w| per layer (|g| where lambda is 0)
     finite: torch.Tensor  # 0-d bool: every norm, statistic, rate and the update's bound is finite
     checks: tuple[tuple[str, torch.Tensor], ...]  # (what, per-layer values) for the error message
 
@@ -169,7 +182,7 @@ def plan_momentum(params, grads, buffers, *, lr: Any, momentum: float, nesterov:
                   step: Any = 0, implementation: str = "foreach") -> MomentumPlan:
     r"""Norms and per-layer rates of one mNAG-family step (no side effect).
 
-    .. math:: \gamma_k = \gamma_t\, r_k \qquad\text{(CLARS eq. 3 and 5, via :func:`lwrs.trust_ratios.layer_rates`)}
+    .. math:: \gamma_k = \gamma_t\, r_k \qquad\text{(CLARS eq. 3 and 5, via :func:`lwrs.rates.layer_rates`)}
 
     ``lr`` is :math:`\gamma_t` (a number, a 0-d tensor, or a 1-D tensor with one entry
     per layer); ``norms`` is the result of :func:`squared_norms` when the caller took it.
@@ -178,10 +191,9 @@ def plan_momentum(params, grads, buffers, *, lr: Any, momentum: float, nesterov:
         norms = squared_norms(params, grads, buffers, decays if options.weight_decay_form == "norm_of_sum" else None,
                               implementation=implementation)
     w_norms, g_norms, b_norms, dir_norms = norms.sqrt().unbind(0)
-    direction_norms = dir_norms if options.weight_decay_form == "norm_of_sum" and any(decays) else None
-    if direction_norms is not None:  # layers without decay: the direction is the gradient itself
-        has = torch.tensor([bool(x) for x in decays], device=w_norms.device)
-        direction_norms = torch.where(has, direction_norms, g_norms)
+    has = torch.tensor([bool(x) for x in decays], device=w_norms.device)
+    all_directions = torch.where(has, dir_norms, g_norms)  # layers without decay: the direction is the gradient
+    direction_norms = all_directions if options.weight_decay_form == "norm_of_sum" and any(decays) else None
     per_layer_lr = isinstance(lr, torch.Tensor) and lr.ndim == 1
     scalar_lr = lr if not (options.larc_clip and isinstance(lr, torch.Tensor)) else float(lr)
     lars_r, factors, rates = layer_rates(w_norms, g_norms, learning_rate=1.0 if per_layer_lr else scalar_lr,
@@ -198,9 +210,8 @@ def plan_momentum(params, grads, buffers, *, lr: Any, momentum: float, nesterov:
         checks.append(("mean per-sample gradient norm", mean_norms))
     checks.append(("step size (the update would overflow)", torch.where(bound, rates, torch.full_like(rates, torch.inf))))
     finite = torch.stack([torch.isfinite(v).all() for _, v in checks]).all()
-    report_lr = lr if isinstance(lr, (int, float)) else lr
-    diag = LayerDiagnostics(w_norms, g_norms, lars_r, factors, rates, report_lr, step)
-    return MomentumPlan(diag, tuple(decays), finite, tuple(checks))
+    diag = LayerDiagnostics(w_norms, g_norms, lars_r, factors, rates, lr, step)
+    return MomentumPlan(diag, tuple(decays), all_directions, finite, tuple(checks))
 
 
 def first_problem(checks: Sequence[tuple[str, torch.Tensor]], names: Sequence[str]) -> str | None:
@@ -306,8 +317,8 @@ def _masks(params, adapt, decays, weight_decay):
     return adapt, decays
 
 
-def mnag(params, grads, momentum_buffers, *, lr, momentum=0.9, weight_decay=0.0, nesterov=True, decay_mask=None,
-         foreach=None, fused=None) -> LayerDiagnostics:
+def mnag(params, grads, momentum_buffers, *, lr, momentum=0.9, weight_decay=0.0, nesterov=True,
+         weight_decay_mask=None, foreach=None, fused=None) -> LayerDiagnostics:
     r"""mNAG (CLARS eq. 2/4) on lists of tensors, in place: one rate :math:`\gamma_t` = ``lr`` for every layer.
 
     Raises :class:`lwrs.NonFiniteError` (and changes nothing) when a norm or the step is not finite.
@@ -319,7 +330,7 @@ def mnag(params, grads, momentum_buffers, *, lr, momentum=0.9, weight_decay=0.0,
     >>> _ = mnag([w], [g], [d], lr=0.1, momentum=0.9); w
     tensor([0.8100, 0.8100])
     """
-    _, decays = _masks(params, None, decay_mask, weight_decay)
+    _, decays = _masks(params, None, weight_decay_mask, weight_decay)
     return _one_step(params, grads, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov,
                      options=TrustOptions("none"), adapt=[False] * len(params), decays=decays, foreach=foreach,
                      fused=fused)
@@ -327,12 +338,12 @@ def mnag(params, grads, momentum_buffers, *, lr, momentum=0.9, weight_decay=0.0,
 
 def lars(params, grads, momentum_buffers, *, lr, momentum=0.9, eta=1e-3, weight_decay=0.0,
          weight_decay_form="sum_of_norms", eps=0.0, max_ratio=None, larc_clip=False, nesterov=True,
-         adapt_mask=None, decay_mask=None, foreach=None, fused=None) -> LayerDiagnostics:
+         adapt_mask=None, weight_decay_mask=None, foreach=None, fused=None) -> LayerDiagnostics:
     r"""LARS (CLARS eq. 3) on lists of tensors, in place.
 
     .. math:: \gamma_k = \gamma_t\,\eta\,\frac{\|w_k\|}{\|\bar g_k\| + \lambda\|w_k\| + \epsilon}
 
-    ``adapt_mask``/``decay_mask`` are lists of bools (default: adapt layers with ``ndim > 1``,
+    ``adapt_mask``/``weight_decay_mask`` are lists of bools (default: adapt layers with ``ndim > 1``,
     decay all).
 
     Examples
@@ -342,7 +353,7 @@ def lars(params, grads, momentum_buffers, *, lr, momentum=0.9, eta=1e-3, weight_
     >>> lars([w], [g], [d], lr=1.0, momentum=0.0, eta=0.5).rates
     tensor([0.2500])
     """
-    adapt, decays = _masks(params, adapt_mask, decay_mask, weight_decay)
+    adapt, decays = _masks(params, adapt_mask, weight_decay_mask, weight_decay)
     options = TrustOptions("lars", eta, eps, max_ratio, larc_clip, weight_decay_form)
     return _one_step(params, grads, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov, options=options,
                      adapt=adapt, decays=decays, foreach=foreach, fused=fused)
@@ -350,7 +361,7 @@ def lars(params, grads, momentum_buffers, *, lr, momentum=0.9, eta=1e-3, weight_
 
 def clars(params, grads, momentum_buffers, *, norm_stats, lr, momentum=0.9, eta=1e-2, weight_decay=0.0,
           weight_decay_form="sum_of_norms", eps=0.0, max_ratio=None, larc_clip=False, nesterov=True,
-          adapt_mask=None, decay_mask=None, foreach=None, fused=None) -> LayerDiagnostics:
+          adapt_mask=None, weight_decay_mask=None, foreach=None, fused=None) -> LayerDiagnostics:
     r"""CLARS (CLARS eq. 5) on lists of tensors, in place; ``norm_stats`` is a :class:`lwrs.NormStatistics`.
 
     .. math:: \gamma_k = \gamma_t\,\eta\,\frac{\|w_k\|}{\frac1B\sum_i\|g_{ik}\| + \lambda\|w_k\| + \epsilon}
@@ -363,7 +374,7 @@ def clars(params, grads, momentum_buffers, *, norm_stats, lr, momentum=0.9, eta=
     >>> clars([w], [g], [d], norm_stats=stats, lr=1.0).clars_factors
     tensor([0.5000])
     """
-    adapt, decays = _masks(params, adapt_mask, decay_mask, weight_decay)
+    adapt, decays = _masks(params, adapt_mask, weight_decay_mask, weight_decay)
     options = TrustOptions("clars", eta, eps, max_ratio, larc_clip, weight_decay_form)
     mean = (norm_stats.sum_norms / norm_stats.count).to(_stat_dtype(params))
     return _one_step(params, grads, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov, options=options,
@@ -372,7 +383,7 @@ def clars(params, grads, momentum_buffers, *, norm_stats, lr, momentum=0.9, eta=
 
 def tvlars(params, grads, momentum_buffers, *, step, lr, decay_coefficient, delay_steps, alpha=1.0, gamma_min=0.0,
            momentum=0.9, eta=1e-3, weight_decay=0.0, weight_decay_form="sum_of_norms", eps=0.0, nesterov=True,
-           adapt_mask=None, decay_mask=None, foreach=None, fused=None) -> LayerDiagnostics:
+           adapt_mask=None, weight_decay_mask=None, foreach=None, fused=None) -> LayerDiagnostics:
     r"""TVLARS (TVLARS Algorithm 1) on lists of tensors, in place: LARS at :math:`\gamma_t = \gamma_{target}\phi_t`.
 
     .. math:: \phi_t = \frac{1}{\alpha + e^{\lambda(t - d_e)}} + \gamma_{\min}
@@ -386,11 +397,116 @@ def tvlars(params, grads, momentum_buffers, *, step, lr, decay_coefficient, dela
     >>> tvlars([w], [g], [d], step=0, lr=1.0, decay_coefficient=0.01, delay_steps=0).learning_rate
     0.5
     """
-    phi = lwrs.schedules.tvlars_factor(decay=decay_coefficient, delay_steps=delay_steps, alpha=alpha,
+    phi = lwrs.schedules.tvlars_factor(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha,
                                        gamma_min=gamma_min)
     return lars(params, grads, momentum_buffers, lr=lr * phi(step), momentum=momentum, eta=eta,
                 weight_decay=weight_decay, weight_decay_form=weight_decay_form, eps=eps, nesterov=nesterov,
-                adapt_mask=adapt_mask, decay_mask=decay_mask, foreach=foreach, fused=fused)
+                adapt_mask=adapt_mask, weight_decay_mask=weight_decay_mask, foreach=foreach, fused=fused)
 
 
-from ._lamb import lamb  # noqa: E402  (LAMB's kernels, split out to keep files short)
+# ---- LAMB: the new moments and direction are formed out of place and committed only after the checks ----
+
+
+class LambPlan(NamedTuple):
+    """What :func:`plan_lamb` computed for one group, committed by :func:`apply_lamb`."""
+
+    diagnostics: LayerDiagnostics
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+    directions: list[torch.Tensor]
+    finite: torch.Tensor
+    checks: tuple[tuple[str, torch.Tensor], ...]
+
+
+def _moments(grads, exp_avg, exp_avg_sq, b1, b2, foreach):
+    if foreach:
+        m = torch._foreach_mul(exp_avg, b1)
+        torch._foreach_add_(m, grads, alpha=1.0 - b1)
+        v = torch._foreach_mul(exp_avg_sq, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
+        return m, v
+    return ([b1 * mk + (1.0 - b1) * g for mk, g in zip(exp_avg, grads)],
+            [b2 * vk + (1.0 - b2) * (g * g) for vk, g in zip(exp_avg_sq, grads)])
+
+
+def plan_lamb(params, grads, exp_avg, exp_avg_sq, *, lr: Any, betas: tuple[float, float], eps: float,
+              adapt: Sequence[bool], decays: Sequence[float], steps: Sequence[Any], mean_norms: Any = None,
+              implementation: str = "foreach") -> LambPlan:
+    r"""LAMB's moments, direction and per-layer rates for one group (no side effect).
+
+    .. math::
+
+        m &= \beta_1 m + (1-\beta_1) g, \quad v = \beta_2 v + (1-\beta_2) g^2, \quad
+        u = \frac{m / (1-\beta_1^{t})}{\sqrt{v / (1-\beta_2^{t})} + \epsilon} + \lambda w, \\
+        \gamma_k &= \gamma_t \frac{\|w_k\|}{\|u_k\|}
+
+    (You et al. 2019, Algorithm 2); ``steps`` holds each layer's :math:`t - 1`.
+    """
+    b1, b2 = betas
+    dtype = _stat_dtype(params)
+    norms = squared_norms(params, grads, implementation="foreach" if implementation == "fused" else implementation)
+    w_norms, g_norms = norms[0].sqrt(), norms[1].sqrt()
+    m, v = _moments(grads, exp_avg, exp_avg_sq, b1, b2, implementation == "foreach")
+    u = []
+    for mk, vk, w, lam, t in zip(m, v, params, decays, steps):
+        c1, c2 = 1.0 - b1 ** (t + 1), 1.0 - b2 ** (t + 1)
+        uk = (mk / c1) / ((vk / c2).sqrt() + eps)
+        u.append(uk + lam * w if lam else uk)
+    state_norms = squared_norms(u, m, v, dtype=dtype).sqrt()
+    u_norms = state_norms[0]
+    ratios = layer_trust_ratios(w_norms, u_norms, eta=1.0, adapt=list(adapt), grad_norms=g_norms)
+    rates = lr * ratios
+    factors = torch.ones_like(w_norms)
+    checks = [("parameter norm", w_norms), ("gradient norm", g_norms), ("first moment norm", state_norms[1]),
+              ("second moment norm", state_norms[2]), ("direction norm", u_norms)]
+    if mean_norms is not None:  # reported, not used: LAMB has no per-sample term
+        factors = clars_factors(lars_denominators(w_norms, g_norms, weight_decay=list(decays)),
+                                clars_denominators(w_norms, mean_norms, weight_decay=list(decays)))
+        checks.append(("mean per-sample gradient norm", mean_norms))
+    limit = torch.tensor([torch.finfo(p.dtype).max for p in params], dtype=dtype, device=w_norms.device)
+    new_bound = w_norms + rates * u_norms
+    checks.append(("step size (the update would overflow)",
+                   torch.where(torch.isfinite(new_bound) & (new_bound <= limit), rates, torch.full_like(rates, torch.inf))))
+    finite = torch.stack([torch.isfinite(c).all() for _, c in checks]).all()
+    diag = LayerDiagnostics(w_norms, g_norms, ratios, factors, rates, lr, steps[0] if steps else 0)
+    return LambPlan(diag, m, v, u, finite, tuple(checks))
+
+
+def apply_lamb(params, exp_avg, exp_avg_sq, plan: LambPlan, ok: torch.Tensor | None = None) -> None:
+    r"""Commit a :class:`LambPlan`: :math:`w_k \leftarrow w_k - \gamma_k u_k` and the new moments, in place.
+
+    With ``ok`` (a 0-d bool tensor), the old values are kept where it is false (the sync-free skip).
+    """
+    rates = plan.diagnostics.rates
+    for k, (p, m, v) in enumerate(zip(params, exp_avg, exp_avg_sq)):
+        new_w = p - rates[k].to(p.dtype) * plan.directions[k]
+        new_m, new_v = plan.exp_avg[k], plan.exp_avg_sq[k]
+        if ok is not None:
+            new_w, new_m, new_v = torch.where(ok, new_w, p), torch.where(ok, new_m, m), torch.where(ok, new_v, v)
+        p.copy_(new_w)
+        m.copy_(new_m)
+        v.copy_(new_v)
+
+
+def lamb(params, grads, exp_avg, exp_avg_sq, *, step, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+         adapt_mask=None, weight_decay_mask=None, foreach=None) -> LayerDiagnostics:
+    r"""LAMB (You et al. 2019) on lists of tensors, in place; ``step`` is the number of steps already made.
+
+    .. math:: w \leftarrow w - \gamma_t \frac{\|w\|}{\|u\|} u, \qquad
+              u = \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \lambda w
+
+    Examples
+    --------
+    >>> import torch
+    >>> w, g = torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, -1.0]])
+    >>> m, v = torch.zeros(1, 2), torch.zeros(1, 2)
+    >>> round(float(lamb([w], [g], [m], [v], step=0, lr=0.1).trust_ratios[0]), 4)
+    3.5355
+    """
+    adapt, decays = _masks(params, adapt_mask, weight_decay_mask, weight_decay)
+    plan = plan_lamb(params, grads, exp_avg, exp_avg_sq, lr=lr, betas=betas, eps=eps, adapt=adapt, decays=decays,
+                     steps=[step] * len(params), implementation=implementation(foreach, None))
+    if not bool(plan.finite):
+        raise lwrs.NonFiniteError(first_problem(plan.checks, [str(k) for k in range(len(params))]))
+    apply_lamb(params, exp_avg, exp_avg_sq, plan)
+    return plan.diagnostics
