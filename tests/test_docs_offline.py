@@ -74,3 +74,18 @@ def test_math_pages_load_the_bundled_mathjax_and_its_fonts(site):
     script = site / mathjax
     assert script.is_file() and script.stat().st_size > 100_000, "MathJax itself, not a loader that fetches it"
     assert any((script.parent / "output" / "chtml" / "fonts").rglob("*.woff")), "MathJax's fonts are bundled"
+
+
+def test_the_changelog_and_the_extras_table_are_in_the_site(site):
+    """docs/changelog.rst includes CHANGELOG.md, and the quick start the README's extras table."""
+    import tomllib
+
+    changelog = (site / "changelog.html").read_text(encoding="utf-8")
+    assert "0.2.0 (unreleased)" in changelog
+    bullets = [line for line in (ROOT / "CHANGELOG.md").read_text(encoding="utf-8").splitlines() if line.startswith("- ")]
+    assert bullets and changelog.count("<li>") >= len(bullets)
+    quickstart = (site / "quickstart.html").read_text(encoding="utf-8")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    table = quickstart.split("What each extra installs", 1)[1].split("</table>", 1)[0]
+    for extra in extras:
+        assert f"<span class=\"pre\">{extra}</span>" in table, extra

@@ -22,14 +22,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import optimizers as opt
-from ._validation import NonFiniteError
-from .momentum import momentum_step, zeros_like_layers
-from .problems import LayeredQuadratic, sample_indices
-from .schedules import warmup_polynomial
-from .norm_statistics import per_sample_norm_statistics
-from .theory import ProblemConstants, convergence_criterion, rates_meet_theorem2
-from .rates import layer_norms
+import lwrs as opt
+from lwrs import NonFiniteError, layer_norms, momentum_step, per_sample_norm_statistics, zeros_like_layers
+from lwrs.problems import LayeredQuadratic, sample_indices
+from lwrs.schedules import warmup_polynomial
+from lwrs.theory import ProblemConstants, convergence_criterion, rates_meet_theorem2
 
 __all__ = [
     "NAMESPACES",
