@@ -36,6 +36,8 @@ from lwrs.optimizers import LambState, MomentumState, _first_nonfinite
 from lwrs.statistics import NormStatistics
 from lwrs.trust_ratios import TrustOptions, clars_denominators, clars_factors, lars_denominators, layer_rates, trust_ratios
 
+from . import distributed
+
 __all__ = ["MNAG", "LARS", "CLARS", "TVLARS", "LAMB"]
 
 
@@ -119,8 +121,15 @@ class _Layerwise(torch.optim.Optimizer):
     def _reference_step(self, group, params, stats) -> LayerDiagnostics:
         state_before = self._core_state(params)
         opt = self._core(group)
-        new_params, new_state, diag = opt.step([p.detach() for p in params], [p.grad for p in params],
+        sharded = distributed.is_sharded(params)  # DTensors: the core runs on the gathered tensors
+        if sharded:
+            state_before = distributed.gather_state(state_before)
+        new_params, new_state, diag = opt.step([distributed.gather(p.detach()) for p in params],
+                                               [distributed.gather(p.grad) for p in params],
                                                state_before, norm_stats=stats)
+        if sharded:
+            new_params = [distributed.shard_like(w, p) for w, p in zip(new_params, params)]
+            new_state = distributed.shard_state(new_state, params)
         if not diag.skipped:
             for p, w in zip(params, new_params):
                 p.copy_(w)
@@ -148,7 +157,7 @@ class _Layerwise(torch.optim.Optimizer):
         t = self._step_count(params)
         stat_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         dots = None
-        if self.fused:
+        if self.fused and not distributed.is_sharded(params):  # DTensors take the foreach path
             from . import fused
 
             fused.check_fusable(params, grads)
@@ -157,8 +166,7 @@ class _Layerwise(torch.optim.Optimizer):
             w_norms, g_norms = sums[:, 0].sqrt().to(stat_dtype), sums[:, 1].sqrt().to(stat_dtype)
             dots = sums[:, 2].to(stat_dtype)
         else:
-            w_norms = torch.stack(torch._foreach_norm(params, dtype=stat_dtype))
-            g_norms = torch.stack(torch._foreach_norm(grads, dtype=stat_dtype))
+            w_norms, g_norms = _layer_norms([params, grads], stat_dtype)
         lr = self._global_rate(group, t)
         if stats is None and self.kind == "clars":
             raise ValueError("CLARS needs per-sample norm statistics: pass norm_source= or step(norm_stats=...)")
@@ -176,7 +184,9 @@ class _Layerwise(torch.optim.Optimizer):
         direction_norms = None
         if group["weight_decay_form"] == "norm_of_sum" and any(decays):
             # |g + wd w|^2 = |g|^2 + 2 wd <g, w> + wd^2 |w|^2, without forming g + wd w
-            if dots is None:
+            if dots is None and distributed.is_sharded(params):
+                dots = distributed.layer_dots(grads, params, stat_dtype)  # whole layers: a second collective
+            elif dots is None:
                 dots = torch.stack([torch.dot(g.reshape(-1), w.reshape(-1)).to(stat_dtype)
                                     for g, w in zip(grads, params)])
             lam = torch.tensor(decays, dtype=stat_dtype, device=w_norms.device)
@@ -186,16 +196,25 @@ class _Layerwise(torch.optim.Optimizer):
         lars_r, factors, rates = layer_rates(w_norms, g_norms, learning_rate=lr, options=options, adapt=adapt,
                                              weight_decays=decays, direction_norms=direction_norms,
                                              mean_norms=mean_norms)
-        if self.fused:
+        if self.fused and not distributed.is_sharded(params):
             from . import fused
 
             lam = torch.tensor(decays, dtype=torch.float64)
             fused.load().mnag_update(params, grads, bufs, rates, lam, float(group["momentum"]), bool(group["nesterov"]))
-        else:
-            _foreach_update(params, grads, bufs, rates, decays, group["momentum"], group["nesterov"])
+        else:  # elementwise: on the local shards of DTensors
+            _foreach_update(*map(distributed.local, (params, grads, bufs)), rates, decays, group["momentum"],
+                            group["nesterov"])
         for p in params:
             self.state[p]["step"] = t + 1
         return LayerDiagnostics(w_norms, g_norms, lars_r, factors, rates, lr, t)
+
+
+def _layer_norms(tensor_lists, dtype, like=None) -> list[torch.Tensor]:
+    """Per-layer norms of each list: one ``torch._foreach_norm`` per list, or, for DTensors, the norms of the
+    whole layers from the local shards with one collective (:func:`lwrs.backends.torch.distributed.layer_norms`)."""
+    if distributed.is_sharded(tensor_lists[0] if like is None else like):
+        return distributed.layer_norms(tensor_lists, dtype, like=like)
+    return [torch.stack(torch._foreach_norm(ts, dtype=dtype)) for ts in tensor_lists]
 
 
 def _finite_or_skip(group, t, lr, w_norms, g_norms, stats):
@@ -446,8 +465,7 @@ class LAMB(_Layerwise):
         grads = [p.grad for p in params]
         t = self._step_count(params)
         stat_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        w_norms = torch.stack(torch._foreach_norm(params, dtype=stat_dtype))
-        g_norms = torch.stack(torch._foreach_norm(grads, dtype=stat_dtype))
+        w_norms, g_norms = _layer_norms([params, grads], stat_dtype)
         lr = float(group["lr"])
         mean_norms, skipped = _finite_or_skip(group, t, lr, w_norms, g_norms, stats)
         if skipped is not None:
@@ -456,8 +474,9 @@ class LAMB(_Layerwise):
             if "exp_avg" not in self.state[p]:
                 self.state[p]["exp_avg"] = torch.zeros_like(p)
                 self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
-        m = [self.state[p]["exp_avg"] for p in params]
-        v = [self.state[p]["exp_avg_sq"] for p in params]
+        m = distributed.local([self.state[p]["exp_avg"] for p in params])  # local shards of DTensors
+        v = distributed.local([self.state[p]["exp_avg_sq"] for p in params])
+        weights, grads = distributed.local(params), distributed.local(grads)
         b1, b2 = group["betas"]
         adapt, decay = self._masks(group, params)
         decays = [group["weight_decay"] if d else 0.0 for d in decay]
@@ -473,8 +492,8 @@ class LAMB(_Layerwise):
         torch._foreach_div_(u, denom)
         decayed = [k for k, lam in enumerate(decays) if lam]
         if decayed:
-            torch._foreach_add_([u[k] for k in decayed], [params[k] for k in decayed], alpha=group["weight_decay"])
-        u_norms = torch.stack(torch._foreach_norm(u, dtype=stat_dtype))
+            torch._foreach_add_([u[k] for k in decayed], [weights[k] for k in decayed], alpha=group["weight_decay"])
+        (u_norms,) = _layer_norms([u], stat_dtype, like=params)
         ratios = trust_ratios(w_norms, u_norms, eta=1.0, adapt=adapt, grad_norms=g_norms)
         rates = lr * ratios
         factors = torch.ones_like(w_norms)
@@ -482,7 +501,7 @@ class LAMB(_Layerwise):
             factors = clars_factors(lars_denominators(w_norms, g_norms, weight_decay=decays),
                                     clars_denominators(w_norms, mean_norms, weight_decay=decays))
         torch._foreach_mul_(u, list(rates.unbind(0)))
-        torch._foreach_sub_(params, u)
+        torch._foreach_sub_(weights, u)
         for p in params:
             self.state[p]["step"] = t + 1
         return LayerDiagnostics(w_norms, g_norms, ratios, factors, rates, lr, t)

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import per_sample_fused
+from . import distributed, per_sample_fused
 
 __all__ = ["PerSampleNorms", "UnsupportedModuleError", "minibatch_norm_statistics"]
 
@@ -176,10 +176,16 @@ _HANDLERS = {
 
 
 def _handler(module: torch.nn.Module):
-    for cls, fn in _HANDLERS.items():
-        if type(module) is cls:
-            return fn
-    return None
+    return _HANDLERS.get(per_sample_fused.module_class(module))  # FSDP2-wrapped modules by their own class
+
+
+def _refuse_tensor_parallel(module: torch.nn.Module, sharded: bool = False) -> None:
+    """Tensor-parallel layers compute with DTensor weights (FSDP2 gives the forward whole, plain weights)."""
+    if sharded or distributed.is_sharded(list(module.parameters(recurse=False))):
+        raise NotImplementedError(
+            f"per-sample norms of tensor-parallel layers are not supported ({type(module).__name__} computes with "
+            "DTensor weights); pass the statistics with step(norm_stats=...) or use FSDP2/DDP"
+        )
 
 
 class PerSampleNorms:
@@ -241,15 +247,20 @@ class PerSampleNorms:
         self._handles: list[Any] = []
         self._fused_modules: list[torch.nn.Module] = []
         self._workspace: dict = {}  # the fused layers' shared chunk buffer
-        self._owner: dict[torch.nn.Parameter, str] = {}
-        self._bn_params: set[torch.nn.Parameter] = set()
+        # statistics are kept per (module, parameter name): FSDP2 swaps a module's parameter objects
+        # (sharded DTensor <-> unsharded tensor) around forward and backward
+        self._modules: list[torch.nn.Module] = []
+        self._owner: dict[tuple[int, str], str] = {}
+        self._bn_params: set[tuple[int, str]] = set()
         self._names: dict[int, str] = {}
         self._warned: set[tuple[str, ...]] = set()
         unsupported = []
         for name, module in model.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            own_keys = [(id(module), n) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if isinstance(module, _BATCH_NORMS):
-                self._bn_params.update(own)
+                self._modules.append(module)
+                self._bn_params.update(own_keys)
                 self._names[id(module)] = name or type(module).__name__
                 self._handles.append(module.register_forward_pre_hook(self._batch_norm_hook))
                 continue
@@ -259,8 +270,9 @@ class PerSampleNorms:
                     self._install_fused(module)  # (a module another recorder already fused gets hooks here)
                 else:
                     self._handles.append(module.register_forward_hook(self._forward_hook))
-                for p in own:
-                    self._owner[p] = name or type(module).__name__
+                self._modules.append(module)
+                for key in own_keys:
+                    self._owner[key] = name or type(module).__name__
             elif own:
                 unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
         if unsupported:
@@ -291,6 +303,7 @@ class PerSampleNorms:
         key = id(module)
 
         def start() -> None:
+            _refuse_tensor_parallel(module)
             if self._pending.get(key, 0):
                 raise RuntimeError(
                     f"{module} was called twice before backward: per-sample norms of a shared layer are not supported"
@@ -302,7 +315,7 @@ class PerSampleNorms:
 
         def record(p: torch.nn.Parameter, sq: torch.Tensor) -> None:
             if p.requires_grad:
-                self._add(p, sq)
+                self._add(self._key(module, p), sq)
 
         per_sample_fused.install(module, record, start, done,
                                  lambda inputs, output: self._forward_hook(module, inputs, output), self._workspace)
@@ -339,6 +352,8 @@ class PerSampleNorms:
             raise RuntimeError(
                 f"{module} was called twice before backward: per-sample norms of a shared layer are not supported"
             )
+        if distributed.is_sharded([inputs[0], output]):  # (FSDP2 has resharded the weights by now: look at the data)
+            _refuse_tensor_parallel(module, sharded=True)
         self._pending[id(module)] = 1
         x = inputs[0].detach()
         handler = _handler(module)
@@ -350,11 +365,15 @@ class PerSampleNorms:
             self._pending[id(module)] = 0
             for p, sq in handler(module, x, grad_output.detach()).items():
                 if p.requires_grad:
-                    self._add(p, sq)
+                    self._add(self._key(module, p), sq)
 
         output.register_hook(on_grad)
 
-    def _add(self, p: torch.nn.Parameter, sq: torch.Tensor) -> None:
+    @staticmethod
+    def _key(module: torch.nn.Module, p: torch.nn.Parameter) -> tuple[int, str]:
+        return next(((id(module), n) for n, q in module._parameters.items() if q is p), (id(module), str(id(p))))
+
+    def _add(self, p: tuple[int, str], sq: torch.Tensor) -> None:
         norms_sq = sq.clamp_min(0)
         scale = 1.0
         if self.subsample is not None and self.subsample < sq.shape[0]:
@@ -375,16 +394,22 @@ class PerSampleNorms:
         ``scale`` is a loss scale still inside the gradients (e.g. a
         GradScaler's before ``unscale_``); the default 1 means none.
         """
+        return self._sums(params, scale, {k: (self._s1[k], self._s2[k]) for k in self._s1})
+
+    def _sums(self, params, scale, recorded) -> dict[torch.nn.Parameter, tuple]:
         out = {}
+        keys = {id(q): (id(m), n) for m in self._modules for n, q in m._parameters.items() if q is not None}
         for p in params:
-            if p in self._s1:
-                out[p] = (self._s1[p] / scale, self._s2[p] / scale**2)
-            elif p in self._bn_params and p.grad is not None:
-                g = p.grad.detach().double() if p.grad.dtype == torch.float64 else p.grad.detach().float()
+            key = keys.get(id(p))
+            if key in recorded:
+                out[p] = (recorded[key][0] / scale, recorded[key][1] / scale**2)
+            elif key in self._bn_params and p.grad is not None:
+                g = distributed.gather(p.grad.detach())  # the whole layer's gradient under FSDP2
+                g = g.double() if g.dtype == torch.float64 else g.float()
                 n = torch.linalg.vector_norm(g)
                 out[p] = (n, n * n)
-            elif p in self._owner:
-                raise RuntimeError(f"no per-sample statistics for a parameter of {self._owner[p]}: "
+            elif key in self._owner:
+                raise RuntimeError(f"no per-sample statistics for a parameter of {self._owner[key]}: "
                                    "was backward run since the last reset?")
             else:
                 raise UnsupportedModuleError("a parameter passed to the optimizer is not part of the recorded model")
@@ -398,15 +423,19 @@ class PerSampleNorms:
         from lwrs.statistics import NormStatistics
 
         params = list(params)
-        sums = self.sums(params, scale=scale)
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        recorded = {k: (self._s1[k], self._s2[k]) for k in self._s1}
+        if self._distributed() and recorded:
+            # one collective per step over every recorded layer, in the model's order, so that every rank makes
+            # the same call even when each steps its own subset of the parameters (ZeroRedundancyOptimizer)
+            world = torch.distributed.get_world_size()
+            keys = [k for k in self._owner if k in recorded]
+            both = torch.stack([recorded[k][0].to(dtype) for k in keys] + [recorded[k][1].to(dtype) for k in keys])
+            torch.distributed.all_reduce(both)
+            recorded = {k: (both[i] / world, both[len(keys) + i] / world**2) for i, k in enumerate(keys)}
+        sums = self._sums(params, scale, recorded)
         s1 = torch.stack([sums[p][0].to(dtype) for p in params])
         s2 = torch.stack([sums[p][1].to(dtype) for p in params])
-        if self._distributed():
-            world = torch.distributed.get_world_size()
-            both = torch.cat([s1, s2])
-            torch.distributed.all_reduce(both)  # one collective per step
-            s1, s2 = both[: len(params)] / world, both[len(params):] / world**2
         return NormStatistics(s1, s2, 1)
 
     def _distributed(self) -> bool:

@@ -226,6 +226,22 @@ class _SequenceLinearLayer(_Layer):
         return tokens * tokens * (p + d) >= _GHOST_FACTOR * p * d
 
 
+def module_class(module: torch.nn.Module) -> type:
+    """The module's own class, seen through FSDP2's wrapper class (``fully_shard`` makes ``FSDPLinear(FSDPModule, Linear)``).
+
+    >>> import torch
+    >>> module_class(torch.nn.Linear(2, 2)).__name__
+    'Linear'
+    """
+    cls = type(module)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if issubclass(cls, FSDPModule) and cls.__bases__[0] is FSDPModule and len(cls.__bases__) == 2:
+            return cls.__bases__[1]
+    return cls
+
+
 def fusable(module: torch.nn.Module) -> bool:
     """Whether the fused mode can take over ``module``'s weight gradient (Conv1d, Conv2d, Linear).
 
@@ -235,9 +251,10 @@ def fusable(module: torch.nn.Module) -> bool:
     >>> fusable(torch.nn.Conv2d(1, 2, 3)), fusable(torch.nn.Linear(2, 2)), fusable(torch.nn.LayerNorm(2))
     (True, True, False)
     """
-    if type(module) in (torch.nn.Conv1d, torch.nn.Conv2d):
+    cls = module_class(module)
+    if cls in (torch.nn.Conv1d, torch.nn.Conv2d):
         return module.padding_mode == "zeros" and not isinstance(module.padding, str)
-    return type(module) is torch.nn.Linear
+    return cls is torch.nn.Linear
 
 
 def install(module: torch.nn.Module, record: Callable[[torch.nn.Parameter, torch.Tensor], None],

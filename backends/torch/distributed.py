@@ -1,0 +1,211 @@
+r"""Sharded parameters (``DTensor``): FSDP2 ``fully_shard`` and tensor parallelism.
+
+A layer-wise optimizer needs the norm of every *whole* layer, while under FSDP2
+or tensor parallelism each rank holds only a shard of it. Taking the norm of the
+shard is the bug several peers shipped (DeepSpeed#490, ColossalAI#6431,
+fairscale#696). Here the squared norm of layer :math:`k` is the sum of its
+shards' partial sums,
+
+.. math:: \|w_k\|^2 = \sum_{s \in \text{shards}(k)} \|w_{k,s}\|^2 ,
+
+computed on each rank from its local shard and summed with **one**
+``all_reduce`` per device mesh for all layers (and all norm kinds: weights,
+gradients) of the step, never one per layer. A mesh dimension on which a layer
+is replicated contributes once (the rank at coordinate 0 adds its part, the
+others add zero), so a ``Replicate`` placement is not counted twice. A
+``Partial`` placement (rare for parameters and gradients) is first
+redistributed to ``Replicate``, which costs its own collective.
+
+The optimizers of :mod:`lwrs.backends.torch.optim` use these functions when a
+group's parameters are ``DTensor`` s: the norms come from :func:`layer_norms`,
+and the update, elementwise, runs on the local shards (:func:`local`). The
+state (momentum buffer, LAMB moments) is kept as ``DTensor`` s with the
+parameters' placements, so ``torch.distributed.checkpoint`` can save it.
+``fused=True`` falls back to the ``foreach`` path on ``DTensor`` s; the reference
+path (``foreach=False``) gathers each tensor (:func:`gather`), runs the core on
+the full tensors and keeps the local shard of the result (:func:`shard_like`):
+it is for testing, not for speed.
+
+Examples
+--------
+Plain tensors are their own local shard, and their norms need no communication:
+
+>>> import torch
+>>> from lwrs.backends.torch.distributed import layer_norms
+>>> w, g = [torch.ones(2, 2), torch.ones(3)], [torch.zeros(2, 2), torch.full((3,), 2.0)]
+>>> [n.tolist() for n in layer_norms([w, g], torch.float64)]
+[[2.0, 1.7320508075688772], [0.0, 3.4641016151377544]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["is_sharded", "local", "layer_norms", "layer_dots", "gather", "shard_like", "gather_state", "shard_state"]
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+except ImportError:  # a torch built without torch.distributed
+    DTensor = None
+
+
+def _is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def is_sharded(tensors: Sequence[Any]) -> bool:
+    """Whether any tensor of ``tensors`` is a ``DTensor``.
+
+    >>> import torch
+    >>> is_sharded([torch.ones(2)])
+    False
+    """
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+
+
+def local(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The local shard of every ``DTensor`` (sharing its storage, so in-place updates reach it); others as they are.
+
+    >>> import torch
+    >>> t = torch.ones(2)
+    >>> local([t])[0] is t
+    True
+    """
+    return [t._local_tensor if _is_dtensor(t) else t for t in tensors]
+
+
+def _mesh_key(mesh: Any) -> tuple:
+    return (mesh.device_type, tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape))
+
+
+def _without_partial(t: torch.Tensor) -> torch.Tensor:
+    if any(p.is_partial() for p in t.placements):
+        return t.redistribute(placements=[Replicate() if p.is_partial() else p for p in t.placements])
+    return t
+
+
+def _all_reduce_over(mesh: Any, buf: torch.Tensor) -> None:
+    """Sum ``buf`` over every rank of ``mesh``: one collective (one per mesh dimension for a sub-world N-D mesh)."""
+    import torch.distributed as dist
+
+    if mesh.ndim == 1:
+        dist.all_reduce(buf, group=mesh.get_group(0))
+    elif mesh.size() == dist.get_world_size():
+        dist.all_reduce(buf)
+    else:
+        for dim in range(mesh.ndim):
+            dist.all_reduce(buf, group=mesh.get_group(dim))
+
+
+def _sum_over_shards(parts: torch.Tensor, layouts: Sequence[Any]) -> torch.Tensor:
+    """Sum each entry of ``parts`` (this rank's partial sum for ``layouts[k]``) over the distinct shards of that
+    tensor: a rank adds its part only where its mesh coordinate is 0 along every dimension the tensor is not
+    sharded on, then one ``all_reduce`` per device mesh sums all entries at once."""
+    meshes: dict[tuple, tuple[Any, list[int], list[float]]] = {}
+    for k, layout in enumerate(layouts):
+        if not _is_dtensor(layout):
+            continue
+        mesh = layout.device_mesh
+        coordinate = mesh.get_coordinate()
+        contributes = coordinate is not None and all(
+            placement.is_shard() or c == 0 for placement, c in zip(layout.placements, coordinate))
+        entry = meshes.setdefault(_mesh_key(mesh), (mesh, [], []))
+        entry[1].append(k)
+        entry[2].append(1.0 if contributes else 0.0)
+    for mesh, index, keep in meshes.values():
+        idx = torch.tensor(index, device=parts.device)
+        buf = parts[idx] * torch.tensor(keep, dtype=parts.dtype, device=parts.device)
+        _all_reduce_over(mesh, buf)
+        parts[idx] = buf
+    return parts
+
+
+def layer_dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    r"""The inner products :math:`\langle a_k, b_k\rangle` of whole tensors from local shards (one collective per mesh).
+
+    ``a[k]`` and ``b[k]`` must have the same placements (a gradient and its parameter).
+
+    >>> import torch
+    >>> layer_dots([torch.ones(3)], [torch.arange(3.0)], torch.float64)
+    tensor([3.], dtype=torch.float64)
+    """
+    a, b = list(a), list(b)
+    parts = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)).to(dtype) for x, y in zip(local(a), local(b))])
+    return _sum_over_shards(parts, b)
+
+
+def layer_norms(tensor_lists: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype,
+                like: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    r"""The norm of every whole tensor of every list, one 1-D tensor per list, with one collective per mesh.
+
+    .. math:: \|t\| = \Big(\sum_{s} \|t_s\|^2\Big)^{1/2}
+
+    over the distinct shards :math:`t_s` of :math:`t`. Each rank takes the squared
+    norms of its local shards (accumulated in ``dtype``); a rank adds its part
+    for a tensor only where its mesh coordinate is 0 along every dimension the
+    tensor is not sharded on; then one ``all_reduce`` per device mesh sums the
+    parts of every tensor of every list at once. Plain tensors need no reduction.
+
+    ``like`` (optional, one tensor per position of each list) gives the placements
+    when the lists hold local shards (plain tensors) of ``DTensor`` s, e.g. LAMB's
+    update computed on local shards.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer_norms([[torch.tensor([3.0, 4.0])]], torch.float32)
+    [tensor([5.])]
+    """
+    lists = [list(ts) for ts in tensor_lists]
+    flat = [t for ts in lists for t in ts]
+    layouts = flat if like is None else [t for _ in lists for t in like]
+    if not flat:
+        return [torch.zeros(0, dtype=dtype) for _ in lists]
+    if like is None:
+        flat = [_without_partial(t) if _is_dtensor(t) else t for t in flat]
+        layouts = flat
+    squares = _sum_over_shards(torch.stack(torch._foreach_norm(local(flat), dtype=dtype)).square(), layouts)
+    norms = squares.sqrt()
+    out, start = [], 0
+    for ts in lists:
+        out.append(norms[start:start + len(ts)])
+        start += len(ts)
+    return out
+
+
+def gather(t: Any) -> Any:
+    """The full tensor of a ``DTensor`` (an all-gather), detached; anything else as it is.
+
+    >>> import torch
+    >>> gather(torch.ones(1))
+    tensor([1.])
+    """
+    return t.full_tensor().detach() if _is_dtensor(t) else t
+
+
+def shard_like(full: Any, like: Any) -> Any:
+    """``full`` laid out as ``like``: the local slice for a ``DTensor`` ``like`` (no communication), else ``full``.
+
+    Every rank must hold the same ``full`` (as after the reference step on gathered tensors).
+
+    >>> import torch
+    >>> shard_like(torch.ones(1), torch.zeros(1))
+    tensor([1.])
+    """
+    if not _is_dtensor(like):
+        return full
+    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def gather_state(state: Any) -> Any:
+    """A core state NamedTuple (step, tuples of tensors) with every ``DTensor`` gathered."""
+    return type(state)(*(tuple(gather(t) for t in f) if isinstance(f, tuple) else f for f in state))
+
+
+def shard_state(state: Any, like: Sequence[torch.Tensor]) -> Any:
+    """The inverse of :func:`gather_state`: every tuple of full tensors laid out as ``like``."""
+    return type(state)(*(tuple(shard_like(t, p) for t, p in zip(f, like)) if isinstance(f, tuple) else f
+                         for f in state))
