@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import pathlib
-import sys
 import time
 from collections.abc import Callable
 
@@ -24,6 +23,7 @@ import torch
 import lwrs
 from _harness import interleaved_medians, write_record
 from lwrs.backends.torch import CLARS, LARS
+from lwrs.backends.torch.conformance import load_timm_lars
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -47,23 +47,6 @@ PARAMETER_SETS = {
     "resnet50": resnet50_shapes,
     "1000x64x64": lambda: [(64, 64)] * 1000,
 }
-
-
-def load_timm_lars():
-    """timm's Lars without importing timm (its top-level import needs torchvision)."""
-    spec = importlib.util.find_spec("timm")
-    if spec is None:
-        return None
-    folder = pathlib.Path(next(iter(spec.submodule_search_locations))) / "optim"
-    package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("_timm_optim", None, is_package=True))
-    package.__path__ = [str(folder)]
-    sys.modules["_timm_optim"] = package
-    for name in ("_helpers", "lars"):
-        sub = importlib.util.spec_from_file_location(f"_timm_optim.{name}", folder / f"{name}.py")
-        module = importlib.util.module_from_spec(sub)
-        sys.modules[sub.name] = module
-        sub.loader.exec_module(module)
-    return sys.modules["_timm_optim.lars"].Lars
 
 
 def methods() -> dict[str, Callable[[list[torch.Tensor]], Callable[[], None]]]:

@@ -13,9 +13,13 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # copies the MathJax it bundles into _static/mathjax and points mathjax_path there: no CDN
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "sphinx.ext.doctest",
+    "myst_parser",  # the changelog and the README's extras table are included from Markdown
 ]
+myst_heading_anchors = 2
 
 autosummary_generate = False
 autodoc_member_order = "bysource"
@@ -29,7 +33,9 @@ napoleon_use_rtype = False
 nitpicky = False
 html_theme = "furo"
 html_title = f"lwrs {release}"
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "**.md"]  # Markdown is only included (changelog, extras), never a page
+html_static_path = ["_static"]
+html_css_files = ["lwrs.css"]  # code, tables and math stay inside the page width
 
 
 def _skip_namedtuple_fields(app, what, name, obj, skip, options):

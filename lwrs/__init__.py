@@ -13,7 +13,7 @@ array-api-strict arrays (CuPy only where a GPU is present). Fast backends live i
 :mod:`lwrs.backends`.
 """
 
-from . import momentum, schedules, statistics, trust_ratios
+from . import momentum, norm_statistics, rates, schedules, table
 from ._validation import NonFiniteError
 from .diagnostics import LayerDiagnostics
 from .momentum import block_microstep, momentum_step, velocity_from_trace, zeros_like_layers
@@ -29,7 +29,7 @@ from .optimizers import (
     mnag,
     tvlars,
 )
-from .statistics import (
+from .norm_statistics import (
     NormStatistics,
     gradient_variance_ratio,
     merge_statistics,
@@ -37,7 +37,7 @@ from .statistics import (
     per_sample_norm_statistics,
     subsample_norm_statistics,
 )
-from .trust_ratios import clars_denominators, clars_factors, lars_denominators, layer_norms
+from .rates import clars_denominators, clars_factors, lars_denominators, layer_norms, layer_rates, layer_trust_ratios
 
 __version__ = "0.1.0"
 
@@ -58,17 +58,20 @@ __all__ = [
     "lars",
     "lars_denominators",
     "layer_norms",
+    "layer_rates",
+    "layer_trust_ratios",
     "merge_statistics",
     "mgd",
     "minibatch_gradients",
     "mnag",
     "momentum",
     "momentum_step",
+    "norm_statistics",
     "per_sample_norm_statistics",
+    "rates",
     "schedules",
-    "statistics",
     "subsample_norm_statistics",
-    "trust_ratios",
+    "table",
     "tvlars",
     "velocity_from_trace",
     "zeros_like_layers",

@@ -7,7 +7,7 @@ half-updated state behind, and every message names the layer and the value.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from array_api_compat import array_namespace, device, is_array_api_obj
@@ -128,23 +128,3 @@ def check_hyperparameter(
         hi = "inf" if high is None else repr(high)
         raise ValueError(f"{name} must lie in {left}{lo}, {hi}{right}, got {value!r}")
     return value
-
-
-def resolve_mask(name: str, mask: Any, params: Sequence[Any], default: Callable[[Any], bool]) -> tuple[bool, ...]:
-    """Turn a per-layer mask option into a tuple of bools, one per layer.
-
-    ``mask`` is ``None`` (use ``default(array)``), a callable ``array -> bool``,
-    or a sequence of bools with one entry per layer.
-    """
-    if mask is None:
-        return tuple(bool(default(w)) for w in params)
-    if callable(mask):
-        return tuple(bool(mask(w)) for w in params)
-    if isinstance(mask, Sequence) and not isinstance(mask, (str, bytes)):
-        if len(mask) != len(params):
-            raise ValueError(f"{name} has {len(mask)} entries but params has {len(params)} layers")
-        for k, m in enumerate(mask):
-            if not isinstance(m, bool):
-                raise TypeError(f"{name}[{k}] must be a bool, got {m!r}")
-        return tuple(mask)
-    raise TypeError(f"{name} must be None, a callable or a sequence of bools, got {mask!r}")

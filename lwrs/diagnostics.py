@@ -15,7 +15,7 @@ class LayerDiagnostics(NamedTuple):
     r"""What one optimizer step saw and did, per layer.
 
     Every array field is 1-D with one entry per layer, in the parameters'
-    array library and device, in the :func:`~lwrs.trust_ratios.statistics_dtype`.
+    array library and device, in the :func:`~lwrs.rates.statistics_dtype`.
 
     Attributes
     ----------

@@ -29,12 +29,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from ._validation import NonFiniteError, check_hyperparameter, check_layers, resolve_mask
+from ._validation import NonFiniteError, check_hyperparameter, check_layers
+from .masks import adapt_default, resolve_mask, weight_decay_default
 from .diagnostics import LayerDiagnostics
 from .momentum import apply_momentum
 from .schedules import Schedule, as_schedule, tvlars_factor
-from .statistics import NormStatistics, check_statistics
-from .trust_ratios import (
+from .norm_statistics import NormStatistics, check_statistics
+from .rates import (
     TrustOptions,
     WeightDecayForm,
     _layer_norms,
@@ -42,7 +43,7 @@ from .trust_ratios import (
     clars_factors,
     lars_denominators,
     layer_rates,
-    trust_ratios,
+    layer_trust_ratios,
 )
 
 __all__ = [
@@ -85,8 +86,10 @@ class LambState(NamedTuple):
     ----------
     step : int
         Number of updates made so far.
-    first_moment, second_moment : tuple of arrays
-        Adam's moving averages :math:`m` and :math:`v`.
+    first_moment : tuple of arrays
+        Adam's moving average of the gradients, :math:`m`.
+    second_moment : tuple of arrays
+        Adam's moving average of the squared gradients, :math:`v`.
     """
 
     step: int
@@ -131,14 +134,6 @@ class Optimizer(NamedTuple):
     step: Callable[..., StepResult]
 
 
-def _adapt_default(w: Any) -> bool:
-    return w.ndim > 1
-
-
-def _decay_default(w: Any) -> bool:
-    return True
-
-
 @dataclass(frozen=True)
 class _Common:
     """Options every optimizer shares, checked once at construction."""
@@ -146,24 +141,24 @@ class _Common:
     learning_rate: Schedule
     weight_decay: float
     adapt_mask: LayerMask
-    decay_mask: LayerMask
+    weight_decay_mask: LayerMask
     on_nonfinite: str
 
     @staticmethod
-    def build(learning_rate, weight_decay, adapt_mask, decay_mask, on_nonfinite) -> _Common:
+    def build(learning_rate, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite) -> _Common:
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f'on_nonfinite must be "raise" or "skip", got {on_nonfinite!r}')
         return _Common(
             as_schedule("learning_rate", learning_rate),
             check_hyperparameter("weight_decay", weight_decay, low=0.0),
             adapt_mask,
-            decay_mask,
+            weight_decay_mask,
             on_nonfinite,
         )
 
     def masks(self, params: Sequence[Any]) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
-        adapt = resolve_mask("adapt_mask", self.adapt_mask, params, _adapt_default)
-        decay = resolve_mask("decay_mask", self.decay_mask, params, _decay_default)
+        adapt = resolve_mask("adapt_mask", self.adapt_mask, params, adapt_default)
+        decay = resolve_mask("weight_decay_mask", self.weight_decay_mask, params, weight_decay_default)
         return adapt, decay
 
     def layer_decays(self, decay: Sequence[bool]) -> tuple[float, ...]:
@@ -282,7 +277,7 @@ def mgd(
     learning_rate: float | Schedule,
     *,
     weight_decay: float = 0.0,
-    decay_mask: LayerMask = None,
+    weight_decay_mask: LayerMask = None,
     on_nonfinite: OnNonFinite = "raise",
 ) -> Optimizer:
     r"""Mini-batch gradient descent (mGD).
@@ -296,8 +291,8 @@ def mgd(
     learning_rate : float or schedule
         :math:`\gamma_t`, a number or a function of the step.
     weight_decay : float
-        :math:`\lambda \ge 0`, added to the gradient of the layers in ``decay_mask``.
-    decay_mask : sequence of bool or callable, optional
+        :math:`\lambda \ge 0`, added to the gradient of the layers in ``weight_decay_mask``.
+    weight_decay_mask : sequence of bool or callable, optional
         Layers that get weight decay; all by default.
     on_nonfinite : {"raise", "skip"}
         What a non-finite gradient or parameter does: raise
@@ -315,7 +310,7 @@ def mgd(
     >>> params[0]
     array([0.])
     """
-    common = _Common.build(learning_rate, weight_decay, None, decay_mask, on_nonfinite)
+    common = _Common.build(learning_rate, weight_decay, None, weight_decay_mask, on_nonfinite)
     return _momentum_family("mgd", common, TrustOptions("none"), 0.0, True)
 
 
@@ -325,7 +320,7 @@ def mnag(
     beta: float = 0.9,
     nesterov: bool = True,
     weight_decay: float = 0.0,
-    decay_mask: LayerMask = None,
+    weight_decay_mask: LayerMask = None,
     on_nonfinite: OnNonFinite = "raise",
 ) -> Optimizer:
     r"""Mini-batch Nesterov accelerated gradient (mNAG), one rate for every layer.
@@ -346,7 +341,7 @@ def mnag(
         Momentum :math:`\beta \in [0, 1)`.
     nesterov : bool
         ``False`` gives heavy-ball momentum, :math:`w_{t+1} = w_t + d_t`.
-    weight_decay, decay_mask, on_nonfinite
+    weight_decay, weight_decay_mask, on_nonfinite
         As in :func:`mgd`.
 
     References
@@ -361,7 +356,7 @@ def mnag(
     >>> params[0]      # the first step moves (1 + beta) * lr * g
     array([0.81])
     """
-    common = _Common.build(learning_rate, weight_decay, None, decay_mask, on_nonfinite)
+    common = _Common.build(learning_rate, weight_decay, None, weight_decay_mask, on_nonfinite)
     return _momentum_family("mnag", common, TrustOptions("none"), _beta(beta), nesterov)
 
 
@@ -376,7 +371,7 @@ def lars(
     max_ratio: float | None = None,
     larc_clip: bool = False,
     adapt_mask: LayerMask = None,
-    decay_mask: LayerMask = None,
+    weight_decay_mask: LayerMask = None,
     nesterov: bool = True,
     on_nonfinite: OnNonFinite = "raise",
 ) -> Optimizer:
@@ -407,7 +402,7 @@ def lars(
     weight_decay : float
         :math:`\lambda \ge 0`.
     weight_decay_form : {"sum_of_norms", "norm_of_sum"}
-        Where weight decay enters :math:`D_k` (see :data:`~lwrs.trust_ratios.WeightDecayForm`).
+        Where weight decay enters :math:`D_k` (see :data:`~lwrs.rates.WeightDecayForm`).
     eps : float
         Added to :math:`D_k`; 0 reproduces the paper.
     max_ratio : float or None
@@ -418,7 +413,7 @@ def lars(
     adapt_mask : sequence of bool or callable, optional
         Layers that get a trust ratio. Default: every layer with ``ndim > 1``
         (biases and normalisation parameters are excluded).
-    decay_mask : sequence of bool or callable, optional
+    weight_decay_mask : sequence of bool or callable, optional
         Layers that get weight decay; all by default.
     nesterov : bool
         ``False`` gives heavy-ball momentum.
@@ -439,7 +434,7 @@ def lars(
     >>> diag.rates       # 1.0 * 0.5 * 5 / 10
     array([0.25])
     """
-    common = _Common.build(learning_rate, weight_decay, adapt_mask, decay_mask, on_nonfinite)
+    common = _Common.build(learning_rate, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
     trust = _trust("lars", eta, eps, max_ratio, larc_clip, weight_decay_form)
     return _momentum_family("lars", common, trust, _beta(beta), nesterov)
 
@@ -455,7 +450,7 @@ def clars(
     max_ratio: float | None = None,
     larc_clip: bool = False,
     adapt_mask: LayerMask = None,
-    decay_mask: LayerMask = None,
+    weight_decay_mask: LayerMask = None,
     nesterov: bool = True,
     on_nonfinite: OnNonFinite = "raise",
 ) -> Optimizer:
@@ -481,7 +476,7 @@ def clars(
         :math:`\gamma_t`; CLARS is meant to need no warm-up.
     eta : float
         Trust coefficient; Algorithm 1 uses 0.01.
-    beta, weight_decay, weight_decay_form, eps, max_ratio, larc_clip, adapt_mask, decay_mask, nesterov, on_nonfinite
+    beta, weight_decay, weight_decay_form, eps, max_ratio, larc_clip, adapt_mask, weight_decay_mask, nesterov, on_nonfinite
         As in :func:`lars`.
 
     References
@@ -500,7 +495,7 @@ def clars(
     >>> diag.clars_factors, diag.rates       # |mean| = 2.5, mean |g_i| = 2.5
     (array([1.]), array([0.4]))
     """
-    common = _Common.build(learning_rate, weight_decay, adapt_mask, decay_mask, on_nonfinite)
+    common = _Common.build(learning_rate, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
     trust = _trust("clars", eta, eps, max_ratio, larc_clip, weight_decay_form)
     return _momentum_family("clars", common, trust, _beta(beta), nesterov)
 
@@ -508,7 +503,7 @@ def clars(
 def tvlars(
     learning_rate: float | Schedule,
     *,
-    decay: float,
+    decay_coefficient: float,
     delay_steps: float,
     alpha: float = 1.0,
     gamma_min: float = 0.0,
@@ -518,7 +513,7 @@ def tvlars(
     weight_decay_form: WeightDecayForm = "sum_of_norms",
     eps: float = 0.0,
     adapt_mask: LayerMask = None,
-    decay_mask: LayerMask = None,
+    weight_decay_mask: LayerMask = None,
     nesterov: bool = True,
     on_nonfinite: OnNonFinite = "raise",
 ) -> Optimizer:
@@ -537,7 +532,7 @@ def tvlars(
     ----------
     learning_rate : float or schedule
         :math:`\gamma_{target}` (a schedule is multiplied by :math:`\phi_t`).
-    decay : float
+    decay_coefficient : float
         :math:`\lambda \ge 0`, the decay coefficient (1e-2 ... 1e-6 in the paper).
     delay_steps : float
         :math:`d_e`, the delay in steps (the paper counts epochs; multiply by
@@ -546,7 +541,7 @@ def tvlars(
         :math:`\alpha > 0`.
     gamma_min : float
         :math:`\gamma_{\min} \ge 0`, the floor of :math:`\phi_t`.
-    beta, eta, weight_decay, weight_decay_form, eps, adapt_mask, decay_mask, nesterov, on_nonfinite
+    beta, eta, weight_decay, weight_decay_form, eps, adapt_mask, weight_decay_mask, nesterov, on_nonfinite
         As in :func:`lars`.
 
     References
@@ -557,19 +552,19 @@ def tvlars(
     Examples
     --------
     >>> import numpy as np, lwrs
-    >>> opt = lwrs.tvlars(1.0, decay=0.01, delay_steps=0, eta=1.0, beta=0.0)
+    >>> opt = lwrs.tvlars(1.0, decay_coefficient=0.01, delay_steps=0, eta=1.0, beta=0.0)
     >>> w = [np.array([[1.0]])]
     >>> _, _, diag = opt.step(w, [np.array([[1.0]])], opt.init(w))
     >>> diag.learning_rate      # phi_0 = 1 / (1 + e^0)
     0.5
     """
-    phi = tvlars_factor(decay=decay, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)
+    phi = tvlars_factor(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)
     target = as_schedule("learning_rate", learning_rate)
 
     def schedule(step: int) -> float:
         return target(step) * phi(step)
 
-    common = _Common.build(schedule, weight_decay, adapt_mask, decay_mask, on_nonfinite)
+    common = _Common.build(schedule, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
     trust = _trust("lars", eta, eps, None, False, weight_decay_form)
     return _momentum_family("tvlars", common, trust, _beta(beta), nesterov)
 
@@ -577,12 +572,12 @@ def tvlars(
 def lamb(
     learning_rate: float | Schedule,
     *,
-    b1: float = 0.9,
-    b2: float = 0.999,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
     adapt_mask: LayerMask = None,
-    decay_mask: LayerMask = None,
+    weight_decay_mask: LayerMask = None,
     on_nonfinite: OnNonFinite = "raise",
 ) -> Optimizer:
     r"""LAMB: Adam directions with a layer-wise trust ratio.
@@ -603,11 +598,11 @@ def lamb(
     ----------
     learning_rate : float or schedule
         :math:`\gamma_t`.
-    b1, b2 : float
+    beta1, beta2 : float
         Adam's :math:`\beta_1, \beta_2 \in [0, 1)`.
     eps : float
         Adam's :math:`\epsilon > 0`.
-    weight_decay, adapt_mask, decay_mask, on_nonfinite
+    weight_decay, adapt_mask, weight_decay_mask, on_nonfinite
         As in :func:`lars` (here weight decay is decoupled, added to :math:`u`).
 
     References
@@ -624,9 +619,9 @@ def lamb(
     >>> np.round(diag.trust_ratios, 6)       # |w| / |u| with u ~ sign(g)
     array([3.535537])
     """
-    common = _Common.build(learning_rate, weight_decay, adapt_mask, decay_mask, on_nonfinite)
-    b1 = check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True)
-    b2 = check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True)
+    common = _Common.build(learning_rate, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
+    b1 = check_hyperparameter("beta1", beta1, low=0.0, high=1.0, high_open=True)
+    b2 = check_hyperparameter("beta2", beta2, low=0.0, high=1.0, high_open=True)
     eps = check_hyperparameter("eps", eps, low=0.0, low_open=True)
 
     def init(params: Sequence[Any]) -> LambState:
@@ -663,7 +658,7 @@ def lamb(
             (mk / c1) / (xp.sqrt(vk / c2) + eps) + (wd * w if wd else 0.0)
             for mk, vk, w, wd in zip(m, v, params, decays)
         )
-        ratios = trust_ratios(w_norms, _layer_norms(xp, u), eta=1.0, adapt=adapt, grad_norms=g_norms)
+        ratios = layer_trust_ratios(w_norms, _layer_norms(xp, u), eta=1.0, adapt=adapt, grad_norms=g_norms)
         rates = lr * ratios
         new_params = tuple(w - xp.astype(rates[k], w.dtype) * uk for k, (w, uk) in enumerate(zip(params, u)))
         diag = LayerDiagnostics(w_norms, g_norms, ratios, factors, rates, lr, t)

@@ -295,21 +295,21 @@ def warmup_polynomial(
     return join_schedules([linear_warmup(peak, warmup_steps), decay], [warmup_steps])
 
 
-def _tvlars_checked(decay: float, delay_steps: float, alpha: float, gamma_min: float) -> tuple[float, ...]:
+def _tvlars_checked(decay_coefficient: float, delay_steps: float, alpha: float, gamma_min: float) -> tuple[float, ...]:
     return (
-        check_hyperparameter("decay", decay, low=0.0),
+        check_hyperparameter("decay_coefficient", decay_coefficient, low=0.0),
         check_hyperparameter("delay_steps", delay_steps),
         check_hyperparameter("alpha", alpha, low=0.0, low_open=True),
         check_hyperparameter("gamma_min", gamma_min, low=0.0),
     )
 
 
-def tvlars_factor(*, decay: float, delay_steps: float, alpha: float = 1.0, gamma_min: float = 0.0) -> Schedule:
+def tvlars_factor(*, decay_coefficient: float, delay_steps: float, alpha: float = 1.0, gamma_min: float = 0.0) -> Schedule:
     r"""The TVLARS time-varying factor :math:`\phi_t`.
 
     .. math:: \phi_t = \frac{1}{\alpha + e^{\lambda (t - d_e)}} + \gamma_{\min}
 
-    :math:`\lambda` (``decay``) is the decay coefficient or soft temperature,
+    :math:`\lambda` (``decay_coefficient``) is the decay coefficient or soft temperature,
     :math:`d_e` (``delay_steps``) the delay, :math:`\alpha` sets the initial
     level, :math:`\gamma_{\min}` the floor. :math:`\phi_t` is non-increasing
     in :math:`t` and lies in the interval given by :func:`tvlars_factor_bounds`.
@@ -324,11 +324,11 @@ def tvlars_factor(*, decay: float, delay_steps: float, alpha: float = 1.0, gamma
 
     Examples
     --------
-    >>> phi = tvlars_factor(decay=0.01, delay_steps=100)
+    >>> phi = tvlars_factor(decay_coefficient=0.01, delay_steps=100)
     >>> round(phi(100), 6)     # half-way point when alpha = 1
     0.5
     """
-    decay, delay_steps, alpha, gamma_min = _tvlars_checked(decay, delay_steps, alpha, gamma_min)
+    decay, delay_steps, alpha, gamma_min = _tvlars_checked(decay_coefficient, delay_steps, alpha, gamma_min)
 
     def schedule(step: int) -> float:
         _check_step(step)
@@ -342,7 +342,7 @@ def tvlars_factor(*, decay: float, delay_steps: float, alpha: float = 1.0, gamma
 
 
 def tvlars_factor_bounds(
-    *, decay: float, delay_steps: float, alpha: float = 1.0, gamma_min: float = 0.0
+    *, decay_coefficient: float, delay_steps: float, alpha: float = 1.0, gamma_min: float = 0.0
 ) -> tuple[float, float]:
     r"""Lower and upper bounds of :math:`\phi_t` over :math:`t \ge 0`.
 
@@ -357,11 +357,11 @@ def tvlars_factor_bounds(
 
     Examples
     --------
-    >>> tvlars_factor_bounds(decay=0.01, delay_steps=0)
+    >>> tvlars_factor_bounds(decay_coefficient=0.01, delay_steps=0)
     (0.0, 0.5)
     """
-    decay, delay_steps, alpha, gamma_min = _tvlars_checked(decay, delay_steps, alpha, gamma_min)
-    upper = tvlars_factor(decay=decay, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)(0)
+    decay, delay_steps, alpha, gamma_min = _tvlars_checked(decay_coefficient, delay_steps, alpha, gamma_min)
+    upper = tvlars_factor(decay_coefficient=decay, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)(0)
     return gamma_min, upper
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lwrs import cli
-from lwrs.quadratic import ROSTER
+from lwrs.apps import cli
+from lwrs.apps.quadratic import ROSTER
 
 
 def test_quadratic_prints_the_table_and_writes_the_figure(capsys, tmp_path):

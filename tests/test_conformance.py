@@ -45,7 +45,7 @@ CONFIGS = {
                   dict(kind="lars", lr=0.02, eta=0.05, larc=True, beta=0.5), False),
     "lars-clip-eps-masks": (
         lambda: lwrs.lars(1.0, eta=0.5, eps=1e-3, max_ratio=0.1, adapt_mask=[True, True, False, True],
-                          decay_mask=[True, False, True, False], weight_decay=0.1),
+                          weight_decay_mask=[True, False, True, False], weight_decay=0.1),
         dict(kind="lars", lr=1.0, eta=0.5, eps=1e-3, max_ratio=0.1, adapt=[True, True, False, True],
              decay=[True, False, True, False], weight_decay=0.1), False),
     "clars": (lambda: lwrs.clars(ramp, eta=0.02, weight_decay=0.01),
@@ -53,7 +53,7 @@ CONFIGS = {
     "clars-norm-of-sum": (lambda: lwrs.clars(0.5, eta=0.02, weight_decay=0.05, weight_decay_form="norm_of_sum"),
                           dict(kind="clars", lr=0.5, eta=0.02, weight_decay=0.05, form="norm_of_sum"), True),
     "lars-with-stats": (lambda: lwrs.lars(0.5, eta=0.02), dict(kind="lars", lr=0.5, eta=0.02), True),
-    "tvlars": (lambda: lwrs.tvlars(2.0, decay=0.5, delay_steps=1, eta=0.02, weight_decay=0.01),
+    "tvlars": (lambda: lwrs.tvlars(2.0, decay_coefficient=0.5, delay_steps=1, eta=0.02, weight_decay=0.01),
                dict(kind="tvlars", lr=2.0, eta=0.02, weight_decay=0.01,
                     phi=lambda t: tvlars_phi(t, decay=0.5, delay=1)), False),
 }
@@ -137,3 +137,49 @@ def test_inputs_are_not_mutated(backend):
             np.testing.assert_array_equal(backend.to_numpy(params[k]), params0[k])
             np.testing.assert_array_equal(backend.to_numpy(grads[k]), grads_np[k])
             np.testing.assert_array_equal(backend.to_numpy(state.trace[k]), state_before[k])
+
+
+def _table_case(spec):
+    """The optimizer with the table's defaults (plus the required values and weight decay) and its oracle kwargs."""
+    d = spec.defaults()
+    kwargs = dict(learning_rate=ramp, weight_decay=0.01)
+    if spec.name == "tvlars":
+        kwargs.update(decay_coefficient=0.5, delay_steps=1)
+    oracle = dict(lr=ramp, weight_decay=0.01)
+    if spec.name == "lamb":  # the LAMB oracle takes a constant rate
+        kwargs["learning_rate"] = oracle["lr"] = 0.05
+        oracle.update(b1=d["beta1"], b2=d["beta2"], eps=d["eps"])
+        return kwargs, oracle
+    oracle.update(kind=spec.name, beta=d.get("beta", 0.0), eta=d.get("eta", 1.0), nesterov=d.get("nesterov", True),
+                  form=d.get("weight_decay_form", "sum_of_norms"), eps=d.get("eps", 0.0),
+                  max_ratio=d.get("max_ratio"), larc=d.get("larc_clip", False))
+    if spec.name == "tvlars":
+        oracle["phi"] = lambda t: tvlars_phi(t, decay=0.5, delay=1, alpha=d["alpha"], gamma_min=d["gamma_min"])
+    return kwargs, oracle
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("spec", lwrs.table.OPTIMIZERS, ids=lambda s: s.name)
+def test_every_optimizer_of_the_table_with_its_defaults_matches_oracle(backend, spec, dtype):
+    """Adding an optimizer to lwrs.table makes it run here, with the table's defaults, on every backend."""
+    kwargs, oracle_kwargs = _table_case(spec)
+    params0, per_sample = make_problem(3)
+    oracle = (LambOracle if spec.name == "lamb" else LayerwiseOracle)(params0, **oracle_kwargs)
+    opt = spec.factory(**kwargs)
+    params = backend.layers(params0, dtype)
+    state = opt.init(params)
+    for t in range(STEPS):
+        grads_np = [s.mean(axis=0) for s in per_sample[t]]
+        stats = lwrs.per_sample_norm_statistics(backend.layers(per_sample[t], dtype)) if spec.uses_norm_stats else None
+        if spec.name == "lamb":
+            record = oracle.step(grads_np)
+        else:
+            record = oracle.step(grads_np, per_sample[t] if spec.uses_norm_stats else None)
+        params, state, diag = opt.step(params, backend.layers(grads_np, dtype), state, norm_stats=stats)
+        rate = np.array([r[3] for r in record])
+        assert_array(diag.rates, rate, backend, dtype, rtol=None if dtype == "float64" else 1e-4,
+                     what=f"{spec.name} step {t} rates")
+    weights = oracle.w if spec.name == "lamb" else oracle.mom.w
+    for k, w in enumerate(params):
+        assert_array(w, weights[k], backend, dtype, rtol=1e-9 if dtype == "float64" else 1e-4,
+                     atol=0 if dtype == "float64" else 1e-5, what=f"{spec.name} layer {k} weights")

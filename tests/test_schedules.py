@@ -53,8 +53,8 @@ def test_warmup_polynomial_joins_at_the_peak():
 
 @given(steps, st.floats(1e-8, 1.0), st.floats(-1e4, 1e4), st.floats(1e-3, 10.0), st.floats(0.0, 1.0))
 def test_tvlars_factor_matches_formula_and_bounds(t, decay, delay, alpha, gamma_min):
-    phi = S.tvlars_factor(decay=decay, delay_steps=delay, alpha=alpha, gamma_min=gamma_min)
-    lower, upper = S.tvlars_factor_bounds(decay=decay, delay_steps=delay, alpha=alpha, gamma_min=gamma_min)
+    phi = S.tvlars_factor(decay_coefficient=decay, delay_steps=delay, alpha=alpha, gamma_min=gamma_min)
+    lower, upper = S.tvlars_factor_bounds(decay_coefficient=decay, delay_steps=delay, alpha=alpha, gamma_min=gamma_min)
     value = phi(t)
     assert lower <= value <= upper <= 1.0 / alpha + gamma_min
     x = decay * (t - delay)
@@ -65,19 +65,19 @@ def test_tvlars_factor_matches_formula_and_bounds(t, decay, delay, alpha, gamma_
 
 @given(steps, st.integers(1, 10**6), st.floats(0.0, 1.0), st.floats(-1e4, 1e4))
 def test_tvlars_factor_is_non_increasing(t, dt, decay, delay):
-    phi = S.tvlars_factor(decay=decay, delay_steps=delay)
+    phi = S.tvlars_factor(decay_coefficient=decay, delay_steps=delay)
     assert phi(t + dt) <= phi(t)
 
 
 def test_tvlars_official_special_case():
     """The official code's 1 / (0.1 + exp(lambda (t + 1))), from parameters alone."""
-    phi = S.tvlars_factor(decay=1e-3, delay_steps=-1, alpha=0.1, gamma_min=0.0)
+    phi = S.tvlars_factor(decay_coefficient=1e-3, delay_steps=-1, alpha=0.1, gamma_min=0.0)
     for t in [0, 1, 10, 1000, 50000]:
         assert phi(t) == pytest.approx(1.0 / (0.1 + math.exp(1e-3 * (t + 1))), rel=1e-14)
 
 
 def test_tvlars_factor_strictly_decreases_and_halves_at_the_delay():
-    phi = S.tvlars_factor(decay=0.01, delay_steps=500)
+    phi = S.tvlars_factor(decay_coefficient=0.01, delay_steps=500)
     assert phi(500) == pytest.approx(0.5)
     assert phi(0) > phi(499) > phi(500) > phi(501) > phi(5000) > 0
 
@@ -90,7 +90,7 @@ ALL_SCHEDULES = [
     lambda p, w, n: S.step_decay(p, [w, n]),
     lambda p, w, n: S.warmup_cosine(p, w, w + n),
     lambda p, w, n: S.warmup_polynomial(p, w, w + n),
-    lambda p, w, n: S.tvlars_factor(decay=1.0 / n, delay_steps=w),
+    lambda p, w, n: S.tvlars_factor(decay_coefficient=1.0 / n, delay_steps=w),
 ]
 
 
@@ -106,8 +106,8 @@ def test_every_schedule_is_finite_and_non_negative(which, peak, warmup, total, t
         (lambda: S.constant(-0.1), "value must lie in"),
         (lambda: S.linear_warmup(1.0, -5), "warmup_steps must be an int"),
         (lambda: S.warmup_cosine(1.0, 10, 10), "warmup_steps (10) must be less than total_steps (10)"),
-        (lambda: S.tvlars_factor(decay=-1.0, delay_steps=0), "decay must lie in"),
-        (lambda: S.tvlars_factor(decay=1.0, delay_steps=0, alpha=0.0), "alpha must lie in (0.0"),
+        (lambda: S.tvlars_factor(decay_coefficient=-1.0, delay_steps=0), "decay_coefficient must lie in"),
+        (lambda: S.tvlars_factor(decay_coefficient=1.0, delay_steps=0, alpha=0.0), "alpha must lie in (0.0"),
         (lambda: S.constant(1.0)(-1), "step must be an int >= 0, got -1"),
         (lambda: S.polynomial_decay(1.0, 10, power=float("nan")), "power must be finite"),
     ],

@@ -16,7 +16,7 @@ import pytest
 import lwrs
 from lwrs import theory
 from lwrs.problems import LayeredQuadratic
-from lwrs.quadratic import theory_run
+from lwrs.apps.quadratic import theory_run
 
 # The notes' setting: K = 4 layers, L_k = 1, 4, 16, 64, M_k growing towards the top.
 BLOCK = LayeredQuadratic.make(dims=(4, 4, 4, 4), lipschitz=(1.0, 4.0, 16.0, 64.0), scale_spread=(0.5, 1.0, 2.0, 3.0),
@@ -223,7 +223,7 @@ def test_clars_factor_lower_bound_and_monotone_in_mk():
 
 @pytest.mark.parametrize("name", ["torch", "array-api-strict"])
 def test_trajectories_agree_across_backends(name):
-    from lwrs.quadratic import load_namespace
+    from lwrs.apps.quadratic import load_namespace
 
     pytest.importorskip({"torch": "torch", "array-api-strict": "array_api_strict"}[name])
     kw = dict(gamma=0.02, beta=0.9, batch_size=8, steps=200, seed=4)

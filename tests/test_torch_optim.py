@@ -80,7 +80,7 @@ CONFIGS = {
     "lars-larc-all-layers": (lambda p, f: LARS(p, lr=0.05, eta=0.05, larc_clip=True, exclude_1d=False, foreach=f), False),
     "lars-clip-eps": (lambda p, f: LARS(p, lr=1.0, eta=0.5, eps=1e-3, max_ratio=0.1, foreach=f), False),
     "clars": (lambda p, f: CLARS(p, lr=2.0, eta=0.02, weight_decay=1e-2, foreach=f), True),
-    "tvlars": (lambda p, f: TVLARS(p, lr=2.0, decay=0.5, delay_steps=1, eta=0.02, weight_decay=1e-2, foreach=f), False),
+    "tvlars": (lambda p, f: TVLARS(p, lr=2.0, decay_coefficient=0.5, delay_steps=1, eta=0.02, weight_decay=1e-2, foreach=f), False),
     "lamb": (lambda p, f: LAMB(p, lr=0.01, weight_decay=1e-2, foreach=f), False),
     "lamb-all-layers-no-1d-decay": (lambda p, f: LAMB(p, lr=0.01, weight_decay=1e-2, exclude_1d=False, decay_1d=False,
                                                       foreach=f), False),

@@ -19,10 +19,10 @@ pytest.importorskip("sklearn")
 import torch.nn.functional as F  # noqa: E402
 
 from lwrs.backends.torch import PerSampleNorms  # noqa: E402
-from lwrs.backends.torch.data import MNIST1D_CHECKSUM, checksum, load_digits, load_mnist1d  # noqa: E402
-from lwrs.backends.torch.models import build_model, layer_names  # noqa: E402
-from lwrs.backends.torch.training import gradient_statistics, train  # noqa: E402
-from lwrs.train_config import TrainConfig, factor_schedule  # noqa: E402
+from lwrs.apps.train.data import MNIST1D_CHECKSUM, checksum, load_digits, load_mnist1d  # noqa: E402
+from lwrs.apps.train.models import build_model, layer_names  # noqa: E402
+from lwrs.apps.train.loop import gradient_statistics, train  # noqa: E402
+from lwrs.apps.train.config import TrainConfig, factor_schedule  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +159,7 @@ def test_mnag_training_equals_torch_sgd_nesterov_with_accumulation(digits):
     oracle_norms = [float(torch.linalg.vector_norm(p.detach().double())) for n, p in oracle.named_parameters()
                     if p.ndim > 1]
     assert record["epochs"][-1]["layers"]["weight_norm"] == pytest.approx(oracle_norms, rel=1e-5)
-    from lwrs.backends.torch.training import evaluate
+    from lwrs.apps.train.loop import evaluate
 
     _, acc = evaluate(oracle, torch.from_numpy(digits.x_test), torch.from_numpy(digits.y_test))
     assert record["epochs"][-1]["test_accuracy"] == pytest.approx(acc, abs=1 / 359 + 1e-12)
@@ -201,7 +201,7 @@ def test_warmup_ramps_the_rate(digits):
 
 
 def test_divergence_is_recorded_and_the_record_stays_strict_json(digits, tmp_path):
-    from lwrs.backends.torch.reproduce import write_json
+    from lwrs.apps.records import write_json
 
     cfg = TrainConfig(dataset="digits", optimizer="mnag", batch_size=128, epochs=3, lr=1e4, stats_samples=0)
     record = train(cfg, digits)
@@ -261,7 +261,7 @@ def _finite_numbers(value) -> bool:
 
 
 def test_lwrs_train_writes_its_record_and_plot(tmp_path, capsys):
-    from lwrs.cli import main
+    from lwrs.apps.cli import main
 
     out = tmp_path / "run"
     code = main(["train", "--dataset", "digits", "--model", "cnn", "--optimizer", "clars", "--batch-size", "256",
@@ -278,16 +278,16 @@ def test_lwrs_train_writes_its_record_and_plot(tmp_path, capsys):
 
 
 def test_lwrs_train_refuses_a_bad_option(capsys):
-    from lwrs.cli import main
+    from lwrs.apps.cli import main
 
-    assert main(["train", "--dataset", "digits", "--optimizer", "adam"]) == 2
-    assert "optimizer must be one of" in capsys.readouterr().err
+    assert main(["train", "--dataset", "digits", "--batch-size", "0"]) == 2
+    assert "batch_size must be a positive int" in capsys.readouterr().err
 
 
 def test_lwrs_reproduce_quick_smoke(tmp_path, mnist1d_dir, monkeypatch):
     """The CI smoke test of the reproduction: every output exists, every number is finite, every claim judged."""
     pytest.importorskip("mnist1d")
-    from lwrs.cli import main
+    from lwrs.apps.cli import main
 
     monkeypatch.setenv("LWRS_DATA_DIR", str(mnist1d_dir))
     out = tmp_path / "rep"
@@ -317,7 +317,7 @@ def _summary(acc: dict[str, tuple[float, float]]):
     ((0.5, 0.8), (0.5, 0.8), "not reproduced"),       # LARS behind everywhere, gap constant
 ])
 def test_fig1_verdict_rule(small, large, verdict):
-    from lwrs.backends.torch.reproduce import _fig1_verdict
+    from lwrs.apps.reproduce.verdicts import _fig1_verdict
 
     s = _summary({"lars/B128": (small[0], 0.01), "mnag/B128": (small[1], 0.01),
                   "lars/B8192": (large[0], 0.01), "mnag/B8192": (large[1], 0.01)})
@@ -325,7 +325,7 @@ def test_fig1_verdict_rule(small, large, verdict):
 
 
 def test_table1_verdict_counts_batch_sizes_where_tvlars_is_best():
-    from lwrs.backends.torch.reproduce import _table1_verdict
+    from lwrs.apps.reproduce.verdicts import _table1_verdict
 
     acc = {}
     for b, tv in ((512, 0.9), (1024, 0.9), (2048, 0.5)):
@@ -343,7 +343,9 @@ def test_the_results_page_is_the_committed_full_run(tmp_path):
     """docs/results/ holds a full `lwrs reproduce`; its report and verdicts are what the code makes of its data."""
     import pathlib
 
-    from lwrs.backends.torch.reproduce import preset_of, render, verdicts
+    from lwrs.apps.reproduce.experiments import preset_of
+    from lwrs.apps.reproduce.report import render
+    from lwrs.apps.reproduce.verdicts import verdicts
 
     folder = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
     record = json.loads((folder / "results.json").read_text())

@@ -95,9 +95,9 @@ def test_params_must_be_a_sequence():
         (lambda: lwrs.lars(0.1, max_ratio=0.0), "max_ratio must lie in (0.0, inf], got 0.0"),
         (lambda: lwrs.lars(0.1, max_ratio=0.1, larc_clip=True), "larc_clip and max_ratio cannot be combined"),
         (lambda: lwrs.lars(0.1, weight_decay_form="l2"), 'weight_decay_form must be "sum_of_norms" or "norm_of_sum"'),
-        (lambda: lwrs.lamb(0.1, b2=1.0), "b2 must lie in [0.0, 1.0), got 1.0"),
+        (lambda: lwrs.lamb(0.1, beta2=1.0), "beta2 must lie in [0.0, 1.0), got 1.0"),
         (lambda: lwrs.lamb(0.1, eps=0.0), "eps must lie in (0.0, inf], got 0.0"),
-        (lambda: lwrs.tvlars(0.1, decay=1e-3, delay_steps=0, alpha=-1.0), "alpha must lie in (0.0, inf], got -1.0"),
+        (lambda: lwrs.tvlars(0.1, decay_coefficient=1e-3, delay_steps=0, alpha=-1.0), "alpha must lie in (0.0, inf], got -1.0"),
         (lambda: lwrs.lars(0.1, on_nonfinite="ignore"), 'on_nonfinite must be "raise" or "skip"'),
     ],
 )
@@ -136,7 +136,7 @@ def test_nonfinite_gradient_raises_naming_the_layer(name, bad):
 
 
 def make_optimizer(name, **kw):
-    extra = {"tvlars": dict(decay=1e-3, delay_steps=10)}.get(name, {})
+    extra = {"tvlars": dict(decay_coefficient=1e-3, delay_steps=10)}.get(name, {})
     return getattr(lwrs, name)(0.1, **extra, **kw)
 
 

@@ -44,7 +44,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["is_sharded", "local", "layer_norms", "layer_dots", "gather", "shard_like", "gather_state", "shard_state"]
+__all__ = ["is_sharded", "local", "layer_norms", "layer_dots", "gather", "shard_like", "gather_state", "shard_state",
+           "fsdp_modules", "fsdp_unsharded_to_sharded"]
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
@@ -173,6 +174,44 @@ def layer_norms(tensor_lists: Sequence[Sequence[torch.Tensor]], dtype: torch.dty
     for ts in lists:
         out.append(norms[start:start + len(ts)])
         start += len(ts)
+    return out
+
+
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` that FSDP2's ``fully_shard`` manages (empty without FSDP2).
+
+    >>> import torch
+    >>> fsdp_modules(torch.nn.Linear(2, 2))
+    []
+    """
+    if DTensor is None:
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def fsdp_unsharded_to_sharded(modules: Sequence[torch.nn.Module]) -> dict[int, torch.nn.Parameter]:
+    """``id(unsharded parameter) -> sharded parameter`` for the FSDP2 modules ``modules``.
+
+    FSDP2 runs forward and backward with unsharded copies of the parameters (the
+    module's attributes then point to them), while the optimizer holds the sharded
+    ones. The pairing is read from FSDP2's parameter groups (private attributes of
+    torch 2.x's ``fully_shard``); copies not yet created (before the first forward)
+    are absent.
+    """
+    out: dict[int, torch.nn.Parameter] = {}
+    for module in modules:
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            group = state._fsdp_param_group
+            groups = [] if group is None else [group]
+        for group in groups:
+            for fsdp_param in group.fsdp_params:
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is not None:
+                    out[id(unsharded)] = fsdp_param.sharded_param
     return out
 
 

@@ -12,7 +12,7 @@ There are three implementations, and tests show they agree:
   back into the parameters;
 * ``foreach=True`` (the default), the fast path, takes all norms with one
   ``torch._foreach_norm`` per list, turns them into rates with the core's
-  :func:`lwrs.trust_ratios.layer_rates` on the device, and updates the weights and
+  :func:`lwrs.rates.layer_rates` on the device, and updates the weights and
   buffers in place with ``torch._foreach_*`` kernels. It synchronises with the
   host once per step, for the non-finite check;
 * ``fused=True`` (opt-in, CPU float32/float64) does the same with two compiled
@@ -33,8 +33,8 @@ import torch
 import lwrs
 from lwrs.diagnostics import LayerDiagnostics
 from lwrs.optimizers import LambState, MomentumState, _first_nonfinite
-from lwrs.statistics import NormStatistics
-from lwrs.trust_ratios import TrustOptions, clars_denominators, clars_factors, lars_denominators, layer_rates, trust_ratios
+from lwrs.norm_statistics import NormStatistics
+from lwrs.rates import TrustOptions, clars_denominators, clars_factors, lars_denominators, layer_rates, layer_trust_ratios
 
 from . import distributed
 
@@ -294,9 +294,9 @@ class MNAG(_Layerwise):
         self.fused = bool(fused)
 
     def _core(self, group):
-        decay_mask = (lambda w: w.ndim > 1 or group["decay_1d"])
+        weight_decay_mask = (lambda w: w.ndim > 1 or group["decay_1d"])
         return lwrs.mnag(group["lr"], beta=group["momentum"], nesterov=group["nesterov"],
-                         weight_decay=group["weight_decay"], decay_mask=decay_mask, on_nonfinite=group["on_nonfinite"])
+                         weight_decay=group["weight_decay"], weight_decay_mask=weight_decay_mask, on_nonfinite=group["on_nonfinite"])
 
 
 class LARS(_Layerwise):
@@ -338,7 +338,7 @@ class LARS(_Layerwise):
             group["lr"], beta=group["momentum"], eta=group["eta"], weight_decay=group["weight_decay"],
             weight_decay_form=group["weight_decay_form"], eps=group["eps"], max_ratio=group["max_ratio"],
             larc_clip=group["larc_clip"], adapt_mask=lambda w: w.ndim > 1 or not group["exclude_1d"],
-            decay_mask=lambda w: w.ndim > 1 or group["decay_1d"], nesterov=group["nesterov"],
+            weight_decay_mask=lambda w: w.ndim > 1 or group["decay_1d"], nesterov=group["nesterov"],
             on_nonfinite=group["on_nonfinite"],
         )
 
@@ -390,23 +390,23 @@ class TVLARS(LARS):
     .. math:: \phi_t = \frac{1}{\alpha + e^{\lambda(t - d_e)}} + \gamma_{\min}
 
     ``lr`` is :math:`\gamma_{target}` (a scheduler may still change it);
-    ``decay`` is :math:`\lambda`, ``delay_steps`` :math:`d_e`.
+    ``decay_coefficient`` is :math:`\lambda`, ``delay_steps`` :math:`d_e`.
 
     Examples
     --------
     >>> import torch
     >>> from lwrs.backends.torch import TVLARS
     >>> w = torch.nn.Parameter(torch.ones(2, 2))
-    >>> opt = TVLARS([w], lr=1.0, decay=0.01, delay_steps=0)
+    >>> opt = TVLARS([w], lr=1.0, decay_coefficient=0.01, delay_steps=0)
     >>> w.grad = torch.ones(2, 2); opt.step(); opt.diagnostics[0].learning_rate
     0.5
     """
 
     kind = "lars"
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, *, decay: float, delay_steps: float,
+    def __init__(self, params, lr: float, momentum: float = 0.9, *, decay_coefficient: float, delay_steps: float,
                  alpha: float = 1.0, gamma_min: float = 0.0, **kwargs: Any):
-        self._phi_args = dict(decay=decay, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)
+        self._phi_args = dict(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)
         self._phi = lwrs.schedules.tvlars_factor(**self._phi_args)
         super().__init__(params, lr, momentum, **kwargs)
 
@@ -415,7 +415,7 @@ class TVLARS(LARS):
         return lwrs.tvlars(
             g["lr"], **self._phi_args, beta=g["momentum"], eta=g["eta"], weight_decay=g["weight_decay"],
             weight_decay_form=g["weight_decay_form"], eps=g["eps"],
-            adapt_mask=lambda w: w.ndim > 1 or not g["exclude_1d"], decay_mask=lambda w: w.ndim > 1 or g["decay_1d"],
+            adapt_mask=lambda w: w.ndim > 1 or not g["exclude_1d"], weight_decay_mask=lambda w: w.ndim > 1 or g["decay_1d"],
             nesterov=g["nesterov"], on_nonfinite=g["on_nonfinite"],
         )
 
@@ -450,9 +450,9 @@ class LAMB(_Layerwise):
 
     def _core(self, group):
         b1, b2 = group["betas"]
-        return lwrs.lamb(group["lr"], b1=b1, b2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
+        return lwrs.lamb(group["lr"], beta1=b1, beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
                          adapt_mask=lambda w: w.ndim > 1 or not group["exclude_1d"],
-                         decay_mask=lambda w: w.ndim > 1 or group["decay_1d"], on_nonfinite=group["on_nonfinite"])
+                         weight_decay_mask=lambda w: w.ndim > 1 or group["decay_1d"], on_nonfinite=group["on_nonfinite"])
 
     def _core_state(self, params):
         t = self._step_count(params)
@@ -461,7 +461,7 @@ class LAMB(_Layerwise):
                          tuple(self.state[p].get("exp_avg_sq", z) for p, z in zip(params, zeros)))
 
     def _lamb_foreach_step(self, group, params, stats) -> LayerDiagnostics:
-        """LAMB with multi-tensor kernels; the ratio comes from the core's ``trust_ratios``."""
+        """LAMB with multi-tensor kernels; the ratio comes from the core's ``layer_trust_ratios``."""
         grads = [p.grad for p in params]
         t = self._step_count(params)
         stat_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
@@ -494,7 +494,7 @@ class LAMB(_Layerwise):
         if decayed:
             torch._foreach_add_([u[k] for k in decayed], [weights[k] for k in decayed], alpha=group["weight_decay"])
         (u_norms,) = _layer_norms([u], stat_dtype, like=params)
-        ratios = trust_ratios(w_norms, u_norms, eta=1.0, adapt=adapt, grad_norms=g_norms)
+        ratios = layer_trust_ratios(w_norms, u_norms, eta=1.0, adapt=adapt, grad_norms=g_norms)
         rates = lr * ratios
         factors = torch.ones_like(w_norms)
         if mean_norms is not None:  # reported, not used: LAMB has no per-sample term

@@ -22,14 +22,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import optimizers as opt
-from ._validation import NonFiniteError
-from .momentum import momentum_step, zeros_like_layers
-from .problems import LayeredQuadratic, sample_indices
-from .schedules import warmup_polynomial
-from .statistics import per_sample_norm_statistics
-from .theory import ProblemConstants, convergence_criterion, rates_meet_theorem2
-from .trust_ratios import layer_norms
+import lwrs as opt
+from lwrs import NonFiniteError, layer_norms, momentum_step, per_sample_norm_statistics, zeros_like_layers
+from lwrs.problems import LayeredQuadratic, sample_indices
+from lwrs.schedules import warmup_polynomial
+from lwrs.theory import ProblemConstants, convergence_criterion, rates_meet_theorem2
 
 __all__ = [
     "NAMESPACES",
@@ -240,7 +237,7 @@ ROSTER = (
     Entry("lars", lambda lr, T: opt.lars(lr, eta=1e-3, adapt_mask=ALL_LAYERS), 10.0),
     Entry("lars+warmup", lambda lr, T: opt.lars(warmup_polynomial(lr, T // 10, T), eta=1e-3, adapt_mask=ALL_LAYERS), 10.0),
     Entry("clars", lambda lr, T: opt.clars(lr, eta=1e-3, adapt_mask=ALL_LAYERS), 10.0),
-    Entry("tvlars", lambda lr, T: opt.tvlars(lr, decay=10.0 / T, delay_steps=T // 10, eta=1e-3, adapt_mask=ALL_LAYERS), 10.0),
+    Entry("tvlars", lambda lr, T: opt.tvlars(lr, decay_coefficient=10.0 / T, delay_steps=T // 10, eta=1e-3, adapt_mask=ALL_LAYERS), 10.0),
     Entry("lamb", lambda lr, T: opt.lamb(lr, adapt_mask=ALL_LAYERS), 0.03, beta=None),
 )
 GRID = tuple(3.0**j for j in range(-3, 4))  # 1/27 ... 27 times the base rate

@@ -1,4 +1,4 @@
-r"""Layer-wise trust ratios: LARS, CLARS and LAMB.
+r"""Per-layer rates: the trust ratios of LARS, CLARS and LAMB, and the rates they give.
 
 All three scale a layer's step by a *trust ratio* :math:`\eta\,\|w_k\| / D_k`,
 and differ only in the denominator :math:`D_k`:
@@ -42,7 +42,7 @@ __all__ = [
     "WeightDecayForm",
     "statistics_dtype",
     "layer_norms",
-    "trust_ratios",
+    "layer_trust_ratios",
     "lars_denominators",
     "clars_denominators",
     "clars_factors",
@@ -105,7 +105,7 @@ def _per_layer(xp: Any, values: Any, like: Any) -> Any:
     return xp.asarray(values, dtype=like.dtype, device=device(like))
 
 
-def trust_ratios(
+def layer_trust_ratios(
     weight_norms: Any,
     denominators: Any,
     *,
@@ -154,7 +154,7 @@ def trust_ratios(
     Examples
     --------
     >>> import numpy as np
-    >>> trust_ratios(np.array([2.0, 0.0, 1.0]), np.array([4.0, 1.0, 0.0]), eta=0.1)
+    >>> layer_trust_ratios(np.array([2.0, 0.0, 1.0]), np.array([4.0, 1.0, 0.0]), eta=0.1)
     array([0.05, 1.  , 1.  ])
     """
     xp = array_namespace(weight_norms, denominators)
@@ -346,12 +346,15 @@ def layer_rates(
     .. math::
 
         \gamma_k = \gamma_t\, r_k, \qquad
-        r_k = \frac{\eta \|w_k\|}{D_k + \epsilon} \ \text{(see :func:`trust_ratios`)},
+        r_k = \frac{\eta \|w_k\|}{D_k + \epsilon},
+
+    .. math::
 
         D_k = D^{\mathrm{LARS}}_k \ \text{(LARS)}, \quad D^{\mathrm{CLARS}}_k \ \text{(CLARS)}, \quad
-        r_k = 1 \ \text{(mGD, mNAG)};
+        r_k = 1 \ \text{(mGD, mNAG)},
 
-    with LARC clipping, :math:`\gamma_k = \min(\eta\|w_k\|/D_k, \gamma_t)`. The
+    with :math:`r_k` from :func:`layer_trust_ratios`; with LARC clipping,
+    :math:`\gamma_k = \min(\eta\|w_k\|/D_k, \gamma_t)`. The
     CLARS factor :math:`D^{\mathrm{LARS}}_k / D^{\mathrm{CLARS}}_k` is reported
     whenever ``mean_norms`` is given. This is the one place where the core and
     the fast backends turn norms into rates.
@@ -405,7 +408,7 @@ def layer_rates(
         eta, max_ratio = (options.eta / learning_rate if learning_rate > 0 else options.eta), 1.0
 
     def ratios(den: Any) -> Any:
-        return trust_ratios(weight_norms, den, eta=eta, eps=options.eps, max_ratio=max_ratio, adapt=adapt,
+        return layer_trust_ratios(weight_norms, den, eta=eta, eps=options.eps, max_ratio=max_ratio, adapt=adapt,
                             grad_norms=grad_norms)
 
     lars_r = ratios(lars_den)

@@ -81,3 +81,13 @@ def test_gradient_variance_ratio_edge_cases():
     opposed = np.array([[1.0, 0.0], [-1.0, 0.0]])
     zeros = np.zeros((2, 2))
     assert lwrs.gradient_variance_ratio([opposed, zeros]).tolist() == [float("inf"), 1.0]
+
+
+def test_merging_statistics_of_two_array_libraries_names_the_mix():
+    torch = pytest.importorskip("torch")
+    a = lwrs.NormStatistics(np.array([1.0]), np.array([1.0]), 1)
+    b = lwrs.NormStatistics(torch.tensor([1.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64), 1)
+    with pytest.raises(TypeError, match=r"cannot mix array libraries \(part 0: numpy, part 1: torch\)"):
+        lwrs.merge_statistics(a, b)
+    with pytest.raises(TypeError, match="part 1 is a tuple, not a lwrs.NormStatistics"):
+        lwrs.merge_statistics(a, (1, 2, 3))

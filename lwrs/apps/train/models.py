@@ -13,7 +13,7 @@ from torch import nn
 
 __all__ = ["MODELS", "build_model", "fcn5", "cnn5", "mlp", "layer_names"]
 
-from lwrs.train_config import MODELS
+from .config import MODELS
 
 _ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 

@@ -55,13 +55,13 @@ def test_clars_factor_closed_form_two_opposed_samples():
 
 @given(st.floats(1e-3, 1e3), st.floats(1e-3, 1e3), st.floats(1e-4, 1.0), st.floats(0.0, 1e-2))
 def test_lars_ratio_closed_form(w_norm, g_norm, eta, eps):
-    r = lwrs.trust_ratios.trust_ratios(np.array([w_norm]), np.array([g_norm]), eta=eta, eps=eps)
+    r = lwrs.layer_trust_ratios(np.array([w_norm]), np.array([g_norm]), eta=eta, eps=eps)
     np.testing.assert_allclose(r, [eta * w_norm / (g_norm + eps)], rtol=1e-14)
 
 
 @given(st.sampled_from([(0.0, 1.0), (1.0, 0.0), (0.0, 0.0)]), st.floats(1e-4, 1.0), st.floats(0.0, 1.0))
 def test_ratio_is_one_at_zero_norms(norms, eta, eps):
-    r = lwrs.trust_ratios.trust_ratios(np.array([norms[0]]), np.array([norms[1]]), eta=eta, eps=eps)
+    r = lwrs.layer_trust_ratios(np.array([norms[0]]), np.array([norms[1]]), eta=eta, eps=eps)
     assert r.tolist() == [1.0]
 
 
@@ -75,7 +75,7 @@ def test_ratio_is_one_at_zero_norms(norms, eta, eps):
 def test_zero_gradient_gives_ratio_one_and_still_decays(w, wd, beta, kind, form):
     """A vanishing mini-batch gradient: ratio 1 (timm / apex), and the first step is -(1 + beta) lr wd w."""
     lr = 0.5
-    kw = dict(decay=1e-3, delay_steps=1e9) if kind == "tvlars" else {}
+    kw = dict(decay_coefficient=1e-3, delay_steps=1e9) if kind == "tvlars" else {}
     opt = getattr(lwrs, kind)(lr, eta=0.1, beta=beta, weight_decay=wd, weight_decay_form=form, **kw)
     samples = np.stack([np.ones((2, 3)), -np.ones((2, 3))])  # per-sample gradients that cancel
     if form == "norm_of_sum":
@@ -91,7 +91,7 @@ def test_zero_gradient_gives_ratio_one_and_still_decays(w, wd, beta, kind, form)
 @given(arrays(np.float64, (3,), elements=st.floats(0.0, 10.0)), st.floats(1e-4, 1.0))
 def test_ratio_is_one_where_any_norm_vanishes(norms, eta):
     w_norm, g_norm, den = (np.array([v]) for v in norms)
-    r = lwrs.trust_ratios.trust_ratios(w_norm, den, eta=eta, grad_norms=g_norm)
+    r = lwrs.layer_trust_ratios(w_norm, den, eta=eta, grad_norms=g_norm)
     floor = np.finfo(np.float64).smallest_normal * max(1.0, eta * norms[0])
     if np.all(norms > 0) and norms[2] >= floor:
         np.testing.assert_allclose(r, eta * w_norm / den, rtol=1e-14)
@@ -101,9 +101,9 @@ def test_ratio_is_one_where_any_norm_vanishes(norms, eta):
 
 def test_a_ratio_that_would_overflow_is_one_not_infinite():
     with np.errstate(all="raise"):
-        r = lwrs.trust_ratios.trust_ratios(np.array([10.0, 10.0, 1e-3]), np.array([5e-324, 1e-300, 1e-308]), eta=1.0)
+        r = lwrs.layer_trust_ratios(np.array([10.0, 10.0, 1e-3]), np.array([5e-324, 1e-300, 1e-308]), eta=1.0)
     np.testing.assert_allclose(r, [1.0, 1e301, 1.0], rtol=1e-15)  # 5e-324 and 1e-308 are subnormal
-    r32 = lwrs.trust_ratios.trust_ratios(np.array([10.0], np.float32), np.array([1e-38], np.float32), eta=1.0)
+    r32 = lwrs.layer_trust_ratios(np.array([10.0], np.float32), np.array([1e-38], np.float32), eta=1.0)
     assert r32.tolist() == [1.0] and r32.dtype == np.float32
 
 
@@ -142,9 +142,9 @@ def test_larc_clip_matches_apex_formula():
 
 
 def test_max_ratio_clips_like_clars_code():
-    r = lwrs.trust_ratios.trust_ratios(np.array([10.0, 1.0]), np.array([1.0, 1.0]), eta=0.1, max_ratio=0.1)
+    r = lwrs.layer_trust_ratios(np.array([10.0, 1.0]), np.array([1.0, 1.0]), eta=0.1, max_ratio=0.1)
     np.testing.assert_allclose(r, [0.1, 0.1])
-    r = lwrs.trust_ratios.trust_ratios(np.array([0.5, 1.0]), np.array([1.0, 1.0]), eta=0.1, max_ratio=0.1)
+    r = lwrs.layer_trust_ratios(np.array([0.5, 1.0]), np.array([1.0, 1.0]), eta=0.1, max_ratio=0.1)
     np.testing.assert_allclose(r, [0.05, 0.1])
 
 

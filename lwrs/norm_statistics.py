@@ -21,8 +21,8 @@ from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace, device
 
-from ._validation import check_layers
-from .trust_ratios import _layer_norms, statistics_dtype
+from ._validation import check_layers, library_name
+from .rates import _layer_norms, statistics_dtype
 
 __all__ = [
     "NormStatistics",
@@ -193,6 +193,15 @@ def merge_statistics(*parts: NormStatistics) -> NormStatistics:
     """
     if not parts:
         raise ValueError("merge_statistics needs at least one NormStatistics")
+    for i, p in enumerate(parts):
+        if not isinstance(p, NormStatistics):
+            raise TypeError(f"merge_statistics: part {i} is a {type(p).__name__}, not a lwrs.NormStatistics")
+    libraries = [library_name(p.sum_norms) for p in parts]
+    if len(set(libraries)) > 1:
+        mix = ", ".join(f"part {i}: {lib}" for i, lib in enumerate(libraries))
+        raise TypeError(
+            f"merge_statistics cannot mix array libraries ({mix}); convert every part to one library first"
+        )
     total = parts[0]
     for p in parts[1:]:
         if p.sum_norms.shape != total.sum_norms.shape:

@@ -1,0 +1,127 @@
+r"""The conventions the core can express, and the core's trajectory under each of them.
+
+Implementations of one paper formula disagree on details the papers leave open.
+For LARS (CLARS eq. 3, You et al. 2017) the core expresses these as options of
+:func:`lwrs.lars`, and the kit searches all their combinations:
+
+=====================  ==================================================================
+factor                 values
+=====================  ==================================================================
+weight_decay_form      ``sum_of_norms``: :math:`D_k = \|\bar g_k\| + \lambda\|w_k\|`;
+                       ``norm_of_sum``: :math:`D_k = \|\bar g_k + \lambda w_k\|`
+nesterov               Nesterov's step (CLARS eq. 4) or heavy-ball momentum
+adapt                  layers with a trust ratio: ``ndim>1`` (biases excluded), ``all``,
+                       or ``all_if_decay`` (all when :math:`\lambda \ne 0`, none otherwise)
+decay                  layers with weight decay: ``all`` or ``ndim>1``
+eps                    :math:`\epsilon` added to :math:`D_k`: 0, 1e-8 or 1e-6
+larc_clip              apex LARC's clip, :math:`\gamma_k = \min(\eta\|w_k\|/D_k, \gamma_t)`
+=====================  ==================================================================
+
+For mNAG (CLARS eq. 2/4, ``kind="mnag"``) the factors are ``nesterov`` and ``decay``.
+
+Conventions the core does **not** express are never imitated here: the kit
+names them when a trajectory diverges (see :mod:`lwrs.testing.report`). They are
+the learning rate kept outside the momentum buffer (``torch.optim.SGD``'s order;
+the core keeps rate-scaled steps in the buffer, CLARS eq. 4), a ratio other than
+1 at a zero-gradient layer (optax and pytorch_optimizer give :math:`\eta/\lambda`),
+a trust clip applied to the zero-norm ratio (timm's ``trust_clip`` with
+:math:`\gamma > 1`), and weight decay skipped at zero-norm layers (apex LARC).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ..optimizers import lars, mnag
+from .battery import Problem
+
+__all__ = ["FACTORS", "KINDS", "conventions", "reference_optimizer", "reference_run"]
+
+FACTORS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "lars": {
+        "weight_decay_form": ("sum_of_norms", "norm_of_sum"),
+        "nesterov": (True, False),
+        "adapt": ("ndim>1", "all", "all_if_decay"),
+        "decay": ("all", "ndim>1"),
+        "eps": (0.0, 1e-8, 1e-6),
+        "larc_clip": (False, True),
+    },
+    "mnag": {
+        "nesterov": (True, False),
+        "decay": ("all", "ndim>1"),
+    },
+}
+"""Per optimizer kind, every factor and the values the core supports for it."""
+
+KINDS = tuple(FACTORS)
+"""The optimizer kinds the kit checks."""
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in FACTORS:
+        raise ValueError(f"the conformance kit checks {', '.join(map(repr, KINDS))}; got kind={kind!r}")
+
+
+def conventions(kind: str, **fixed: Any) -> list[dict[str, Any]]:
+    """Every combination of the factors of ``kind``, with the ``fixed`` ones held at one value.
+
+    Raises ``ValueError`` naming the factor or value when ``fixed`` holds one the core does not support.
+
+    Examples
+    --------
+    >>> len(conventions("lars")), len(conventions("lars", weight_decay_form="norm_of_sum"))
+    (144, 72)
+    >>> conventions("mnag", decay="all")
+    [{'nesterov': True, 'decay': 'all'}, {'nesterov': False, 'decay': 'all'}]
+    """
+    _check_kind(kind)
+    factors = dict(FACTORS[kind])
+    for name, value in fixed.items():
+        if name not in factors:
+            raise ValueError(f"{kind} has no convention {name!r}; its conventions are {', '.join(factors)}")
+        if value not in factors[name]:
+            raise ValueError(f"{kind} convention {name}={value!r} is not one the core supports: {factors[name]}")
+        factors[name] = (value,)
+    return [dict(zip(factors, combo)) for combo in itertools.product(*factors.values())]
+
+
+def _masks(problem: Problem, convention: Mapping[str, Any]) -> tuple[list[bool], list[bool]]:
+    matrix = [len(layer.shape) > 1 for layer in problem.layers]
+    adapt = {"ndim>1": matrix, "all": [True] * len(matrix),
+             "all_if_decay": [problem.weight_decay != 0] * len(matrix)}[convention.get("adapt", "ndim>1")]
+    decay = {"all": [True] * len(matrix), "ndim>1": matrix}[convention.get("decay", "all")]
+    return adapt, decay
+
+
+def reference_optimizer(kind: str, problem: Problem, convention: Mapping[str, Any]) -> Any:
+    """The core's optimizer (:func:`lwrs.lars` or :func:`lwrs.mnag`) for a problem under a convention.
+
+    Examples
+    --------
+    >>> from lwrs.testing.battery import battery
+    >>> opt = reference_optimizer("lars", battery()[0], conventions("lars")[0])
+    >>> opt.name
+    'lars'
+    """
+    _check_kind(kind)
+    adapt, decay = _masks(problem, convention)
+    lr = problem.learning_rates[0] if problem.constant_rate else problem.learning_rate
+    if kind == "mnag":
+        return mnag(lr, beta=problem.beta, nesterov=convention["nesterov"], weight_decay=problem.weight_decay,
+                    weight_decay_mask=decay)
+    return lars(lr, beta=problem.beta, eta=problem.eta, weight_decay=problem.weight_decay,
+                weight_decay_form=convention["weight_decay_form"], eps=convention["eps"],
+                larc_clip=convention["larc_clip"], adapt_mask=adapt, weight_decay_mask=decay,
+                nesterov=convention["nesterov"])
+
+
+def reference_run(kind: str, problem: Problem, convention: Mapping[str, Any], xp: Any) -> Iterator[tuple[list[Any], Any]]:
+    """Yield ``(params, diagnostics)`` after every step of the core's trajectory, in namespace ``xp``."""
+    opt = reference_optimizer(kind, problem, convention)
+    params = problem.initial_params(xp)
+    state = opt.init(params)
+    for t in range(problem.steps):
+        params, state, diag = opt.step(params, problem.gradients(t, params), state)
+        yield list(params), diag

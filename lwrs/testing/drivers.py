@@ -1,0 +1,119 @@
+"""Drivers: run an implementation under test through a problem of the battery.
+
+A driver is any object with a ``name`` and a method
+``trajectory(problem) -> [step][layer] -> tuple of floats`` that builds the
+implementation with the problem's hyperparameters, feeds it
+``problem.gradients(t, params)`` at its own current weights for every step,
+and returns the weights after each step, flattened. The core ships the driver
+for a functional ``init/step`` pair (:class:`FunctionalDriver`, any array-API
+library); the framework drivers live in the backends:
+:mod:`lwrs.backends.torch.conformance` (``torch.optim.Optimizer`` classes) and
+:mod:`lwrs.backends.jax.conformance` (optax ``GradientTransformation`` factories).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from .battery import Problem
+from .report import to_floats
+
+__all__ = ["Driver", "FunctionalDriver", "ALIASES", "hyperparameter_kwargs"]
+
+ALIASES: dict[str, tuple[str, ...]] = {
+    "learning_rate": ("learning_rate", "lr"),
+    "beta": ("beta", "momentum"),
+    "eta": ("eta", "trust_coefficient", "trust_coeff"),
+    "weight_decay": ("weight_decay", "wd"),
+}
+"""Keyword names under which implementations take each hyperparameter (the core's name first)."""
+
+_NEEDED = {"lars": ("learning_rate", "beta", "eta", "weight_decay"), "mnag": ("learning_rate", "beta", "weight_decay")}
+
+
+class Driver(Protocol):
+    """What :func:`lwrs.testing.check` needs from an implementation under test."""
+
+    name: str
+
+    def trajectory(self, problem: Problem) -> list[list[tuple[float, ...]]]: ...
+
+
+def hyperparameter_kwargs(factory: Callable[..., Any], kind: str, problem: Problem, learning_rate: Any,
+                          names: Mapping[str, str] | None = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keyword arguments that build ``factory`` with the problem's hyperparameters.
+
+    Each hyperparameter goes under ``names[core_name]`` if given, else under the
+    first of its :data:`ALIASES` that the factory's signature has. A factory
+    that takes none of them raises ``TypeError`` naming the hyperparameter.
+
+    Examples
+    --------
+    >>> from lwrs.testing.battery import battery
+    >>> def make(lr, momentum, trust_coeff, weight_decay): ...
+    >>> sorted(hyperparameter_kwargs(make, "lars", battery()[0], 0.5))
+    ['lr', 'momentum', 'trust_coeff', 'weight_decay']
+    """
+    names = dict(names or {})
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins without a signature: trust the core's names
+        params = {}
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    values = {"learning_rate": learning_rate, "beta": problem.beta, "eta": problem.eta,
+              "weight_decay": problem.weight_decay}
+    out = {}
+    for core_name in _NEEDED[kind]:
+        if core_name in skip:
+            continue
+        key = names.get(core_name)
+        if key is None:
+            key = next((a for a in ALIASES[core_name] if a in params), None)
+        if key is None and (accepts_any or not params):
+            key = core_name
+        if key is None:
+            raise TypeError(f"{getattr(factory, '__name__', factory)!r} takes none of {ALIASES[core_name]} for "
+                            f"{core_name}; pass names={{'{core_name}': 'its keyword'}}")
+        out[key] = values[core_name]
+    return out
+
+
+class FunctionalDriver:
+    """Drive a functional optimizer: ``make(**hyperparameters)`` returns an object with ``init`` and ``step``.
+
+    ``step(params, grads, state)`` must return ``(params, state, ...)`` (a
+    tuple whose first two items are the new parameters and state), like the
+    core's :class:`lwrs.Optimizer`. ``make`` receives the learning rate as a
+    float, or as a schedule ``step -> float`` on problems whose rate varies.
+    Arrays are made in namespace ``xp`` (float64); ``fixed`` keyword arguments
+    are passed to ``make`` unchanged.
+
+    Examples
+    --------
+    >>> import numpy as np, lwrs
+    >>> from lwrs.testing.battery import battery
+    >>> driver = FunctionalDriver(lwrs.lars, xp=np, nesterov=False)
+    >>> trajectory = driver.trajectory(battery()[0])
+    >>> len(trajectory), len(trajectory[0])     # 20 steps, 4 layers
+    (20, 4)
+    """
+
+    def __init__(self, make: Callable[..., Any], *, xp: Any, kind: str = "lars", name: str | None = None,
+                 names: Mapping[str, str] | None = None, **fixed: Any):
+        self.make, self.xp, self.kind, self.names, self.fixed = make, xp, kind, dict(names or {}), fixed
+        self.name = name or f"{getattr(make, '__module__', '')}.{getattr(make, '__qualname__', repr(make))}"
+
+    def trajectory(self, problem: Problem) -> list[list[tuple[float, ...]]]:
+        lr = problem.learning_rates[0] if problem.constant_rate else problem.learning_rate
+        opt = self.make(**hyperparameter_kwargs(self.make, self.kind, problem, lr, self.names), **self.fixed)
+        init, step = (opt.init, opt.step) if hasattr(opt, "init") else opt
+        params = problem.initial_params(self.xp)
+        state = init(params)
+        out = []
+        for t in range(problem.steps):
+            result = step(params, problem.gradients(t, params), state)
+            params, state = list(result[0]), result[1]
+            out.append([to_floats(w) for w in params])
+        return out
