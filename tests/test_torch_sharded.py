@@ -197,8 +197,8 @@ def test_fsdp_mixed_precision_bf16_parameters_fp32_reduce(ranks, name):
 @pytest.mark.parametrize("name, expected", [
     ("fsdp-lars", 1), ("fsdp-tvlars", 1), ("fsdp-mnag", 1), ("tp-lars", 1), ("tp-clars", 1),
     ("fsdp-clars", 2),  # the per-sample statistics' all_reduce over the data-parallel ranks, then the norms'
-    ("fsdp-lamb", 2), ("tp-lamb", 2),  # ||w||, ||g|| before the non-finite check; the update's ||u|| after it
-    ("fsdp-lars-norm_of_sum", 2),  # the norms, then <g, w> for |g + wd w|
+    ("fsdp-lamb", 2), ("tp-lamb", 2),  # ||w||, ||g|| before the moments; the direction's ||u|| after them
+    ("fsdp-lars-norm_of_sum", 1),  # |g + wd w| summed over shards with the others
 ])
 def test_one_collective_per_step_for_all_layers(ranks, name, expected):
     """The layers' norms are reduced together: the count does not grow with the number of layers (4 to 6 here)."""

@@ -16,15 +16,17 @@ others add zero), so a ``Replicate`` placement is not counted twice. A
 ``Partial`` placement (rare for parameters and gradients) is first
 redistributed to ``Replicate``, which costs its own collective.
 
-The optimizers of :mod:`lwrs.backends.torch.optim` use these functions when a
-group's parameters are ``DTensor`` s: the norms come from :func:`layer_norms`,
-and the update, elementwise, runs on the local shards (:func:`local`). The
-state (momentum buffer, LAMB moments) is kept as ``DTensor`` s with the
-parameters' placements, so ``torch.distributed.checkpoint`` can save it.
-``fused=True`` falls back to the ``foreach`` path on ``DTensor`` s; the reference
-path (``foreach=False``) gathers each tensor (:func:`gather`), runs the core on
-the full tensors and keeps the local shard of the result (:func:`shard_like`):
-it is for testing, not for speed.
+The optimizers of :mod:`lwrs.backends.torch.optim` use this when a group's
+parameters are ``DTensor`` s: every implementation runs on the local shards
+(:func:`local`), and :func:`lwrs.backends.torch.functional.squared_norms`, the one
+place that reads tensors for norms, sums its per-layer sums of squares
+(:math:`\|w\|^2`, :math:`\|g\|^2`, the state's, :math:`\|g+\lambda w\|^2`) over the
+shards with :func:`sum_over_shards`: one collective per step for MNAG, LARS,
+CLARS and TVLARS, two for LAMB (the norms before its moments, then its
+direction's). The update is elementwise, so it needs no communication. The state
+(momentum buffer, LAMB moments) is kept as ``DTensor`` s with the parameters'
+placements, so ``torch.distributed.checkpoint`` can save it. ``fused=True``
+falls back to the ``foreach`` path on ``DTensor`` s.
 
 Examples
 --------
@@ -44,11 +46,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["is_sharded", "local", "layer_norms", "layer_dots", "gather", "shard_like", "gather_state", "shard_state",
-           "fsdp_modules", "fsdp_unsharded_to_sharded"]
+__all__ = ["is_sharded", "local", "sum_over_shards", "layer_norms", "gather", "fsdp_modules",
+           "fsdp_unsharded_to_sharded"]
 
 try:
-    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate
 except ImportError:  # a torch built without torch.distributed
     DTensor = None
 
@@ -101,10 +103,20 @@ def _all_reduce_over(mesh: Any, buf: torch.Tensor) -> None:
             dist.all_reduce(buf, group=mesh.get_group(dim))
 
 
-def _sum_over_shards(parts: torch.Tensor, layouts: Sequence[Any]) -> torch.Tensor:
-    """Sum each entry of ``parts`` (this rank's partial sum for ``layouts[k]``) over the distinct shards of that
-    tensor: a rank adds its part only where its mesh coordinate is 0 along every dimension the tensor is not
-    sharded on, then one ``all_reduce`` per device mesh sums all entries at once."""
+def sum_over_shards(parts: torch.Tensor, layouts: Sequence[Any]) -> torch.Tensor:
+    r"""Sum each entry of ``parts`` (this rank's partial sum for the tensor ``layouts[k]``) over that tensor's
+    distinct shards, in place, with one ``all_reduce`` per device mesh for all entries.
+
+    .. math:: S_k = \sum_{s \in \text{shards}(k)} S_{k,s}
+
+    A rank adds its part only where its mesh coordinate is 0 along every mesh dimension
+    the tensor is not sharded on (``Replicate``), so a replicated part counts once.
+    Entries whose layout is not a ``DTensor`` are left as they are (no communication).
+
+    >>> import torch
+    >>> sum_over_shards(torch.tensor([4.0, 9.0]), [torch.ones(2), torch.ones(3)])
+    tensor([4., 9.])
+    """
     meshes: dict[tuple, tuple[Any, list[int], list[float]]] = {}
     for k, layout in enumerate(layouts):
         if not _is_dtensor(layout):
@@ -122,20 +134,6 @@ def _sum_over_shards(parts: torch.Tensor, layouts: Sequence[Any]) -> torch.Tenso
         _all_reduce_over(mesh, buf)
         parts[idx] = buf
     return parts
-
-
-def layer_dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    r"""The inner products :math:`\langle a_k, b_k\rangle` of whole tensors from local shards (one collective per mesh).
-
-    ``a[k]`` and ``b[k]`` must have the same placements (a gradient and its parameter).
-
-    >>> import torch
-    >>> layer_dots([torch.ones(3)], [torch.arange(3.0)], torch.float64)
-    tensor([3.], dtype=torch.float64)
-    """
-    a, b = list(a), list(b)
-    parts = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)).to(dtype) for x, y in zip(local(a), local(b))])
-    return _sum_over_shards(parts, b)
 
 
 def layer_norms(tensor_lists: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype,
@@ -168,7 +166,7 @@ def layer_norms(tensor_lists: Sequence[Sequence[torch.Tensor]], dtype: torch.dty
     if like is None:
         flat = [_without_partial(t) if _is_dtensor(t) else t for t in flat]
         layouts = flat
-    squares = _sum_over_shards(torch.stack(torch._foreach_norm(local(flat), dtype=dtype)).square(), layouts)
+    squares = sum_over_shards(torch.stack(torch._foreach_norm(local(flat), dtype=dtype)).square(), layouts)
     norms = squares.sqrt()
     out, start = [], 0
     for ts in lists:
@@ -223,28 +221,3 @@ def gather(t: Any) -> Any:
     tensor([1.])
     """
     return t.full_tensor().detach() if _is_dtensor(t) else t
-
-
-def shard_like(full: Any, like: Any) -> Any:
-    """``full`` laid out as ``like``: the local slice for a ``DTensor`` ``like`` (no communication), else ``full``.
-
-    Every rank must hold the same ``full`` (as after the reference step on gathered tensors).
-
-    >>> import torch
-    >>> shard_like(torch.ones(1), torch.zeros(1))
-    tensor([1.])
-    """
-    if not _is_dtensor(like):
-        return full
-    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
-
-
-def gather_state(state: Any) -> Any:
-    """A core state NamedTuple (step, tuples of tensors) with every ``DTensor`` gathered."""
-    return type(state)(*(tuple(gather(t) for t in f) if isinstance(f, tuple) else f for f in state))
-
-
-def shard_state(state: Any, like: Sequence[torch.Tensor]) -> Any:
-    """The inverse of :func:`gather_state`: every tuple of full tensors laid out as ``like``."""
-    return type(state)(*(tuple(shard_like(t, p) for t, p in zip(f, like)) if isinstance(f, tuple) else f
-                         for f in state))
