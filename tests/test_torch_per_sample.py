@@ -194,13 +194,6 @@ def test_fused_mode_falls_back_to_hooks_under_autocast():
         torch.testing.assert_close(sums[p][0], want[q][0], rtol=1e-6, atol=0)
 
 
-def test_fused_mode_refuses_a_layer_used_twice():
-    layer = nn.Conv1d(2, 2, 1).double()
-    PerSampleNorms(layer, fused=True)
-    with pytest.raises(RuntimeError, match="called twice before backward"):
-        layer(layer(torch.randn(2, 2, 4, dtype=torch.float64)))
-
-
 @pytest.mark.parametrize("fused", [False, True], ids=["hooks", "fused"])
 def test_accumulated_micro_batches_equal_the_whole_batch(fused):
     model, x, y = setup("conv" if fused else "mlp-inplace-relu")
@@ -306,20 +299,11 @@ def test_layers_after_a_batch_norm_are_exact_and_not_flagged():
 
 
 def test_unsupported_modules_are_named():
-    model = nn.Sequential(nn.Linear(3, 3), nn.MultiheadAttention(3, 1))
-    with pytest.raises(UnsupportedModuleError, match=r"1 \(MultiheadAttention\)"):
+    model = nn.Sequential(nn.Linear(3, 3), nn.PReLU())
+    with pytest.raises(UnsupportedModuleError, match=r"1 \(PReLU\)"):
         PerSampleNorms(model)
-    with pytest.raises(UnsupportedModuleError, match="padding_mode='zeros'"):
-        circular = nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular").double()
-        PerSampleNorms(circular)
-        circular(torch.randn(2, 4, 5, 5, dtype=torch.float64)).sum().backward()
-
-
-def test_a_layer_used_twice_is_refused():
-    layer = nn.Linear(3, 3).double()
-    PerSampleNorms(layer)
-    with pytest.raises(RuntimeError, match="called twice before backward"):
-        layer(layer(torch.randn(2, 3, dtype=torch.float64)))
+    with pytest.raises(UnsupportedModuleError, match="padding_mode='circular'"):  # at construction
+        PerSampleNorms(nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["hooks", "fused"])

@@ -280,8 +280,8 @@ def test_lwrs_train_writes_its_record_and_plot(tmp_path, capsys):
 def test_lwrs_train_refuses_a_bad_option(capsys):
     from lwrs.apps.cli import main
 
-    assert main(["train", "--dataset", "digits", "--optimizer", "adam"]) == 2
-    assert "optimizer must be one of" in capsys.readouterr().err
+    assert main(["train", "--dataset", "digits", "--batch-size", "0"]) == 2
+    assert "batch_size must be a positive int" in capsys.readouterr().err
 
 
 def test_lwrs_reproduce_quick_smoke(tmp_path, mnist1d_dir, monkeypatch):

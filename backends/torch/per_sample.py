@@ -38,10 +38,36 @@ positions):
   into the groups, at the FLOP cost of the ordinary weight gradient.
 * ``Embedding``: :math:`\sum_{t,s}[\mathrm{id}_t = \mathrm{id}_s]\,\delta_t\cdot\delta_s`.
 * ``LayerNorm`` / ``GroupNorm`` affine parameters and all biases: built, they are small.
+* ``MultiheadAttention`` (and so ``TransformerEncoderLayer`` / ``DecoderLayer``):
+  its forward is run through :mod:`lwrs.backends.torch.per_sample_attention`,
+  whose projections are recorded as Linear layers.
+
+Subclasses of these modules count when they keep the parent's forward.
+
+**Shared parameters.** The per-sample gradient of a parameter used more than
+once in a pass (tied input and output embeddings, a layer called twice) is the
+sum of its uses' contributions, and its norm has cross terms. When a parameter
+has more than one live use, the contributions are built and summed at the end
+of the backward pass (costing a ``(B, *p.shape)`` tensor per use), so the
+norms stay exact. A forward pass whose graph is dropped without backward (a
+logging forward) does not count; under ``torch.no_grad()`` it costs nothing.
+Non-reentrant activation checkpointing (``use_reentrant=False``) is supported: the
+recomputation in backward is not recorded.
+
+**The sample axis** is dim ``batch_dim`` (0, or 1 for sequence-first inputs
+``(T, B, ...)``) of every recorded layer's input. The batch size is read from the
+model's first tensor input, and a layer whose input has another size along that
+axis (e.g. ``x.reshape(B * T, F)``) is refused with an error naming it.
+
+**Statistics follow** ``p.grad``: when a parameter's gradient was set to ``None``
+or replaced since the last backward (``model.zero_grad()``), its statistics are
+reset at the next backward, and :meth:`PerSampleNorms.sums` refuses stale ones.
 
 The hooks are a forward hook that keeps the layer input and a tensor hook on
 the layer output, so in-place activations after a layer are fine. Calls made
-under ``torch.func`` transforms (``vmap``, ``grad``) are ignored.
+under ``torch.func`` transforms (``vmap``, ``grad``) are ignored. Configurations
+whose norms cannot be exact (``padding_mode='reflect'``, ``padding='same'``,
+``Embedding(max_norm=...)``, unsupported modules) are refused at construction.
 
 BatchNorm in training mode makes every sample's loss depend on the whole batch,
 so per-sample gradients are not defined for the layers before it. The layers
@@ -57,133 +83,69 @@ they are 1-D and excluded from adaptation by default anyway.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import per_sample_fused
+from . import per_sample_attention, per_sample_fused, per_sample_layers
+from .per_sample_layers import linear_pieces, sq_norms
+from .per_sample_minibatch import minibatch_norm_statistics
 
 __all__ = ["PerSampleNorms", "UnsupportedModuleError", "minibatch_norm_statistics"]
 
 _BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+_SAMPLES_FIRST_ONLY = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.GroupNorm) + _BATCH_NORMS
+_SUPPORTED = "Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm, MultiheadAttention (and BatchNorm by policy)"
 
 
 class UnsupportedModuleError(TypeError):
     """A parameter belongs to a module whose per-sample norms lwrs cannot compute."""
 
 
-def _sq_norms(x: torch.Tensor) -> torch.Tensor:
-    """Squared norm of every sample's slice, accumulated in float32 at least, in one pass without temporaries."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=dtype).square()
+def _graph_task() -> int:
+    """The running backward pass (-1 outside backward)."""
+    return torch._C._current_graph_task_id()
 
 
-def _linear_weight_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Per-sample squared norm of sum_t d_t a_t^T, for a (B, T, p) and d (B, T, d), T > 1."""
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    a, d = a.to(dtype), d.to(dtype)
-    T, p, q = a.shape[1], a.shape[2], d.shape[2]
-    if 2 * T * T <= p * q:  # ghost norm: <a a^T, d d^T>
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2))
-    return torch.bmm(d.transpose(1, 2), a).pow(2).sum(dim=(1, 2))
+def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
+    """Whether two row ranges of a parameter overlap (None: the whole parameter)."""
+    return a is None or b is None or (a[0] < b[1] and b[0] < a[1])
 
 
-def _as_sequence(x: torch.Tensor) -> torch.Tensor:
-    """(B, ..., f) -> (B, T, f)."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+def _recording() -> bool:
+    return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
 
 
-def _linear_rows(module: torch.nn.Linear, a_sq: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """One row per sample: ``||c_i||^2 = ||a_i||^2 ||d_i||^2`` for the weight and ``||d_i||^2`` for the bias."""
-    d_sq = _sq_norms(d)
-    out = {module.weight: a_sq * d_sq}
-    if module.bias is not None:
-        out[module.bias] = d_sq
-    return out
+class _Call:
+    """One recorded use of parameters (a layer's forward), alive as long as its graph; consumed by its backward.
 
-
-def _linear(module: torch.nn.Linear, x: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
-    a, dd = _as_sequence(x), _as_sequence(d)
-    if a.shape[1] == 1:
-        return _linear_rows(module, _sq_norms(a), dd)
-    out = {module.weight: _linear_weight_sq(a, dd)}
-    if module.bias is not None:
-        out[module.bias] = _sq_norms(dd.sum(dim=1))
-    return out
-
-
-def _conv(module: torch.nn.Module, x: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """Per-sample weight gradients of a convolution from grouped weight-gradient calls.
-
-    Folding a chunk of samples into the channels, ``(1, c*C, ...)`` against ``(1, c*O, ...)``
-    with ``groups = c * module.groups``, gives those samples' weight gradients at the FLOP
-    cost of their share of the ordinary weight gradient. Chunks bound the memory
-    (see ``per_sample_fused._CHUNK_ELEMENTS``).
+    ``roles`` maps a role (``"weight"``, ``"bias"`` or the parameter itself) to ``(parameter, rows)``, rows a
+    ``(start, stop)`` range of dim 0 or None for the whole parameter. Calls made outside backward are counted
+    as uses; those made during backward (checkpoint recomputation) are not.
     """
-    if module.padding_mode != "zeros" or isinstance(module.padding, str):
-        raise UnsupportedModuleError(f"{module}: per-sample norms need padding_mode='zeros' and numeric padding")
-    batch, out_ch = x.shape[0], module.out_channels
-    out = {module.weight: per_sample_fused.conv_sq_norms(module, x, d)}
-    if module.bias is not None:
-        out[module.bias] = _sq_norms(d.reshape(batch, out_ch, -1).sum(dim=2))
-    return out
 
+    __slots__ = ("norms", "name", "roles", "counted", "consumed", "__weakref__")
 
-def _embedding(module: torch.nn.Embedding, ids: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
-    if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
-        raise UnsupportedModuleError(f"{module}: per-sample norms need max_norm=None, "
-                                     "scale_grad_by_freq=False and dense gradients")
-    ids = ids.reshape(ids.shape[0], -1)
-    dd = _as_sequence(d)
-    dtype = torch.float64 if dd.dtype == torch.float64 else torch.float32
-    dd = dd.to(dtype)
-    same = ids[:, :, None] == ids[:, None, :]
-    if module.padding_idx is not None:
-        keep = ids != module.padding_idx
-        same = same & keep[:, :, None] & keep[:, None, :]
-    return {module.weight: (torch.bmm(dd, dd.transpose(1, 2)) * same).sum(dim=(1, 2))}
+    def __init__(self, norms: "PerSampleNorms", name: str, roles: dict):
+        self.norms, self.name, self.roles = norms, name, roles
+        self.counted, self.consumed = _graph_task() == -1, False
+        for p, _ in roles.values():
+            norms._live.setdefault(p, weakref.WeakSet()).add(self)
 
+    # what per_sample_fused and the hooks call in backward
+    def enter(self) -> None:
+        self.norms._enter(self)
 
-def _layer_norm(module: torch.nn.LayerNorm, x: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
-    if not module.elementwise_affine:
-        return {}
-    xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-    n = len(module.normalized_shape)
-    reduce = tuple(range(1, x.ndim - n))
-    out = {module.weight: _sq_norms((d * xhat).sum(dim=reduce) if reduce else d * xhat)}
-    if module.bias is not None:
-        out[module.bias] = _sq_norms(d.sum(dim=reduce) if reduce else d)
-    return out
+    def want(self, role: Any) -> bool:
+        return role in self.roles and self.norms._want(self, *self.roles[role])
 
-
-def _group_norm(module: torch.nn.GroupNorm, x: torch.Tensor, d: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
-    if not module.affine:
-        return {}
-    xhat = F.group_norm(x, module.num_groups, None, None, module.eps)
-    reduce = tuple(range(2, x.ndim))
-    return {
-        module.weight: _sq_norms((d * xhat).sum(dim=reduce) if reduce else d * xhat),
-        module.bias: _sq_norms(d.sum(dim=reduce) if reduce else d),
-    }
-
-
-_HANDLERS = {
-    torch.nn.Linear: _linear,
-    torch.nn.Conv1d: _conv,
-    torch.nn.Conv2d: _conv,
-    torch.nn.Embedding: _embedding,
-    torch.nn.LayerNorm: _layer_norm,
-    torch.nn.GroupNorm: _group_norm,
-}
-
-
-def _handler(module: torch.nn.Module):
-    for cls, fn in _HANDLERS.items():
-        if type(module) is cls:
-            return fn
-    return None
+    def record(self, role: Any, tensor: torch.Tensor, built: bool) -> None:
+        if role in self.roles:
+            p, rows = self.roles[role]
+            self.norms._tasks[_graph_task()].setdefault(p, []).append((rows, tensor, built, self.name))
 
 
 class PerSampleNorms:
@@ -193,17 +155,17 @@ class PerSampleNorms:
     ----------
     model : torch.nn.Module
         Every trainable parameter must belong directly to a supported module
-        (Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm) or to a
-        BatchNorm; otherwise :class:`UnsupportedModuleError` names it.
+        (Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm,
+        MultiheadAttention, or a subclass keeping its forward) or to a
+        BatchNorm; otherwise :class:`UnsupportedModuleError` names it, as it
+        names configurations whose norms cannot be exact.
     batch_norm : {"warn", "strict"}
         What a BatchNorm in training mode does (see the module notes).
     all_reduce : bool or None
         Sum the statistics over data-parallel ranks in :meth:`norm_statistics`
-        with one ``all_reduce`` of ``[S1; S2]``, then divide :math:`S^{(1)}` by
-        the world size :math:`W` and :math:`S^{(2)}` by :math:`W^2`, matching
-        DistributedDataParallel's averaging of the gradients (equal local batch
-        sizes assumed). ``None``: whenever ``torch.distributed`` is initialised
-        with more than one rank.
+        with one ``all_reduce``, matching DistributedDataParallel's averaging
+        of the gradients (equal local batch sizes assumed). ``None``: whenever
+        ``torch.distributed`` is initialised with more than one rank.
     subsample : int or None
         The paper's cheap estimator, for comparison: count only the first
         ``subsample`` samples :math:`J` of each backward pass, scaled by
@@ -217,8 +179,11 @@ class PerSampleNorms:
         and returns the sum, so autograd's own weight-gradient call is not
         made. :meth:`remove` restores the modules. Default ``True``, the
         faster mode in ``benchmarks/clars_step.py``; ``False`` measures with
-        hooks only and leaves the modules' forward untouched (the weight
-        gradients are then autograd's own, bit for bit).
+        hooks only (the weight gradients are then autograd's own, bit for bit).
+    batch_dim : {0, 1}
+        The sample axis of the model's input and of every recorded layer's
+        input: 1 for sequence-first inputs ``(T, B, ...)`` (Linear, Embedding,
+        LayerNorm only). ``MultiheadAttention`` follows its own ``batch_first``.
 
     Examples
     --------
@@ -234,45 +199,69 @@ class PerSampleNorms:
     """
 
     def __init__(self, model: torch.nn.Module, *, batch_norm: str = "warn", all_reduce: bool | None = None,
-                 subsample: int | None = None, fused: bool = True):
+                 subsample: int | None = None, fused: bool = True, batch_dim: int = 0):
         if batch_norm not in ("warn", "strict"):
             raise ValueError(f'batch_norm must be "warn" or "strict", got {batch_norm!r}')
         if subsample is not None and (isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1):
             raise ValueError(f"subsample must be a positive int or None, got {subsample!r}")
-        self.subsample = subsample
-        self.batch_norm = batch_norm
-        self.all_reduce = all_reduce
+        if batch_dim not in (0, 1) or isinstance(batch_dim, bool):
+            raise ValueError(f"batch_dim must be 0 or 1, got {batch_dim!r}")
+        self.subsample, self.batch_norm, self.all_reduce, self.batch_dim = subsample, batch_norm, all_reduce, batch_dim
+        self.fused = fused
         self._handles: list[Any] = []
         self._fused_modules: list[torch.nn.Module] = []
+        self._attention_modules: list[torch.nn.Module] = []
         self._workspace: dict = {}  # the fused layers' shared chunk buffer
         self._owner: dict[torch.nn.Parameter, str] = {}
         self._bn_params: set[torch.nn.Parameter] = set()
         self._names: dict[int, str] = {}
         self._warned: set[tuple[str, ...]] = set()
-        unsupported = []
+        self._live: dict[torch.nn.Parameter, weakref.WeakSet] = {}  # parameter -> its recorded uses
+        self._tasks: dict[int, dict] = {}  # backward pass -> parameter -> [(rows, tensor, built, name)]
+        self._batch: int | None = None  # the model input's batch size, during its forward
+        inside_attention = {id(m.out_proj) for m in model.modules() if per_sample_attention.supported(m)}
+        refused = []
         for name, module in model.named_modules():
+            label = name or type(module).__name__
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if isinstance(module, _BATCH_NORMS):
                 self._bn_params.update(own)
-                self._names[id(module)] = name or type(module).__name__
+                self._names[id(module)] = label
                 self._handles.append(module.register_forward_pre_hook(self._batch_norm_hook))
                 continue
-            if _handler(module) is not None:
-                self._names[id(module)] = name or type(module).__name__
-                if fused and per_sample_fused.fusable(module) and "forward" not in module.__dict__:
-                    self._install_fused(module)  # (a module another recorder already fused gets hooks here)
-                else:
-                    self._handles.append(module.register_forward_hook(self._forward_hook))
-                for p in own:
-                    self._owner[p] = name or type(module).__name__
-            elif own:
-                unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
-        if unsupported:
+            if id(module) in inside_attention:  # the out-projection: recorded by its attention module
+                self._owner.update((p, label) for p in own)
+                continue
+            supported = per_sample_attention.supported(module) or per_sample_layers.handler(module) is not None
+            reason = (per_sample_attention.refusal(module) if per_sample_attention.supported(module)
+                      else per_sample_layers.refusal(module))
+            if supported and batch_dim != 0 and isinstance(module, _SAMPLES_FIRST_ONLY):
+                reason = "batch_dim=1 (its samples are along dim 0)"
+            if not supported and own:
+                refused.append(f"{name or '<root>'} ({type(module).__name__})")
+            elif supported and reason:
+                refused.append(f"{name or '<root>'} ({type(module).__name__}: {reason})")
+            if not supported or reason:
+                continue
+            self._names[id(module)] = label
+            self._owner.update((p, label) for p in own)
+            if per_sample_attention.supported(module):
+                per_sample_attention.install(module, self._attention_linear(label), self._begin_attention(label))
+                self._attention_modules.append(module)
+            elif fused and batch_dim == 0 and per_sample_fused.fusable(module) and "forward" not in module.__dict__:
+                per_sample_fused.install(module, self._begin_fused(module),
+                                         lambda inputs, output, m=module: self._forward_hook(m, inputs, output),
+                                         self._workspace)
+                self._fused_modules.append(module)  # (a module another recorder already fused gets hooks)
+            else:
+                self._handles.append(module.register_forward_hook(self._forward_hook))
+        if refused:
             self.remove()
             raise UnsupportedModuleError(
-                "per-sample norms are not available for the parameters of: " + ", ".join(unsupported)
-                + "; supported: Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm (and BatchNorm by policy)"
-            )
+                "per-sample norms are not available for the parameters of: " + ", ".join(refused)
+                + f"; supported: {_SUPPORTED}")
+        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._root_hook))
         self.reset()
 
     def reset(self) -> None:
@@ -280,40 +269,96 @@ class PerSampleNorms:
         self._s1: dict[torch.nn.Parameter, torch.Tensor] = {}
         self._s2: dict[torch.nn.Parameter, torch.Tensor] = {}
         self._n: dict[torch.nn.Parameter, int] = {}  # samples recorded per parameter (summed over passes)
+        self._seen: dict[torch.nn.Parameter, Any] = {}  # p.grad after the last backward (a weak reference)
         self._pending: dict[int, int] = {}
 
     def remove(self) -> None:
-        """Detach the hooks from the model (and give fused modules their own forward back)."""
+        """Detach the hooks from the model (and give fused and attention modules their own forward back)."""
         for h in self._handles:
             h.remove()
         self._handles = []
         for module in self._fused_modules:
             per_sample_fused.uninstall(module)
-        self._fused_modules = []
+        for module in self._attention_modules:
+            per_sample_attention.uninstall(module)
+        self._fused_modules, self._attention_modules = [], []
         self._workspace.clear()
 
-    def _install_fused(self, module: torch.nn.Module) -> None:
-        key = id(module)
+    # ---- forward side ----------------------------------------------------------------------------
 
-        def start() -> None:
-            if self._pending.get(key, 0):
-                raise RuntimeError(
-                    f"{module} was called twice before backward: per-sample norms of a shared layer are not supported"
-                )
-            self._pending[key] = 1
+    def _root_pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not _recording() or _graph_task() != -1:
+            return
+        self._pending = {}  # a new forward pass
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        self._batch = x.shape[self.batch_dim] if x is not None and x.ndim > self.batch_dim else None
 
-        def done() -> None:
-            self._pending[key] = 0
+    def _root_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if _graph_task() == -1:
+            self._batch = None
 
-        def record(p: torch.nn.Parameter, sq: torch.Tensor) -> None:
-            if p.requires_grad:
-                self._add(p, sq)
+    def _check_batch(self, label: str, samples: int, shape: tuple, dim: int) -> None:
+        if self._batch is not None and samples != self._batch:
+            raise RuntimeError(
+                f"{label}: its input {tuple(shape)} has {samples} samples along dim {dim}, the model's input "
+                f"{self._batch}: per-sample norms need the samples along dim {dim} of every layer's input "
+                "(batch_dim=1 for sequence-first inputs; tokens folded into the batch, e.g. x.reshape(B * T, F), "
+                "cannot be measured)")
 
-        per_sample_fused.install(module, record, start, done,
-                                 lambda inputs, output: self._forward_hook(module, inputs, output), self._workspace)
-        self._fused_modules.append(module)
+    def _start(self, module_id: int, label: str, x: torch.Tensor, dim: int) -> None:
+        if _graph_task() == -1:
+            self._pending[module_id] = 1
+        self._check_batch(label, x.shape[dim], tuple(x.shape), dim)
 
-    # ---- hooks ---------------------------------------------------------------------------------
+    def _begin_fused(self, module: torch.nn.Module):
+        label = self._names[id(module)]
+
+        def begin(x: torch.Tensor) -> _Call:
+            self._start(id(module), label, x, 0)
+            roles = {r: (getattr(module, r), None) for r in ("weight", "bias")
+                     if getattr(module, r) is not None and getattr(module, r).requires_grad}
+            return _Call(self, label, roles)
+
+        return begin
+
+    def _begin_attention(self, label: str):
+        def begin(module: torch.nn.Module, samples: int, shape: tuple, dim: int) -> None:
+            if _graph_task() == -1:
+                self._pending[id(module)] = 1
+            self._check_batch(label, samples, shape, dim)
+
+        return begin
+
+    def _attention_linear(self, label: str):
+        """``linear(x, weight, bias, weight_rows, bias_rows)`` for the attention module ``label``, recorded."""
+
+        def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   w_rows: tuple[int, int] | None, b_rows: tuple[int, int] | None) -> torch.Tensor:
+            w = weight if w_rows is None else weight[w_rows[0]:w_rows[1]]
+            b = None if bias is None else (bias if b_rows is None else bias[b_rows[0]:b_rows[1]])
+            roles = {r: v for r, v in (("weight", (weight, w_rows)), ("bias", (bias, b_rows)))
+                     if v[0] is not None and v[0].requires_grad}
+            if not roles:
+                return F.linear(x, w, b)
+            call = _Call(self, label, roles)
+            if (self.fused and "weight" in roles and (b is None or "bias" in roles)
+                    and not torch.is_autocast_enabled(x.device.type) and per_sample_fused.linear_applies(x, w)):
+                return per_sample_fused.fused_linear(x, w, b, call, self._workspace)
+            y = F.linear(x, w, b)
+            a = x.detach()
+
+            def on_grad(d: torch.Tensor) -> None:
+                call.enter()
+                want_w, want_b = call.want("weight"), call.want("bias")
+                pw, pb = linear_pieces(a, d.detach(), bias=b is not None, want_weight=want_w, want_bias=want_b)
+                call.record("weight", pw, want_w)
+                if pb is not None:
+                    call.record("bias", pb, want_b)
+
+            y.register_hook(on_grad)
+            return y
+
+        return linear
 
     def _batch_norm_hook(self, module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
         """Before a BatchNorm's forward: the measured layers that already ran in this pass are upstream of it."""
@@ -336,28 +381,93 @@ class PerSampleNorms:
             self._warned.add(upstream)
 
     def _forward_hook(self, module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+        if not (_recording() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
-        if torch._C._are_functorch_transforms_active():  # torch.func calls (vmap, grad) are not a backward pass
-            return
-        if self._pending.get(id(module), 0):
-            raise RuntimeError(
-                f"{module} was called twice before backward: per-sample norms of a shared layer are not supported"
-            )
-        self._pending[id(module)] = 1
+        label, dim = self._names[id(module)], self.batch_dim
+        self._start(id(module), label, inputs[0], dim)
         x = inputs[0].detach()
-        handler = _handler(module)
-        if handler is _linear and x.ndim == 2:
-            # one row per sample: take ||a_i||^2 now, while the input is still in cache, and keep no reference to it
-            x, handler = _sq_norms(x), _linear_rows
+        x = x.movedim(dim, 0) if dim else x
+        handler = per_sample_layers.handler(module)
+        # one row per sample: take ||a_i||^2 now, while the input is still in cache
+        extra = {"a_sq": sq_norms(x)} if isinstance(module, torch.nn.Linear) and x.ndim == 2 else {}
+        call = _Call(self, label, {p: (p, None) for p in module.parameters(recurse=False) if p.requires_grad})
 
         def on_grad(grad_output: torch.Tensor) -> None:
+            call.enter()
             self._pending[id(module)] = 0
-            for p, sq in handler(module, x, grad_output.detach()).items():
-                if p.requires_grad:
-                    self._add(p, sq)
+            d = grad_output.detach()
+            wants = {p: call.want(p) for p in call.roles}
+            for p, t in handler(module, x, d.movedim(dim, 0) if dim else d, wants.__getitem__, **extra).items():
+                call.record(p, t, wants[p])
 
         output.register_hook(on_grad)
+
+    # ---- backward side ---------------------------------------------------------------------------
+
+    def _enter(self, call: _Call) -> None:
+        """A recorded use receives its gradient: open the pass's record (once per backward pass)."""
+        call.consumed = True
+        task = _graph_task()
+        if task not in self._tasks:
+            if not self._tasks:
+                self._drop_stale()
+            self._tasks[task] = {}
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_pass(task))
+
+    def _want(self, call: _Call, p: torch.nn.Parameter, rows: tuple[int, int] | None) -> bool:
+        """Build ``call``'s contribution to ``p`` (rows) if another use of them is live or recorded in this pass."""
+        if any(_overlap(r, rows) for r, *_ in self._tasks[_graph_task()].get(p, ())):
+            return True
+        for other in list(self._live.get(p, ())):
+            if (other is not call and other.counted and not other.consumed
+                    and any(q is p and _overlap(r, rows) for q, r in other.roles.values())):
+                return True
+        return False
+
+    def _end_pass(self, task: int) -> None:
+        for p, pieces in self._tasks.pop(task).items():
+            self._add(p, self._combine(p, pieces))
+        if not self._tasks:  # after the other end-of-backward callbacks (DistributedDataParallel's)
+            torch.autograd.Variable._execution_engine.queue_callback(self._note_grads)
+
+    def _note_grads(self) -> None:
+        self._seen = {p: (None if p.grad is None else weakref.ref(p.grad)) for p in self._s1}
+
+    def _stale(self, p: torch.nn.Parameter) -> bool:
+        """Whether ``p.grad`` was set to None or replaced since the statistics of ``p`` were recorded."""
+        if p not in self._seen:
+            return False
+        ref, grad = self._seen[p], p.grad
+        return grad is None or ref is None or ref() is not grad
+
+    def _drop_stale(self) -> None:
+        for p in [p for p in self._s1 if self._stale(p)]:
+            del self._s1[p], self._s2[p], self._n[p]
+
+    @staticmethod
+    def _combine(p: torch.nn.Parameter, pieces: list) -> torch.Tensor:
+        """The squared per-sample norms of ``p`` from its contributions in one pass."""
+        if len(pieces) == 1:
+            _, t, built, _ = pieces[0]
+            return sq_norms(t) if built else t
+        rows = [r for r, *_ in pieces]
+        if not any(built for *_, built, _ in pieces) and all(
+                not _overlap(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]):
+            return sum(t for _, t, _, _ in pieces)  # disjoint rows: the squared norms add
+        names = sorted({name for *_, name in pieces})
+        if not all(built for *_, built, _ in pieces):
+            raise RuntimeError(f"a parameter of {', '.join(names)} got a contribution in backward from a use "
+                               "that was not live in the forward pass (a reentrant checkpoint?); its per-sample "
+                               "norms would miss cross terms")
+        batches = {t.shape[0] for _, t, _, _ in pieces}
+        if len(batches) != 1:
+            raise RuntimeError(f"the uses of a parameter shared by {', '.join(names)} have different numbers of "
+                               f"samples {sorted(batches)}: its per-sample gradients are not defined")
+        first = pieces[0][1]
+        full = first.new_zeros(first.shape[0], *p.shape)
+        for r, t, _, _ in pieces:
+            (full if r is None else full[:, r[0]:r[1]]).add_(t.to(full.dtype))
+        return sq_norms(full)
 
     def _add(self, p: torch.nn.Parameter, sq: torch.Tensor) -> None:
         norms_sq = sq.clamp_min(0)
@@ -384,6 +494,11 @@ class PerSampleNorms:
         out = {}
         for p in params:
             if p in self._s1:
+                if self._stale(p):
+                    raise RuntimeError(
+                        f"the per-sample statistics of {self._owner.get(p, 'a parameter')} are stale: its gradient "
+                        "was zeroed or replaced after the last backward (model.zero_grad()?); call "
+                        "PerSampleNorms.reset() when zeroing the gradients (CLARS.zero_grad does)")
                 out[p] = (self._s1[p] / scale, self._s2[p] / scale**2)
             elif p in self._bn_params and p.grad is not None:
                 g = p.grad.detach().double() if p.grad.dtype == torch.float64 else p.grad.detach().float()
@@ -437,47 +552,3 @@ class PerSampleNorms:
         if self.all_reduce and not ready:
             raise RuntimeError("all_reduce=True needs an initialised torch.distributed process group")
         return bool(self.all_reduce)
-
-
-def minibatch_norm_statistics(model: torch.nn.Module, loss_fn: Any, batches: Iterable[tuple[Any, Any]],
-                              params: Iterable[torch.nn.Parameter] | None = None):
-    r"""The official CLARS code's estimator: mean over extra mini-batches of the mini-batch gradient's norm.
-
-    .. math:: \hat D_k = \frac1M \sum_{m=1}^M \big\|\nabla_k L(\text{mini-batch}_m)\big\|
-
-    The official code uses :math:`M = 64` extra mini-batches of 8 samples at
-    every step, i.e. 64 extra forward and backward passes; it is here for
-    comparison with the exact statistics of :class:`PerSampleNorms`. The
-    gradients are taken with :func:`torch.autograd.grad`, so ``p.grad`` is
-    left untouched. Returns a :class:`lwrs.NormStatistics` with ``count = M``,
-    whose ``mean_norms()`` is :math:`\hat D_k` (in ``p.grad`` units for a
-    mean-reduced ``loss_fn``). Pair it with ``CLARS(max_ratio=0.1, eps=1e-6)``
-    for the code's clipped ratio.
-
-    Examples
-    --------
-    >>> import torch
-    >>> model = torch.nn.Linear(3, 1)
-    >>> batches = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
-    >>> stats = minibatch_norm_statistics(model, torch.nn.functional.mse_loss, batches)
-    >>> stats.count, tuple(stats.sum_norms.shape)
-    (4, (2,))
-    """
-    from lwrs.norm_statistics import NormStatistics
-
-    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
-    s1 = torch.zeros(len(params), dtype=torch.float64)
-    s2 = torch.zeros(len(params), dtype=torch.float64)
-    count = 0
-    for x, y in batches:
-        grads = torch.autograd.grad(loss_fn(model(x), y), params, allow_unused=True)
-        for k, g in enumerate(grads):
-            n = torch.zeros((), dtype=torch.float64) if g is None else torch.linalg.vector_norm(g.double())
-            s1[k] += n
-            s2[k] += n * n
-        count += 1
-    if count == 0:
-        raise ValueError("minibatch_norm_statistics needs at least one mini-batch")
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    device = params[0].device
-    return NormStatistics(s1.to(dtype=dtype, device=device), s2.to(dtype=dtype, device=device), count)

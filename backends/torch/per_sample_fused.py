@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["conv_sq_norms", "fusable", "install", "uninstall"]
+__all__ = ["conv_per_sample", "conv_sq_norms", "fused_linear", "fusable", "install", "linear_applies", "uninstall"]
 
 # Per-sample gradients built at a time, in elements (4 MiB in float32): small enough to stay in cache and
 # to bound the memory, large enough that each chunk is one efficient batched call.
@@ -58,8 +58,8 @@ class _PerSampleWeightGrad(torch.autograd.Function):
     """``op(x, weight, bias)`` whose backward returns the sum of per-sample weight gradients and records their norms."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: "_Layer"):
-        ctx.layer = layer
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: "_Layer", rec: Any):
+        ctx.layer, ctx.rec = layer, rec
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
         return layer.op(x, weight, bias)
@@ -68,26 +68,33 @@ class _PerSampleWeightGrad(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         layer: _Layer = ctx.layer
+        rec = ctx.rec
+        rec.enter()
         grad_x = layer.input_grad(x, weight, grad_out) if ctx.needs_input_grad[0] else None
-        grad_w, sq_norms = _sum_and_sq_norms(layer, x, grad_out, weight)
-        layer.record(layer.module.weight, sq_norms)
+        keep = rec.want("weight")
+        grad_w, sq_norms, built = _sum_and_sq_norms(layer, x, grad_out, weight, keep=keep)
+        rec.record("weight", built if keep else sq_norms, keep)
         grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_b = None
         if ctx.has_bias:
             per_sample_bias = layer.per_sample_bias(grad_out)
-            layer.record(layer.module.bias, per_sample_bias.pow(2).sum(dim=1))
+            keep = rec.want("bias")
+            rec.record("bias", per_sample_bias if keep else per_sample_bias.pow(2).sum(dim=1), keep)
             grad_b = per_sample_bias.sum(dim=0).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        layer.done()
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _sum_and_sq_norms(layer: "_Layer", x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor,
-                      with_sum: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """``sum_i G_i`` (unless ``with_sum`` is false) and ``||G_i||^2`` of the per-sample weight gradients.
+                      with_sum: bool = True, keep: bool = False
+                      ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """``sum_i G_i`` (unless ``with_sum`` is false), ``||G_i||^2`` and, if ``keep``, the ``G_i`` themselves.
 
-    They are built a chunk of samples at a time.
+    They are built a chunk of samples at a time (all at once if ``keep``).
     """
     batch = x.shape[0]
+    if keep:  # a parameter with several contributions in this pass: its contributions are summed later
+        g = layer.per_sample(x, grad_out)
+        return g.sum(dim=0), sq_norms_of(g), g
     chunk = max(1, min(batch, _CHUNK_ELEMENTS // max(1, weight.numel())))
     dtype = _stat_dtype(x)
     total = None
@@ -102,7 +109,12 @@ def _sum_and_sq_norms(layer: "_Layer", x: torch.Tensor, grad_out: torch.Tensor, 
             chunk_sum = g.sum(dim=0)
             total = chunk_sum if total is None else total.add_(chunk_sum)
     sq_norms.square_()
-    return total, sq_norms
+    return total, sq_norms, None
+
+
+def sq_norms_of(g: torch.Tensor) -> torch.Tensor:
+    """``||G_i||^2`` of a ``(B, ...)`` tensor."""
+    return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).square()
 
 
 def conv_sq_norms(module: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -125,18 +137,34 @@ def conv_sq_norms(module: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tens
     >>> bool(torch.isclose(conv_sq_norms(conv, x, d)[0], g0.pow(2).sum()))
     True
     """
-    layer = _ConvLayer(module, lambda p, sq: None, lambda: None)
+    layer = _ConvLayer(module)
     return _sum_and_sq_norms(layer, x, grad_out, module.weight, with_sum=False)[1]
+
+
+def conv_per_sample(module: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    r"""A convolution's per-sample weight gradients :math:`G_i = \sum_t \delta_{it} a_{it}^\top`, ``(B, *weight.shape)``.
+
+    Built for all samples at once, with the samples folded into the groups of
+    one weight-gradient call; the contributions of a parameter used more than
+    once in a pass are summed from these (CLARS eq. 5's per-sample term).
+
+    Examples
+    --------
+    >>> import torch
+    >>> conv, x = torch.nn.Conv1d(1, 2, 3).double(), torch.randn(4, 1, 8, dtype=torch.float64)
+    >>> d = torch.randn(4, 2, 6, dtype=torch.float64)
+    >>> g = conv_per_sample(conv, x, d)
+    >>> bool(torch.allclose(g.sum(dim=0), torch.nn.grad.conv1d_weight(x, conv.weight.shape, d)))
+    True
+    """
+    return _ConvLayer(module).per_sample(x, grad_out)
 
 
 class _Layer:
     """How one module's forward, input gradient and per-sample gradients are computed."""
 
-    def __init__(self, module: torch.nn.Module, record: Callable[[torch.nn.Parameter, torch.Tensor], None],
-                 done: Callable[[], None], workspace: dict | None = None):
+    def __init__(self, module: torch.nn.Module, workspace: dict | None = None):
         self.module = module
-        self.record = record
-        self.done = done
         # shared by the layers of one recorder (their backward passes run one at a time): one chunk's buffer,
         # kept between steps so that it is not allocated (and faulted in) again at every backward
         self.workspace = {} if workspace is None else workspace
@@ -170,8 +198,8 @@ class _Layer:
 
 
 class _ConvLayer(_Layer):
-    def __init__(self, module, record, done, workspace=None):
-        super().__init__(module, record, done, workspace)
+    def __init__(self, module, workspace=None):
+        super().__init__(module, workspace)
         two_d = isinstance(module, torch.nn.Conv2d)
         self._conv = F.conv2d if two_d else F.conv1d
         self._input = torch.nn.grad.conv2d_input if two_d else torch.nn.grad.conv1d_input
@@ -219,15 +247,14 @@ class _SequenceLinearLayer(_Layer):
         return d.reshape(d.shape[0], -1, d.shape[-1]).sum(dim=1)
 
     def applies(self, x: torch.Tensor) -> bool:
-        if x.ndim < 3:
-            return False  # one row per sample: the hook path's ||a_i||^2 ||d_i||^2 is cheaper
-        d, p = self.module.weight.shape
-        tokens = x.numel() // max(1, x.shape[0] * p)
-        return tokens * tokens * (p + d) >= _GHOST_FACTOR * p * d
+        # one row per sample (ndim 2): the hook path's ||a_i||^2 ||d_i||^2 is cheaper
+        return linear_applies(x, self.module.weight)
 
 
 def fusable(module: torch.nn.Module) -> bool:
     """Whether the fused mode can take over ``module``'s weight gradient (Conv1d, Conv2d, Linear).
+
+    Subclasses count when they keep the parent's forward.
 
     Examples
     --------
@@ -235,18 +262,53 @@ def fusable(module: torch.nn.Module) -> bool:
     >>> fusable(torch.nn.Conv2d(1, 2, 3)), fusable(torch.nn.Linear(2, 2)), fusable(torch.nn.LayerNorm(2))
     (True, True, False)
     """
-    if type(module) in (torch.nn.Conv1d, torch.nn.Conv2d):
-        return module.padding_mode == "zeros" and not isinstance(module.padding, str)
-    return type(module) is torch.nn.Linear
+    for cls in (torch.nn.Conv1d, torch.nn.Conv2d):
+        if isinstance(module, cls) and all(getattr(type(module), m) is getattr(cls, m)
+                                           for m in ("forward", "_conv_forward")):
+            return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
 
 
-def install(module: torch.nn.Module, record: Callable[[torch.nn.Parameter, torch.Tensor], None],
-            start: Callable[[], None], done: Callable[[], None], fallback: Callable[[Any, Any], None],
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rec: Any,
+                 workspace: dict | None = None) -> torch.Tensor:
+    r"""``F.linear(x, weight, bias)`` whose backward builds the per-sample weight gradients and reports them to ``rec``.
+
+    ``x`` has the samples along dim 0. ``rec`` receives ``enter()``, then
+    ``want(role)`` and ``record(role, tensor, built)`` for ``role`` in
+    ``"weight"``, ``"bias"``: :math:`\|c_i\|^2` (or the contributions
+    :math:`c_i = \sum_t \delta_{it} a_{it}^\top` where wanted; CLARS eq. 5's
+    per-sample term). ``weight`` may be a view of a parameter (a slice).
+
+    Examples
+    --------
+    >>> import torch
+    >>> class Rec:
+    ...     seen = []
+    ...     def enter(self): pass
+    ...     def want(self, role): return False
+    ...     def record(self, role, t, built): self.seen.append((role, tuple(t.shape)))
+    >>> w = torch.randn(3, 4, requires_grad=True)
+    >>> fused_linear(torch.randn(2, 5, 4), w, None, Rec()).sum().backward(); Rec.seen
+    [('weight', (2,))]
+    """
+    return _PerSampleWeightGrad.apply(x, weight, bias, _SequenceLinearLayer(None, workspace), rec)
+
+
+def linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether building beats the ghost norm for a Linear on ``x`` (``T^2 (p + d) >= 16 p d``)."""
+    if x.ndim < 3:
+        return False
+    d, p = weight.shape
+    tokens = x.numel() // max(1, x.shape[0] * p)
+    return tokens * tokens * (p + d) >= _GHOST_FACTOR * p * d
+
+
+def install(module: torch.nn.Module, begin: Callable[[torch.Tensor], Any], fallback: Callable[[Any, Any], None],
             workspace: dict | None = None) -> None:
     r"""Route ``module``'s forward through the fused per-sample weight gradient.
 
-    ``record(param, sq_norms)`` receives each sample's :math:`\|c_i\|^2`;
-    ``start()`` and ``done()`` bracket a pass (forward to backward);
+    ``begin(x)`` is called before a fused forward and returns the recorder of
+    that call (see :func:`fused_linear` for what it receives in backward);
     ``fallback(inputs, output)`` is called after an ordinary forward when the
     fused form does not apply, so that the caller can measure it another way;
     ``workspace`` (a dict) holds one chunk's buffer between steps and may be
@@ -257,14 +319,18 @@ def install(module: torch.nn.Module, record: Callable[[torch.nn.Parameter, torch
     --------
     >>> import torch
     >>> conv, seen = torch.nn.Conv1d(1, 2, 3), []
-    >>> install(conv, lambda p, sq: seen.append(sq.shape), lambda: None, lambda: None, lambda i, o: None)
+    >>> class Rec:
+    ...     def enter(self): pass
+    ...     def want(self, role): return False
+    ...     def record(self, role, t, built): seen.append((role, t.shape))
+    >>> install(conv, lambda x: Rec(), lambda i, o: None)
     >>> conv(torch.randn(4, 1, 8)).sum().backward(); uninstall(conv); seen
-    [torch.Size([4]), torch.Size([4])]
+    [('weight', torch.Size([4])), ('bias', torch.Size([4]))]
     """
     if "forward" in module.__dict__:
         raise RuntimeError(f"{module} already has an instance-level forward; cannot fuse its per-sample gradients")
     layer = (_ConvLayer if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) else _SequenceLinearLayer)(
-        module, record, done, workspace)
+        module, workspace)
     ordinary = module.forward
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -276,8 +342,7 @@ def install(module: torch.nn.Module, record: Callable[[torch.nn.Parameter, torch
             out = ordinary(x, *args, **kwargs)
             fallback((x, *args), out)
             return out
-        start()
-        return _PerSampleWeightGrad.apply(x, weight, bias, layer)
+        return _PerSampleWeightGrad.apply(x, weight, bias, layer, begin(x))
 
     module.forward = forward
 
