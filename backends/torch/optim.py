@@ -40,7 +40,9 @@ from lwrs.diagnostics import LayerDiagnostics
 from lwrs.masks import one_d_masks
 from lwrs.rates import TrustOptions
 
+from . import distributed
 from . import functional as F
+from .distributed import local as _local
 from ._groups import Gathered, check_statistics_values, gather, group_statistics, load_checked
 
 __all__ = ["MNAG", "LARS", "CLARS", "TVLARS", "LAMB"]
@@ -236,12 +238,15 @@ class _Layerwise(torch.optim.Optimizer):
         mean = None if stats is None else (stats.sum_norms / stats.count).to(dtype)
         steps = self._steps(g)
         step = steps[0] if _compiling() else int(steps[0])
-        return F.plan_momentum(g.params, g.grads, bufs, lr=self._lr(g), momentum=group["momentum"],
+        L, layouts = _local, _layouts(g)  # DTensors: local shards, whole-layer norms (one collective)
+        return F.plan_momentum(L(g.params), L(g.grads), L(bufs), lr=self._lr(g), momentum=group["momentum"],
                                nesterov=group["nesterov"], options=options, adapt=adapt, decays=decays,
-                               mean_norms=mean, step=step, implementation=self._impl(g))
+                               mean_norms=mean, step=step, implementation=self._impl(g), layouts=layouts)
 
     def _impl(self, g: Gathered) -> str:
         impl = self.implementation
+        if impl == "fused" and _layouts(g) is not None:
+            return "foreach"  # DTensors: the fused kernels take the foreach path
         if impl == "fused" and not _compiling():
             from . import fused
 
@@ -250,9 +255,14 @@ class _Layerwise(torch.optim.Optimizer):
 
     def _apply(self, g: Gathered, plan: Any, ok: torch.Tensor | None) -> None:
         bufs = [self.state[p]["momentum_buffer"] for p in g.params]
-        F.apply_momentum(g.params, g.grads, bufs, plan.diagnostics.rates, plan.decays,
+        F.apply_momentum(_local(g.params), _local(g.grads), _local(bufs), plan.diagnostics.rates, plan.decays,
                          momentum=g.group["momentum"], nesterov=g.group["nesterov"], implementation=self._impl(g),
                          ok=ok)
+
+
+def _layouts(g: Gathered) -> list[torch.Tensor] | None:
+    """The group's parameters when they are DTensors (FSDP2, tensor parallel), else None."""
+    return g.params if distributed.is_sharded(g.params) else None
 
 
 def _momentum_defaults(lr, momentum, weight_decay, nesterov, exclude_1d, decay_1d, on_nonfinite, **more):
@@ -578,10 +588,11 @@ class LAMB(_Layerwise):
         mean = None if stats is None else (stats.sum_norms / stats.count).to(F._stat_dtype(g.params))
         m = [self.state[p]["exp_avg"] if "exp_avg" in self.state[p] else torch.zeros_like(p) for p in g.params]
         v = [self.state[p]["exp_avg_sq"] if "exp_avg_sq" in self.state[p] else torch.zeros_like(p) for p in g.params]
-        return F.plan_lamb(g.params, g.grads, m, v, lr=group["lr"],
+        L = _local  # DTensors: local shards, whole-layer norms
+        return F.plan_lamb(L(g.params), L(g.grads), L(m), L(v), lr=group["lr"],
                                betas=tuple(group["betas"]), eps=group["eps"], adapt=adapt, decays=decays,
-                               steps=steps, mean_norms=mean, implementation=self.implementation)
+                               steps=steps, mean_norms=mean, implementation=self.implementation, layouts=_layouts(g))
 
     def _apply(self, g, plan, ok):
-        F.apply_lamb(g.params, [self.state[p]["exp_avg"] for p in g.params],
-                         [self.state[p]["exp_avg_sq"] for p in g.params], plan, ok)
+        F.apply_lamb(_local(g.params), _local([self.state[p]["exp_avg"] for p in g.params]),
+                         _local([self.state[p]["exp_avg_sq"] for p in g.params]), plan, ok)
