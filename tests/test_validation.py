@@ -75,7 +75,7 @@ def test_mixed_devices_torch_meta():
 
 
 def test_params_must_be_a_sequence():
-    with raises(TypeError, "params must be a sequence (list or tuple) of per-layer arrays, got ndarray"):
+    with raises(TypeError, "params must be a list, tuple, dict or NamedTuple of per-layer arrays, got ndarray"):
         lwrs.lars(0.1).init(np.ones(3))
     with raises(ValueError, "params is empty"):
         lwrs.lars(0.1).init([])

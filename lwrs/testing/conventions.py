@@ -117,7 +117,8 @@ def reference_optimizer(kind: str, problem: Problem, convention: Mapping[str, An
                 nesterov=convention["nesterov"])
 
 
-def reference_run(kind: str, problem: Problem, convention: Mapping[str, Any], xp: Any) -> Iterator[tuple[list[Any], Any]]:
+def reference_run(kind: str, problem: Problem, convention: Mapping[str, Any],
+                  xp: Any) -> Iterator[tuple[list[Any], Any]]:
     """Yield ``(params, diagnostics)`` after every step of the core's trajectory, in namespace ``xp``."""
     opt = reference_optimizer(kind, problem, convention)
     params = problem.initial_params(xp)
