@@ -60,7 +60,7 @@ def methods() -> dict[str, Callable[[], optax.GradientTransformation]]:
         PEER: lambda: optax.lars(s["lr"], weight_decay=s["weight_decay"], trust_coefficient=s["eta"],
                                  momentum=s["momentum"], nesterov=True),
         MAPPED: lambda: lj.lars(s["lr"], beta=s["momentum"], eta=s["eta"], weight_decay=s["weight_decay"],
-                                weight_decay_form="norm_of_sum", adapt_mask=lambda w: True, on_nonfinite="skip"),
+                                weight_decay_form="norm_of_sum", adapt_mask=lambda w: True),
         "lwrs lars, defaults (raise on non-finite)": lambda: lj.lars(s["lr"], beta=s["momentum"], eta=s["eta"],
                                                                      weight_decay=s["weight_decay"]),
         "lwrs lars, on_nonfinite='skip'": lambda: lj.lars(s["lr"], beta=s["momentum"], eta=s["eta"],
