@@ -19,6 +19,7 @@ __all__ = [
     "NonFiniteError",
     "check_layers",
     "check_hyperparameter",
+    "check_bool",
     "library_name",
     "is_traced",
     "flatten_layers",
@@ -150,6 +151,18 @@ def _check_one(name: str, k: int, a: Any, w: Any, xp: Any, lib: str, dev: Any) -
         raise ValueError(f"layer {k}: {name} has dtype {a.dtype} but params has dtype {w.dtype}")
 
 
+def is_bool(value: Any) -> bool:
+    """A Python or NumPy bool (not an int, not a string)."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool; anything else (``"false"``, ``0``, ``None``) is a ``TypeError``."""
+    if not is_bool(value):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+    return bool(value)
+
+
 def check_hyperparameter(
     name: str,
     value: Any,
@@ -159,11 +172,14 @@ def check_hyperparameter(
     low_open: bool = False,
     high_open: bool = False,
 ) -> float:
-    """Return ``float(value)`` after checking it is finite and inside the interval.
+    """Return ``float(value)`` after checking it is a finite number inside the interval.
 
     The interval is ``[low, high]``; ``low_open``/``high_open`` exclude an end.
+    Bools and strings are refused (``lars(True)``, ``lars("0.5")``): a number must be a number.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if is_bool(value) or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not isinstance(value, (int, float)):
         try:
             value = float(value)
         except (TypeError, ValueError):

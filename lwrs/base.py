@@ -15,6 +15,9 @@ increments :math:`\Delta w_k`, computed directly, so that
 
 .. math:: w_{t+1,k} = w_{t,k} + \Delta w_k
 
+Torch tensors that require grad are detached on the way in: a functional
+step keeps no autograd graph (differentiate through a step with JAX).
+
 The step count in the state may be a Python int (eager; the default) or a
 0-d integer array (``init(params, step=xp.asarray(0))``, or anything traced
 by ``jax.jit``/``torch.compile``): then schedules are array arithmetic and
@@ -27,13 +30,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from array_api_compat import device, is_array_api_obj
+from array_api_compat import is_array_api_obj
 
 from ._validation import NonFiniteError, check_hyperparameter, check_layers, check_step, flatten_layers, is_traced
 from .diagnostics import LayerDiagnostics
 from .masks import adapt_default, resolve_mask, weight_decay_default
 from .nonfinite import all_finite, first_nonfinite, select, skipped_diagnostics, step_after, where_skipped_diagnostics
-from .norm_statistics import check_statistics
+from .norm_statistics import NormStatistics, check_statistics
 from .pytree import Structure, unflatten
 from .rates import _layer_norms
 from .schedules import Schedule, as_schedule
@@ -254,12 +257,19 @@ def functional(name: str, init_arrays: Callable[[Any, list[Any], Any], Any],
 
     def init(params: Any, *, step: Any = 0) -> Any:
         leaves, _ = flatten_layers("params", params)
+        leaves = detached(leaves)
         xp, _ = check_layers(leaves)
         return init_arrays(xp, leaves, check_step(step, "step"))
 
     def _run(params, grads, state, norm_stats) -> tuple[list[Any], Structure, Transition]:
         leaves, structure = flatten_layers("params", params)
         grad_leaves, _ = flatten_layers("grads", grads)
+        leaves, grad_leaves = detached(leaves), detached(grad_leaves)
+        if isinstance(state, (MomentumState, LambState)) and any(
+                getattr(a, "requires_grad", False) for f in state[1:] for a in f):
+            state = type(state)(state[0], *[tuple(detached(f)) for f in state[1:]])
+        if isinstance(norm_stats, NormStatistics) and any(getattr(a, "requires_grad", False) for a in norm_stats):
+            norm_stats = NormStatistics(*detached(norm_stats))
         return leaves, structure, transition(leaves, grad_leaves, state, norm_stats)
 
     def step(params: Any, grads: Any, state: Any, *, norm_stats: Any = None) -> StepResult:
@@ -279,12 +289,15 @@ def functional(name: str, init_arrays: Callable[[Any, list[Any], Any], Any],
     return Optimizer(name, init, step, update)
 
 
+def detached(values: Sequence[Any]) -> list[Any]:
+    """Torch tensors that require grad, detached: the functional core keeps no autograd graph (private).
+
+    Without this, a step on ``model.parameters()`` would chain every step's
+    result to the previous one through autograd, and memory would grow without
+    bound. Arrays of other libraries pass unchanged.
+    """
+    return [v.detach() if getattr(v, "requires_grad", False) else v for v in values]
+
+
 def zeros(xp: Any, leaves: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(xp.zeros_like(w) for w in leaves)
-
-
-def step_on_device(xp: Any, step: Any, like: Any) -> Any:
-    """An array step count on ``like``'s device (a Python int stays an int) (private)."""
-    if is_array_api_obj(step):
-        return xp.asarray(step, device=device(like))
-    return step

@@ -31,7 +31,7 @@ from typing import Any
 
 from array_api_compat import is_array_api_obj
 
-from ._validation import check_hyperparameter
+from ._validation import check_bool, check_hyperparameter
 from .base import (
     Common,
     LambState,
@@ -63,7 +63,7 @@ from .rates import (
     layer_rates,
     layer_trust_ratios,
 )
-from .schedules import Schedule, as_schedule, tvlars_factor
+from .schedules import Schedule, tvlars_schedule
 
 __all__ = ["mgd", "mnag", "lars", "clars", "tvlars", "lamb"]
 
@@ -85,6 +85,7 @@ def decayed_directions(params, grads, decays) -> tuple[Any, ...]:
 def _momentum_family(name: str, common: Common, trust: TrustOptions, beta: float, nesterov: bool) -> Optimizer:
     """Build mgd / mnag / lars / clars / tvlars around one transition."""
     needs_stats = "clars" if trust.kind == "clars" else ""
+    nesterov = check_bool("nesterov", nesterov)
 
     def init_arrays(xp, leaves, step) -> MomentumState:
         return MomentumState(step, zeros(xp, leaves))
@@ -115,13 +116,14 @@ def _beta(beta: float) -> float:
 def _trust(kind, eta, eps, max_ratio, larc_clip, weight_decay_form) -> TrustOptions:
     eta = check_hyperparameter("eta", eta, low=0.0, low_open=True)
     eps = check_hyperparameter("eps", eps, low=0.0)
+    larc_clip = check_bool("larc_clip", larc_clip)
     if max_ratio is not None:
         max_ratio = check_hyperparameter("max_ratio", max_ratio, low=0.0, low_open=True)
         if larc_clip:
             raise ValueError("larc_clip and max_ratio cannot be combined: LARC clips the rate at the learning rate")
     if weight_decay_form not in ("sum_of_norms", "norm_of_sum"):
         raise ValueError(f'weight_decay_form must be "sum_of_norms" or "norm_of_sum", got {weight_decay_form!r}')
-    return TrustOptions(kind, eta, eps, max_ratio, bool(larc_clip), weight_decay_form)
+    return TrustOptions(kind, eta, eps, max_ratio, larc_clip, weight_decay_form)
 
 
 def mgd(
@@ -409,12 +411,8 @@ def tvlars(
     >>> diag.learning_rate      # phi_0 = 1 / (1 + e^0)
     0.5
     """
-    phi = tvlars_factor(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)
-    target = as_schedule("learning_rate", learning_rate)
-
-    def schedule(step: Any) -> Any:  # phi_t enters exactly once, here
-        return target(step) * phi(step)
-
+    schedule = tvlars_schedule(learning_rate, decay_coefficient=decay_coefficient, delay_steps=delay_steps,
+                               alpha=alpha, gamma_min=gamma_min)
     common = Common.build(schedule, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
     trust = _trust("lars", eta, eps, None, False, weight_decay_form)
     return _momentum_family("tvlars", common, trust, _beta(beta), nesterov)

@@ -38,6 +38,7 @@ __all__ = [
     "warmup_polynomial",
     "tvlars_factor",
     "tvlars_factor_bounds",
+    "tvlars_schedule",
     "as_schedule",
 ]
 
@@ -396,6 +397,40 @@ def tvlars_factor(*, decay_coefficient: float, delay_steps: float, alpha: float 
             e = math.exp(-x)
             return e / (alpha * e + 1.0) + gamma_min
         return 1.0 / (alpha + math.exp(x)) + gamma_min
+
+    return schedule
+
+
+def tvlars_schedule(
+    target: float | Schedule,
+    *,
+    decay_coefficient: float,
+    delay_steps: float,
+    alpha: float = 1.0,
+    gamma_min: float = 0.0,
+) -> Schedule:
+    r"""The TVLARS global rate :math:`\gamma_t = \gamma_{target}(t)\,\phi_t`, with :math:`\phi_t` applied once.
+
+    .. math:: \gamma_t = \gamma_{target}(t) \left(\frac{1}{\alpha + e^{\lambda (t - d_e)}} + \gamma_{\min}\right)
+
+    ``target`` is a number or a schedule (checked like any learning rate).
+    :func:`lwrs.tvlars` uses this schedule; the torch ``TVLARS`` class calls
+    it with its group's ``lr``, so :math:`\phi_t` is multiplied in exactly once
+    on every path.
+
+    References: TVLARS (2023), Algorithm 1 and eq. (8)-(9).
+
+    Examples
+    --------
+    >>> s = tvlars_schedule(2.0, decay_coefficient=0.01, delay_steps=0)
+    >>> s(0)        # 2 * 1 / (1 + e^0)
+    1.0
+    """
+    phi = tvlars_factor(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)
+    rate = as_schedule("learning_rate", target)
+
+    def schedule(step: Any) -> Any:
+        return rate(step) * phi(step)
 
     return schedule
 

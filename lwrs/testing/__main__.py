@@ -101,8 +101,10 @@ def subjects() -> list[tuple[str, str, Any, dict[str, Any]]]:
 
     found = peers()
     rows = [("lwrs.backends.torch.LARS", "lars", found["lwrs.backends.torch.LARS"], {})]
-    if importlib.util.find_spec("lwrs.backends.jax.optim") is not None:  # pragma: no cover - when it lands
-        rows.append(("lwrs.backends.jax.lars", "lars", resolve("lwrs.backends.jax.lars"), {}))
+    if importlib.util.find_spec("optax") is not None:
+        from lwrs.backends import jax as lwrs_jax
+
+        rows.append(("lwrs.backends.jax.lars", "lars", lwrs_jax.lars, {}))
     if "timm.optim.Lars" in found:
         rows.append(("timm.optim.Lars", "lars", found["timm.optim.Lars"], {}))
         rows.append(("timm.optim.Lars", "lars", found["timm.optim.Lars"], {"trust_clip": True}))
