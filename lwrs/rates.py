@@ -85,11 +85,12 @@ def statistics_dtype(xp: Any, dtypes: Sequence[Any]) -> Any:
     return widest
 
 
-def layer_norms(arrays: Sequence[Any]) -> Any:
+def layer_norms(arrays: Sequence[Any], *, xp: Any = None) -> Any:
     r"""The Euclidean norm of every layer, as one 1-D array.
 
     .. math:: n_k = \|x_k\|_2 = \Big(\sum_j x_{k,j}^2\Big)^{1/2}
 
+    With ``xp`` given, the layers are not checked (a kernel's inner call).
     Low-precision layers (``float16``, ``bfloat16``) are accumulated in
     ``float32``; the result has the :func:`statistics_dtype` of the layers.
     The norm is the square root of a sum of squares, which every array
@@ -104,7 +105,8 @@ def layer_norms(arrays: Sequence[Any]) -> Any:
     >>> layer_norms([np.array([3.0, 4.0]), np.zeros((2, 2))])
     array([5., 0.])
     """
-    xp, _ = check_layers(arrays)
+    if xp is None:
+        xp, _ = check_layers(arrays)
     return _layer_norms(xp, arrays)
 
 
