@@ -40,8 +40,19 @@ from lwrs.diagnostics import LayerDiagnostics
 from lwrs.masks import one_d_masks
 from lwrs.rates import TrustOptions
 
+from . import distributed
 from . import functional as F
-from ._groups import Gathered, check_statistics_values, gather, group_statistics, load_checked
+from .distributed import local as _local
+from ._groups import (
+    COMMON_DOC,
+    TRUST_DOC,
+    Gathered,
+    check_lr,
+    check_statistics_values,
+    gather,
+    group_statistics,
+    load_checked,
+)
 
 __all__ = ["MNAG", "LARS", "CLARS", "TVLARS", "LAMB"]
 
@@ -65,18 +76,6 @@ def _schedules_take_tensors() -> bool:
 
 
 _TRACEABLE_SCHEDULES = _schedules_take_tensors()
-
-
-def _check_lr(where: str, lr: Any) -> None:
-    """``lr`` is a finite number >= 0, or a 0-d floating tensor (value checked where it is on the host)."""
-    if isinstance(lr, torch.Tensor):
-        if lr.ndim != 0 or not lr.is_floating_point():
-            raise ValueError(f"{where}lr must be a number or a 0-d floating tensor, got shape {tuple(lr.shape)}, "
-                             f"{lr.dtype}")
-        if _compiling() or lr.device.type != "cpu":
-            return  # no host synchronisation for a tensor learning rate on a device
-        lr = float(lr)
-    check_hyperparameter(f"{where}lr", lr, low=0.0)
 
 
 class _Layerwise(torch.optim.Optimizer):
@@ -119,7 +118,7 @@ class _Layerwise(torch.optim.Optimizer):
     def _check_group(self, index: int, group: dict[str, Any]) -> None:
         """Check one group's hyperparameters on the host (no device synchronisation)."""
         where = f"group {index}: "
-        _check_lr(where, group["lr"])
+        check_lr(where, group["lr"])
         check_hyperparameter(f"{where}weight_decay", group["weight_decay"], low=0.0)
         if group["on_nonfinite"] not in ("raise", "skip"):
             raise ValueError(f'{where}on_nonfinite must be "raise" or "skip", got {group["on_nonfinite"]!r}')
@@ -261,12 +260,15 @@ class _Layerwise(torch.optim.Optimizer):
         mean = None if stats is None else (stats.sum_norms / stats.count).to(dtype)
         steps = self._steps(g)
         step = steps[0] if _compiling() else int(steps[0])
-        return F.plan_momentum(g.params, g.grads, bufs, lr=self._lr(g), momentum=group["momentum"],
+        L, layouts = _local, _layouts(g)  # DTensors: local shards, whole-layer norms (one collective)
+        return F.plan_momentum(L(g.params), L(g.grads), L(bufs), lr=self._lr(g), momentum=group["momentum"],
                                nesterov=group["nesterov"], options=options, adapt=adapt, decays=decays,
-                               mean_norms=mean, step=step, implementation=self._impl(g))
+                               mean_norms=mean, step=step, implementation=self._impl(g), layouts=layouts)
 
     def _impl(self, g: Gathered) -> str:
         impl = self.implementation
+        if impl == "fused" and _layouts(g) is not None:
+            return "foreach"  # DTensors: the fused kernels take the foreach path
         if impl == "fused" and not _compiling():
             from . import fused
 
@@ -275,9 +277,14 @@ class _Layerwise(torch.optim.Optimizer):
 
     def _apply(self, g: Gathered, plan: Any, ok: torch.Tensor | None) -> None:
         bufs = [self.state[p]["momentum_buffer"] for p in g.params]
-        F.apply_momentum(g.params, g.grads, bufs, plan.diagnostics.rates, plan.decays,
+        F.apply_momentum(_local(g.params), _local(g.grads), _local(bufs), plan.diagnostics.rates, plan.decays,
                          momentum=g.group["momentum"], nesterov=g.group["nesterov"], implementation=self._impl(g),
                          ok=ok)
+
+
+def _layouts(g: Gathered) -> list[torch.Tensor] | None:
+    """The group's parameters when they are DTensors (FSDP2, tensor parallel), else None."""
+    return g.params if distributed.is_sharded(g.params) else None
 
 
 def _momentum_defaults(lr, momentum, weight_decay, nesterov, exclude_1d, decay_1d, on_nonfinite, **more):
@@ -286,42 +293,6 @@ def _momentum_defaults(lr, momentum, weight_decay, nesterov, exclude_1d, decay_1
                weight_decay_form="sum_of_norms")
     out.update(more)
     return out
-
-
-_COMMON_DOC = """
-    lr : float or 0-d tensor
-        The global rate :math:`\\gamma_t` (a tensor keeps ``torch.compile`` from recompiling when a
-        scheduler changes it).
-    momentum : float
-        :math:`\\beta \\in [0, 1)` of mNAG (CLARS eq. 4).
-    weight_decay : float
-        :math:`\\lambda \\ge 0`, added to the gradient.
-    nesterov : bool
-        Nesterov momentum (the paper's mNAG); ``False`` gives heavy ball.
-    decay_1d : bool
-        Whether 1-D tensors (biases, norm parameters) get weight decay.
-    on_nonfinite : {"raise", "skip"}
-        What a non-finite gradient, state, statistic or step does: raise
-        :class:`lwrs.NonFiniteError` naming the group and parameter, or skip the whole step
-        (under ``torch.compile``, "skip" needs no host synchronisation).
-    foreach : bool or None
-        ``False`` runs the reference (the core's functions); ``None``/``True`` the in-place kernels.
-    fused : bool
-        The compiled CPU kernels (float32/float64, contiguous tensors)."""
-
-_TRUST_DOC = """
-    eta : float
-        The trust coefficient :math:`\\eta > 0`.
-    weight_decay_form : {"sum_of_norms", "norm_of_sum"}
-        Where weight decay enters the denominator: :math:`\\|g\\| + \\lambda\\|w\\|` or :math:`\\|g + \\lambda w\\|`.
-    eps : float
-        Added to the denominator (0 reproduces the papers).
-    max_ratio : float or None
-        Upper clip of the trust ratio (the CLARS code uses 0.1).
-    larc_clip : bool
-        apex LARC's clipping: the layer rate is :math:`\\min(\\eta\\|w\\|/D, \\gamma_t)`.
-    exclude_1d : bool
-        Keep 1-D tensors at ratio 1."""
 
 
 class MNAG(_Layerwise):
@@ -335,7 +306,7 @@ class MNAG(_Layerwise):
     Parameters
     ----------
     params : iterable
-        Parameters, ``named_parameters()`` or dicts of groups.""" + _COMMON_DOC + r"""
+        Parameters, ``named_parameters()`` or dicts of groups.""" + COMMON_DOC + r"""
 
     Examples
     --------
@@ -369,7 +340,7 @@ class LARS(MNAG):
     Parameters
     ----------
     params : iterable
-        Parameters, ``named_parameters()`` or dicts of groups.""" + _COMMON_DOC + _TRUST_DOC + r"""
+        Parameters, ``named_parameters()`` or dicts of groups.""" + COMMON_DOC + TRUST_DOC + r"""
     norm_source, grad_scaler
         Only for CLARS.
 
@@ -415,7 +386,7 @@ class CLARS(LARS):
     Parameters
     ----------
     params : iterable
-        Parameters, ``named_parameters()`` or dicts of groups.""" + _COMMON_DOC + _TRUST_DOC + r"""
+        Parameters, ``named_parameters()`` or dicts of groups.""" + COMMON_DOC + TRUST_DOC + r"""
     norm_source : object, optional
         Has ``norm_statistics(params, scale=...)``, and ``reset()`` (called by ``zero_grad``).
     grad_scaler : torch.amp.GradScaler, optional
@@ -478,7 +449,7 @@ class TVLARS(LARS):
     alpha : float
         :math:`\alpha > 0` (the paper uses 1).
     gamma_min : float
-        :math:`\gamma_{\min} \ge 0`, the floor of :math:`\phi_t`.""" + _COMMON_DOC + _TRUST_DOC.split(
+        :math:`\gamma_{\min} \ge 0`, the floor of :math:`\phi_t`.""" + COMMON_DOC + TRUST_DOC.split(
         "    max_ratio")[0] + r"""    exclude_1d : bool
         Keep 1-D tensors at ratio 1.
 
@@ -602,11 +573,13 @@ class LAMB(_Layerwise):
         steps = self._steps(g)
         steps = steps if _compiling() else [int(s) for s in steps]
         mean = None if stats is None else (stats.sum_norms / stats.count).to(F._stat_dtype(g.params))
-        return F.plan_lamb(g.params, g.grads, [self.state[p]["exp_avg"] for p in g.params],
-                               [self.state[p]["exp_avg_sq"] for p in g.params], lr=group["lr"],
+        m = [self.state[p]["exp_avg"] for p in g.params]
+        v = [self.state[p]["exp_avg_sq"] for p in g.params]
+        L = _local  # DTensors: local shards, whole-layer norms
+        return F.plan_lamb(L(g.params), L(g.grads), L(m), L(v), lr=group["lr"],
                                betas=tuple(group["betas"]), eps=group["eps"], adapt=adapt, decays=decays,
-                               steps=steps, mean_norms=mean, implementation=self.implementation)
+                               steps=steps, mean_norms=mean, implementation=self.implementation, layouts=_layouts(g))
 
     def _apply(self, g, plan, ok):
-        F.apply_lamb(g.params, [self.state[p]["exp_avg"] for p in g.params],
-                         [self.state[p]["exp_avg_sq"] for p in g.params], plan, ok)
+        F.apply_lamb(_local(g.params), _local([self.state[p]["exp_avg"] for p in g.params]),
+                         _local([self.state[p]["exp_avg_sq"] for p in g.params]), plan, ok)
