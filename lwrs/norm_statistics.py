@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 from array_api_compat import array_namespace, device
 
 from ._validation import check_layers, is_traced, library_name, same_device
-from .rates import _layer_norms, statistics_dtype
+from .rates import _layer_norms, _norm, statistics_dtype
 
 __all__ = [
     "NormStatistics",
@@ -71,7 +71,7 @@ class NormStatistics(NamedTuple):
 def _sample_norms(xp: Any, per_sample: Any, dtype: Any) -> Any:
     """Norm of every sample's slice of one layer's stacked per-sample gradients."""
     flat = xp.reshape(xp.astype(per_sample, dtype), (per_sample.shape[0], -1))
-    return xp.linalg.vector_norm(flat, axis=1)
+    return _norm(xp, flat, axis=1)
 
 
 def _check_per_sample(per_sample_grads: Sequence[Any]) -> tuple[Any, int]:

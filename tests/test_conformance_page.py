@@ -20,7 +20,8 @@ def test_the_conformance_page_is_generated_by_the_kit(tmp_path):
     committed = (ROOT / "docs" / "conformance.rst").read_text(encoding="utf-8")
     assert target.read_text(encoding="utf-8") == committed, (
         "docs/conformance.rst is stale: run python -m lwrs.testing --rst docs/conformance.rst")
-    for peer in ("timm.optim.Lars", "pytorch_optimizer.LARS", "optax.lars", "lwrs.backends.torch.LARS"):
+    for peer in ("timm.optim.Lars", "pytorch_optimizer.LARS", "optax.lars", "lwrs.backends.torch.LARS",
+                 "lwrs.backends.jax.lars"):
         assert f"``{peer}" in committed
 
 

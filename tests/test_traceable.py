@@ -186,6 +186,26 @@ def test_no_autograd_graph_is_needed_for_an_eager_torch_step():
     assert state.step.dtype == torch.int64 and int(state.step) == 1 and not bool(diag.skipped)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's notes on array_api_compat's lru_caches
+def test_torch_compile_traces_the_whole_step_without_a_graph_break():
+    torch = pytest.importorskip("torch")
+    params, grads, _ = problem(6)
+    opt = lwrs.lars(S.warmup_cosine(1.0, 2, 10), eta=0.1, weight_decay=1e-3, on_nonfinite="skip")
+    ps, gs = [torch.asarray(p) for p in params], [torch.asarray(g) for g in grads[0]]
+    state = opt.init(ps, step=torch.tensor(1))
+    compiled = torch.compile(lambda p, g, s: opt.step(p, g, s), backend="aot_eager", fullgraph=True)
+    new, new_state, diag = compiled(ps, gs, state)
+    ref, ref_state, ref_diag = opt.step(ps, gs, state)
+    for a, b in zip(new, ref):
+        torch.testing.assert_close(a, b, rtol=1e-15, atol=0)
+    assert int(new_state.step) == 2 and not bool(diag.skipped)
+    bad = [torch.full_like(g, float("nan")) for g in gs]
+    same, bad_state, bad_diag = compiled(ps, bad, state)
+    assert bool(bad_diag.skipped) and int(bad_state.step) == 1
+    for a, b in zip(same, ps):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # --- JAX -------------------------------------------------------------------------------------------
 
 jax = pytest.importorskip("jax")
@@ -269,3 +289,12 @@ def test_larc_with_a_traced_rate():
     for a, b in zip(traced, eager):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-14)
     assert [float(r[0]) for r in eager] == [0.0, 0.25, 0.25]  # min(eta |w| / |g|, lr) with lr = 0, 0.5, 1
+
+
+def test_jit_skips_a_step_that_would_overflow_float32():
+    opt = lwrs.mnag(1e38, on_nonfinite="skip")
+    w = [jnp.full((2, 2), 10.0, dtype=jnp.float32)]
+    step = jax.jit(lambda p, g, s: opt.step(p, g, s))
+    new, state, diag = step(w, [jnp.full((2, 2), 10.0, jnp.float32)], opt.init(w, step=jnp.asarray(0)))
+    assert bool(diag.skipped) and int(state.step) == 0
+    np.testing.assert_array_equal(np.asarray(new[0]), np.asarray(w[0]))
