@@ -35,7 +35,16 @@ from array_api_compat import is_array_api_obj
 from ._validation import NonFiniteError, check_hyperparameter, check_layers, check_step, flatten_layers, is_traced
 from .diagnostics import LayerDiagnostics
 from .masks import adapt_default, resolve_mask, weight_decay_default
-from .nonfinite import all_finite, first_nonfinite, select, skipped_diagnostics, step_after, where_skipped_diagnostics
+from .nonfinite import (
+    STEP_SIZE,
+    all_finite,
+    first_nonfinite,
+    select,
+    skipped_diagnostics,
+    step_after,
+    step_size_check,
+    where_skipped_diagnostics,
+)
 from .norm_statistics import NormStatistics, check_statistics
 from .pytree import Structure, unflatten
 from .rates import _layer_norms
@@ -187,6 +196,8 @@ class Checked(NamedTuple):
     mean_norms: Any
     ok: Any  # None, or a 0-d bool array for the where-based skip
     skip_now: bool  # skipped eagerly: return the inputs
+    state_norms: dict[str, Any]  # per-layer norms of each state sequence
+    on_nonfinite: str
 
 
 def check_state(state: Any, cls: type) -> Any:
@@ -195,8 +206,12 @@ def check_state(state: Any, cls: type) -> Any:
     return check_step(state.step)
 
 
+STATE_CHECKS = {"trace": "momentum buffer norm", "first_moment": "first moment norm",
+                "second_moment": "second moment norm"}
+
+
 def prepare(common: Common, params, grads, state, norm_stats, arrays: dict[str, Any], needs_stats: str = "") -> Checked:
-    """Checks, masks, norms, the global rate and the non-finite policy of one step (private)."""
+    """Checks, masks, norms, the global rate and the non-finite policy on the inputs and the state (private)."""
     t = state.step
     xp, dev = check_layers(params, grads=grads, **arrays)
     if needs_stats and norm_stats is None:
@@ -212,8 +227,22 @@ def prepare(common: Common, params, grads, state, norm_stats, arrays: dict[str, 
     if norm_stats is not None:
         mean_norms = xp.astype(norm_stats.mean_norms(), w_norms.dtype)
         checks.append(("mean per-sample gradient norm", mean_norms))
+    state_norms = {name: _layer_norms(xp, a) for name, a in arrays.items()}
+    checks += [(STATE_CHECKS[name], n) for name, n in state_norms.items()]
     ok, skip_now = nonfinite_policy(common.on_nonfinite, xp, checks, t)
-    return Checked(xp, t, adapt, common.layer_decays(decay), lr, w_norms, g_norms, mean_norms, ok, skip_now)
+    return Checked(xp, t, adapt, common.layer_decays(decay), lr, w_norms, g_norms, mean_norms, ok, skip_now,
+                   state_norms, common.on_nonfinite)
+
+
+def check_step_size(c: Checked, rates: Any, bounds: Any, dtypes: Sequence[Any], extra: Sequence[Any] = ()) -> Checked:
+    """The policy again, on the step's size (a step that would overflow its dtype); combines the flags (private)."""
+    checks = [*extra, (STEP_SIZE, step_size_check(rates, bounds, dtypes, xp=c.xp))]
+    ok, skip_now = nonfinite_policy(c.on_nonfinite, c.xp, checks, c.step)
+    if c.ok is not None and ok is not None:
+        ok = c.ok & ok
+    elif c.ok is not None:
+        ok = c.ok
+    return c._replace(ok=ok, skip_now=skip_now)
 
 
 def nonfinite_policy(on_nonfinite: str, xp: Any, checks: list[tuple[str, Any]], step: Any) -> tuple[Any, bool]:

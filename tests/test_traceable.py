@@ -289,3 +289,12 @@ def test_larc_with_a_traced_rate():
     for a, b in zip(traced, eager):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-14)
     assert [float(r[0]) for r in eager] == [0.0, 0.25, 0.25]  # min(eta |w| / |g|, lr) with lr = 0, 0.5, 1
+
+
+def test_jit_skips_a_step_that_would_overflow_float32():
+    opt = lwrs.mnag(1e38, on_nonfinite="skip")
+    w = [jnp.full((2, 2), 10.0, dtype=jnp.float32)]
+    step = jax.jit(lambda p, g, s: opt.step(p, g, s))
+    new, state, diag = step(w, [jnp.full((2, 2), 10.0, jnp.float32)], opt.init(w, step=jnp.asarray(0)))
+    assert bool(diag.skipped) and int(state.step) == 0
+    np.testing.assert_array_equal(np.asarray(new[0]), np.asarray(w[0]))
