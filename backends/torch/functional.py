@@ -104,6 +104,45 @@ def _sq(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return total.to(dtype)
 
 
+def _blockable(lists) -> bool:
+    """Whether every tensor is a CPU float32 (or every one a float64) tensor, eager: one batched pass."""
+    if _compiling():
+        return False
+    kinds = {(x.dtype, x.device.type) for row in lists for x in row if x is not None}
+    return len(kinds) == 1 and next(iter(kinds)) in {(torch.float32, "cpu"), (torch.float64, "cpu")}
+
+
+def _sums_of_squares(lists, dtype) -> torch.Tensor:
+    """:func:`_sq` of every tensor of every list, as a ``(len(lists), K)`` tensor, with a few ops per tensor.
+
+    Each tensor gives its block partial sums (one batched product, or one dot product when it is
+    smaller than a block); all partials are added per tensor in float64 in one ``index_add_``.
+    """
+    parts, counts = [], []
+    for row in lists:
+        for x in row:
+            if x is None:
+                counts.append(0)
+                continue
+            flat = x.reshape(-1)
+            n = flat.numel()
+            m = n // _SQ_BLOCK
+            if m == 0:
+                parts.append(torch.dot(flat, flat).reshape(1))
+                counts.append(1)
+                continue
+            blocks = flat[: m * _SQ_BLOCK].view(m, 1, _SQ_BLOCK)
+            parts.append(torch.bmm(blocks, blocks.transpose(1, 2)).reshape(m))
+            if n > m * _SQ_BLOCK:
+                rest = flat[m * _SQ_BLOCK:]
+                parts.append(torch.dot(rest, rest).reshape(1))
+                m += 1
+            counts.append(m)
+    ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    total = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, ids, torch.cat(parts).double())
+    return total.to(dtype).reshape(len(lists), -1)
+
+
 def _decayed_sq(w: torch.Tensor, g: torch.Tensor, lam: float, dtype: torch.dtype, scratch: list) -> torch.Tensor:
     r""":math:`\|g + \lambda w\|^2` of one layer, summing squares of the sum itself (no cancellation).
 
@@ -159,20 +198,20 @@ def squared_norms(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         lam = torch.tensor([float(x) for x in decays] if decays is not None else [0.0] * k, dtype=torch.float64)
         bufs = [b if b is not None else torch.empty(0, dtype=p.dtype) for b, p in zip(buffers or [None] * k, params)]
         return fused.load().layer_sums(list(params), list(grads), bufs, lam).to(dtype).T.contiguous()
-    zero = torch.zeros((), dtype=dtype, device=params[0].device if k else None)
-    rows: list[list[torch.Tensor]] = [[], [], [], []]
-    scratch: list = []
-    for j in range(k):
-        w, g = params[j], grads[j]
-        rows[0].append(_sq(w, dtype))
-        rows[1].append(_sq(g, dtype))
-        b = buffers[j] if buffers is not None else None
-        rows[2].append(_sq(b, dtype) if b is not None else zero)
-        lam = float(decays[j]) if decays is not None else 0.0
-        rows[3].append(_decayed_sq(w, g, lam, dtype, scratch) if lam else zero)
     if k == 0:
         return torch.zeros((4, 0), dtype=dtype)
-    out = torch.stack([torch.stack(r) for r in rows])
+    zero = torch.zeros((), dtype=dtype, device=params[0].device)
+    bufs = list(buffers) if buffers is not None else [None] * k
+    lams = [float(x) for x in decays] if decays is not None else [0.0] * k
+    scratch: list = []
+    row3 = torch.stack([_decayed_sq(w, g, lam, dtype, scratch) if lam else zero
+                        for w, g, lam in zip(params, grads, lams)])
+    lists = [list(params), list(grads), bufs]
+    if _blockable(lists):
+        out = torch.cat([_sums_of_squares(lists, dtype), row3[None]])
+    else:
+        out = torch.stack([torch.stack([_sq(x, dtype) if x is not None else zero for x in row]) for row in lists]
+                          + [row3])
     if layouts is not None:  # local shards of DTensors: the whole layers' sums, one collective for all rows
         from .distributed import sum_over_shards
 
@@ -284,28 +323,22 @@ def _update_foreach(params, grads, buffers, rates, decays, beta, nesterov, ok=No
     r"""CLARS eq. (4) in place: :math:`d \leftarrow \beta d - r g - r\lambda w`, then
     :math:`w \leftarrow (1 - r\lambda) w - r g + \beta d` (or :math:`w + d`).
 
-    On the CPU each line is one or two BLAS ``axpby`` passes with host scalars (reading a
-    CPU tensor is no device synchronisation); elsewhere, or compiled, 0-d tensor rates
-    (no host synchronisation) and, with ``ok``, ``where`` to skip a non-finite step.
+    On the CPU the rates are read to the host (a CPU tensor: no device synchronisation) and
+    each line is three in-place passes with Python scalars, which allocate nothing; elsewhere,
+    or compiled, 0-d tensor rates (no host synchronisation) and, with ``ok``, ``where`` to
+    skip a non-finite step.
     """
-    cpu = all(p.device.type == "cpu" for p in params) and not _compiling() and ok is None
-    if cpu:
-        one = torch.ones(1, dtype=params[0].dtype)
+    if all(p.device.type == "cpu" for p in params) and not _compiling() and ok is None:
         for p, g, d, r, lam in zip(params, grads, buffers, rates.tolist(), decays):
-            if p.dtype != one.dtype:
-                one = torch.ones(1, dtype=p.dtype)
-            w, gv, dv = p.view(-1), g.reshape(-1, 1), d.view(-1)
-            if not (w.is_contiguous() and dv.is_contiguous()) or p.dtype not in (torch.float32, torch.float64):
-                _update_tensor(p, g, d, torch.tensor(r, dtype=torch.float64), lam, beta, nesterov)
-                continue
-            dv.addmv_(gv, one, beta=beta, alpha=-r)
+            d.mul_(beta).add_(g, alpha=-r)
             if lam:
-                dv.add_(w, alpha=-r * lam)
+                d.add_(p, alpha=-r * lam)
             if nesterov:
-                w.addmv_(gv, one, beta=1.0 - r * lam, alpha=-r)
-                w.add_(dv, alpha=beta)
+                if lam:
+                    p.mul_(1.0 - r * lam)
+                p.add_(g, alpha=-r).add_(d, alpha=beta)
             else:
-                w.add_(dv)
+                p.add_(d)
         return
     for k, (p, g, d, lam) in enumerate(zip(params, grads, buffers, decays)):
         _update_tensor(p, g, d, rates[k], lam, beta, nesterov, ok)
