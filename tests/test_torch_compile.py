@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 import lwrs  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
-from lwrs.backends.torch import CLARS, LAMB, LARS, MNAG  # noqa: E402
+from lwrs.backends.torch import CLARS, LAMB, LARS, MNAG, TVLARS  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's notes on array_api_compat's caches
 
@@ -23,6 +23,8 @@ MAKERS = {
                                        weight_decay_form="norm_of_sum", on_nonfinite="skip"),
     "clars": lambda p: CLARS(p, lr=torch.tensor(0.5), eta=0.02, weight_decay=1e-2, on_nonfinite="skip"),
     "lamb": lambda p: LAMB(p, lr=torch.tensor(0.01), weight_decay=1e-2, on_nonfinite="skip"),
+    "tvlars": lambda p: TVLARS(p, lr=torch.tensor(0.5), decay_coefficient=0.2, delay_steps=3, eta=0.02,
+                               on_nonfinite="skip"),
 }
 
 
