@@ -271,6 +271,7 @@ class PerSampleNorms:
         self._n: dict[torch.nn.Parameter, int] = {}  # samples recorded per parameter (summed over passes)
         self._seen: dict[torch.nn.Parameter, Any] = {}  # p.grad after the last backward (a weak reference)
         self._pending: dict[int, int] = {}
+        self._tasks.clear()  # (a backward pass that raised never reached its end)
 
     def remove(self) -> None:
         """Detach the hooks from the model (and give fused and attention modules their own forward back)."""
@@ -303,7 +304,7 @@ class PerSampleNorms:
                 f"{label}: its input {tuple(shape)} has {samples} samples along dim {dim}, the model's input "
                 f"{self._batch}: per-sample norms need the samples along dim {dim} of every layer's input "
                 "(batch_dim=1 for sequence-first inputs; tokens folded into the batch, e.g. x.reshape(B * T, F), "
-                "cannot be measured)")
+                "cannot be measured, and an input without the batch axis, e.g. position ids, must be expanded to it)")
 
     def _start(self, module_id: int, label: str, x: torch.Tensor, dim: int) -> None:
         if _graph_task() == -1:
