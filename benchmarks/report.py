@@ -23,6 +23,10 @@ STEP_PEER = "torch SGD nesterov foreach"
 CLARS_TARGETS = {"MLP": 1.05, "small CNN": 1.2, "token MLP": 1.15, "transformer": 1.25}
 CLARS_ROW = "lwrs CLARS, exact (default)"
 CLARS_PEER = "Opacus ghost-clipping norms + CLARS"
+# jitted JAX step: lwrs's LARS with optax's conventions within this multiple of optax.lars, on every parameter set
+JAX_TARGET = 1.1
+JAX_PEER = "optax.lars"
+JAX_ROW = "lwrs lars, optax's conventions"
 
 
 def _title(text: str, char: str) -> list[str]:
@@ -124,12 +128,29 @@ def sequence_linear(record: dict) -> list[str]:
     return out
 
 
+def jax_step(record: dict) -> list[str]:
+    out = _title("Jitted optimizer step with JAX", "-") + _provenance(record)
+    out += [f"{record['settings']}; JAX backend: {record['jax_backend']}.", ""]
+    captions = {"mlp": "MLP 784-1024-1024-10", "resnet50": "ResNet-50 shapes"}
+    for key, res in record["results"].items():
+        caption = f"{captions.get(key, key)}: {res['tensors']} tensors, {res['parameters'] / 1e6:.1f}M parameters"
+        rows = [[_lwrs(m), f"{ms:.2f}", f"{res['ratio_to_optax_lars'][m]:.2f}"]
+                for m, ms in sorted(res["median_ms"].items(), key=lambda kv: kv[1])]
+        out += _table(caption, ["method", "ms", f"× {JAX_PEER}"], rows)
+    out += [f"Verdict (target: {JAX_ROW} within {JAX_TARGET}× the time of {JAX_PEER} on every parameter set):", ""]
+    for key, res in record["results"].items():
+        ratio = res["ratio_to_optax_lars"][JAX_ROW]
+        out.append(f"* {captions.get(key, key)}: {ratio:.2f}× {JAX_PEER}: **{'met' if ratio <= JAX_TARGET else 'not met'}**.")
+    return out + [""]
+
+
 SECTIONS = {
     "optimizer_step.json": optimizer_step,
     "clars_step.json": clars_step,
     "clars_step_steady_malloc.json": lambda r: clars_step(r, "Exact CLARS training step, allocator kept steady",
                                                           "The same targets, with the steady allocator"),
     "sequence_linear.json": sequence_linear,
+    "jax_step.json": jax_step,
     "transformer_step.json": lambda r: clars_step(r, "Exact CLARS on a transformer"),
 }
 

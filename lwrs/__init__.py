@@ -13,22 +13,12 @@ array-api-strict arrays (CuPy only where a GPU is present). Fast backends live i
 :mod:`lwrs.backends`.
 """
 
-from . import momentum, norm_statistics, rates, schedules, table
+from . import masks, moments, momentum, nonfinite, norm_statistics, pytree, rates, schedules, table
 from ._validation import NonFiniteError
 from .diagnostics import LayerDiagnostics
-from .momentum import block_microstep, momentum_step, velocity_from_trace, zeros_like_layers
-from .optimizers import (
-    LambState,
-    MomentumState,
-    Optimizer,
-    StepResult,
-    clars,
-    lamb,
-    lars,
-    mgd,
-    mnag,
-    tvlars,
-)
+from .momentum import block_microstep, mnag_increments, momentum_step, velocity_from_trace, zeros_like_layers
+from .base import LambState, MomentumState, Optimizer, StepResult
+from .optimizers import clars, lamb, lars, mgd, mnag, tvlars
 from .norm_statistics import (
     NormStatistics,
     gradient_variance_ratio,
@@ -60,14 +50,19 @@ __all__ = [
     "layer_norms",
     "layer_rates",
     "layer_trust_ratios",
+    "masks",
     "merge_statistics",
     "mgd",
     "minibatch_gradients",
     "mnag",
+    "mnag_increments",
+    "moments",
     "momentum",
     "momentum_step",
+    "nonfinite",
     "norm_statistics",
     "per_sample_norm_statistics",
+    "pytree",
     "rates",
     "schedules",
     "subsample_norm_statistics",

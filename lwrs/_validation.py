@@ -7,16 +7,23 @@ half-updated state behind, and every message names the layer and the value.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
-from array_api_compat import array_namespace, device, is_array_api_obj
+from array_api_compat import array_namespace, device, is_array_api_obj, is_lazy_array
+
+from .pytree import Structure, flatten
 
 __all__ = [
     "NonFiniteError",
     "check_layers",
     "check_hyperparameter",
+    "check_bool",
     "library_name",
+    "is_traced",
+    "flatten_layers",
+    "check_step",
 ]
 
 
@@ -29,13 +36,59 @@ def library_name(x: Any) -> str:
     return type(x).__module__.split(".")[0]
 
 
+def is_traced(x: Any) -> bool:
+    """Whether ``x`` is an array without concrete values: a JAX tracer, a torch FakeTensor, or any
+    array while ``torch.compile`` traces. Reading its values (``bool``, ``float``) is impossible or a graph break.
+    """
+    lib = library_name(x)
+    if lib in ("jax", "jaxlib"):  # concrete jax arrays count as lazy for array_api_compat; only tracers are traced
+        return any(k.__name__ == "Tracer" for k in type(x).__mro__)
+    if lib != "numpy" and is_lazy_array(x):
+        return True
+    if type(x).__name__ in ("FakeTensor", "FunctionalTensor") or getattr(x, "is_meta", False):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and lib == "torch":
+        compiler = getattr(torch, "compiler", None)
+        return bool(compiler is not None and compiler.is_compiling())
+    return False
+
+
+def check_step(step: Any, where: str = "state.step") -> Any:
+    """Check a step count: an int >= 0, or a 0-d integer or floating array (its value is not read)."""
+    if is_array_api_obj(step):
+        xp = array_namespace(step)
+        if step.ndim != 0 or not xp.isdtype(step.dtype, ("integral", "real floating")):
+            raise ValueError(f"{where} must be an int >= 0 or a 0-d integer array, got shape "
+                             f"{tuple(step.shape)} and dtype {step.dtype}")
+        return step
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{where} must be an int >= 0, got {step!r}")
+    return step
+
+
+def flatten_layers(name: str, tree: Any) -> tuple[list[Any], Structure]:
+    """The leaves (layers) of a params-like pytree, and its structure; a bare array is refused."""
+    if is_array_api_obj(tree) or not isinstance(tree, (Sequence, dict)) or isinstance(tree, (str, bytes)):
+        raise TypeError(
+            f"{name} must be a list, tuple, dict or NamedTuple of per-layer arrays, "
+            f"got {type(tree).__name__}"
+        )
+    return flatten(tree)
+
+
 def _as_layer_sequence(name: str, layers: Any) -> Sequence[Any]:
     if is_array_api_obj(layers) or not isinstance(layers, Sequence):
         raise TypeError(
-            f"{name} must be a sequence (list or tuple) of per-layer arrays, "
+            f"{name} must be a list, tuple, dict or NamedTuple of per-layer arrays, "
             f"got {type(layers).__name__}"
         )
     return layers
+
+
+def same_device(a: Any, b: Any) -> bool:
+    """Devices compare equal, or one of them is unknown (``None``: a tracer)."""
+    return a is None or b is None or a == b
 
 
 def check_layers(params: Any, **others: Any) -> tuple[Any, Any]:
@@ -83,7 +136,7 @@ def _check_one(name: str, k: int, a: Any, w: Any, xp: Any, lib: str, dev: Any) -
             f"layer {k} of {name} is a {library_name(a)} array but layer 0 of params "
             f"is a {lib} array; mixed array libraries are not supported"
         )
-    if device(a) != dev:
+    if not same_device(device(a), dev):
         raise ValueError(
             f"layer {k} of {name} is on device {device(a)!r} but layer 0 of params "
             f"is on {dev!r}; move every array to one device"
@@ -98,6 +151,18 @@ def _check_one(name: str, k: int, a: Any, w: Any, xp: Any, lib: str, dev: Any) -
         raise ValueError(f"layer {k}: {name} has dtype {a.dtype} but params has dtype {w.dtype}")
 
 
+def is_bool(value: Any) -> bool:
+    """A Python or NumPy bool (not an int, not a string)."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool; anything else (``"false"``, ``0``, ``None``) is a ``TypeError``."""
+    if not is_bool(value):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+    return bool(value)
+
+
 def check_hyperparameter(
     name: str,
     value: Any,
@@ -107,11 +172,14 @@ def check_hyperparameter(
     low_open: bool = False,
     high_open: bool = False,
 ) -> float:
-    """Return ``float(value)`` after checking it is finite and inside the interval.
+    """Return ``float(value)`` after checking it is a finite number inside the interval.
 
     The interval is ``[low, high]``; ``low_open``/``high_open`` exclude an end.
+    Bools and strings are refused (``lars(True)``, ``lars("0.5")``): a number must be a number.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if is_bool(value) or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not isinstance(value, (int, float)):
         try:
             value = float(value)
         except (TypeError, ValueError):

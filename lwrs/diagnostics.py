@@ -32,13 +32,16 @@ class LayerDiagnostics(NamedTuple):
         applied only by ``clars`` and only to adapted layers.
     rates : array
         The effective per-layer rate :math:`\gamma_k` that the update used.
-    learning_rate : float
-        The global rate :math:`\gamma_t` of the schedule at this step.
-    step : int
+    learning_rate : float or 0-d array
+        The global rate :math:`\gamma_t` of the schedule at this step (a 0-d
+        array when the step count is an array, e.g. under ``jax.jit``).
+    step : int or 0-d array
         The step count :math:`t` before this step.
-    skipped : bool
+    skipped : bool or 0-d bool array
         ``True`` when the step was skipped because of a non-finite input
         (``on_nonfinite="skip"``); the parameters and state are then unchanged.
+        A 0-d array when the skip was decided on the device (array step count
+        or traced values).
 
     Examples
     --------

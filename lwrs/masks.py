@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .pytree import flatten
+
 __all__ = ["adapt_default", "weight_decay_default", "resolve_mask", "one_d_masks"]
 
 
@@ -67,7 +69,9 @@ def resolve_mask(name: str, mask: Any, params: Sequence[Any], default: Callable[
     """Turn a per-layer mask option into a tuple of bools, one per layer.
 
     ``mask`` is ``None`` (use ``default(array)``), a callable ``array -> bool``,
-    or a sequence of bools with one entry per layer.
+    or a pytree of bools with the structure of params (a list of bools for a
+    list of layers, a dict of bools for a dict, ...): one bool per layer, in
+    leaf order.
 
     Examples
     --------
@@ -79,11 +83,12 @@ def resolve_mask(name: str, mask: Any, params: Sequence[Any], default: Callable[
         return tuple(bool(default(w)) for w in params)
     if callable(mask):
         return tuple(bool(mask(w)) for w in params)
-    if isinstance(mask, Sequence) and not isinstance(mask, (str, bytes)):
-        if len(mask) != len(params):
-            raise ValueError(f"{name} has {len(mask)} entries but params has {len(params)} layers")
-        for k, m in enumerate(mask):
+    if isinstance(mask, (Sequence, dict)) and not isinstance(mask, (str, bytes)):
+        entries, _ = flatten(mask)
+        if len(entries) != len(params):
+            raise ValueError(f"{name} has {len(entries)} entries but params has {len(params)} layers")
+        for k, m in enumerate(entries):
             if not isinstance(m, bool):
                 raise TypeError(f"{name}[{k}] must be a bool, got {m!r}")
-        return tuple(mask)
-    raise TypeError(f"{name} must be None, a callable or a sequence of bools, got {mask!r}")
+        return tuple(entries)
+    raise TypeError(f"{name} must be None, a callable or a pytree of bools matching params, got {mask!r}")

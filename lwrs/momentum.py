@@ -27,11 +27,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from array_api_compat import is_array_api_obj
+from array_api_compat import array_namespace, is_array_api_obj
 
 from ._validation import check_hyperparameter, check_layers
 
-__all__ = ["zeros_like_layers", "momentum_step", "velocity_from_trace", "block_microstep"]
+__all__ = ["zeros_like_layers", "mnag_increments", "momentum_step", "velocity_from_trace", "block_microstep"]
 
 
 def zeros_like_layers(params: Sequence[Any]) -> tuple[Any, ...]:
@@ -69,6 +69,65 @@ def _check_rates(rates: Any, count: int) -> None:
         raise ValueError(f"rates has {n} entries but params has {count} layers")
 
 
+def mnag_increments(
+    directions: Sequence[Any],
+    trace: Sequence[Any],
+    rates: Any,
+    *,
+    beta: float,
+    nesterov: bool = True,
+    xp: Any = None,
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    r"""The mNAG increments :math:`\Delta w_k = w_{t+1,k} - w_{t,k}` and the new trace, per layer.
+
+    .. math::
+
+        d_{t,k} &= \beta\, d_{t-1,k} - \gamma_k\, \bar g_k, \\
+        \Delta w_k &= -\gamma_k\, \bar g_k + \beta\, d_{t,k} \quad\text{(Nesterov)}, \qquad
+        \Delta w_k = d_{t,k} \quad \text{(heavy ball)}.
+
+    CLARS eq. (4) with per-layer rates :math:`\gamma_k` and
+    :math:`d_t = v_{t+1} - v_t`. The increment is computed directly (not as
+    a difference of weights), so ``w + increment`` is exactly the new weight
+    that :func:`momentum_step` returns, in every precision. This is the one
+    place the update is written; the optimizers and the fast backends use or
+    are tested against it. No input checks (see :func:`momentum_step`).
+
+    Parameters
+    ----------
+    directions, trace : sequence of arrays
+        :math:`\bar g_k` (plus weight decay) and :math:`d_{t-1,k}`.
+    rates : sequence of float or 1-D array
+        :math:`\gamma_k`.
+    beta : float
+        Momentum :math:`\beta \in [0, 1)`.
+    nesterov : bool
+        Nesterov (mNAG) or heavy ball.
+    xp : namespace, optional
+        The array namespace; inferred from ``directions`` when not given.
+
+    References
+    ----------
+    Huo, Gu & Huang (2021), AAAI, eq. (2) and (4).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> inc, trace = mnag_increments([np.array([1.0])], [np.array([0.0])], [0.1], beta=0.9)
+    >>> inc[0], trace[0]      # -(1 + beta) * rate * g, and -rate * g
+    (array([-0.19]), array([-0.1]))
+    """
+    if xp is None:
+        xp = array_namespace(*directions)
+    increments, new_trace = [], []
+    for k, (g, d) in enumerate(zip(directions, trace)):
+        step = _rate_for_layer(xp, rates, k, g.dtype) * g
+        d_new = beta * d - step
+        increments.append(beta * d_new - step if nesterov else d_new)
+        new_trace.append(d_new)
+    return tuple(increments), tuple(new_trace)
+
+
 def apply_momentum(
     xp: Any,
     params: Sequence[Any],
@@ -79,17 +138,8 @@ def apply_momentum(
     nesterov: bool,
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """:func:`momentum_step` without input checks, for callers that checked already."""
-    new_params, new_trace = [], []
-    for k, (w, g, d) in enumerate(zip(params, directions, trace)):
-        step = _rate_for_layer(xp, rates, k, w.dtype) * g
-        d_new = beta * d - step
-        if nesterov:
-            w_new = w - step + beta * d_new
-        else:
-            w_new = w + d_new
-        new_params.append(w_new)
-        new_trace.append(d_new)
-    return tuple(new_params), tuple(new_trace)
+    increments, new_trace = mnag_increments(directions, trace, rates, beta=beta, nesterov=nesterov, xp=xp)
+    return tuple(w + inc for w, inc in zip(params, increments)), new_trace
 
 
 def momentum_step(

@@ -21,8 +21,8 @@ from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace, device
 
-from ._validation import check_layers, library_name
-from .rates import _layer_norms, statistics_dtype
+from ._validation import check_layers, is_traced, library_name, same_device
+from .rates import _layer_norms, _norm, statistics_dtype
 
 __all__ = [
     "NormStatistics",
@@ -43,8 +43,9 @@ class NormStatistics(NamedTuple):
         :math:`S^{(1)}_k = \sum_i \|g_{ik}\|`.
     sum_squared_norms : 1-D array
         :math:`S^{(2)}_k = \sum_i \|g_{ik}\|^2`.
-    count : int
-        :math:`N`, the number of samples summed over.
+    count : int or 0-d array
+        :math:`N`, the number of samples summed over (whoever produced the
+        statistics: the core, a torch recorder, a data-parallel sum).
 
     Examples
     --------
@@ -70,7 +71,7 @@ class NormStatistics(NamedTuple):
 def _sample_norms(xp: Any, per_sample: Any, dtype: Any) -> Any:
     """Norm of every sample's slice of one layer's stacked per-sample gradients."""
     flat = xp.reshape(xp.astype(per_sample, dtype), (per_sample.shape[0], -1))
-    return xp.linalg.vector_norm(flat, axis=1)
+    return _norm(xp, flat, axis=1)
 
 
 def _check_per_sample(per_sample_grads: Sequence[Any]) -> tuple[Any, int]:
@@ -258,10 +259,12 @@ def check_statistics(stats: Any, layers: int, xp: Any, dev: Any) -> NormStatisti
         a = getattr(stats, name)
         if array_namespace(a) is not xp:
             raise TypeError(f"norm_stats.{name} comes from a different array library than params")
-        if device(a) != dev:
+        if not same_device(device(a), dev):
             raise ValueError(f"norm_stats.{name} is on device {device(a)!r}, params on {dev!r}")
         if tuple(a.shape) != (layers,):
             raise ValueError(f"norm_stats.{name} has shape {tuple(a.shape)}, expected ({layers},)")
+    if is_traced(stats.count):  # a traced count cannot be read; the finiteness policy covers mean_norms
+        return stats
     count = float(stats.count)
     if not count > 0:
         raise ValueError(f"norm_stats.count must be positive, got {stats.count!r}")

@@ -1,15 +1,16 @@
 r"""The optimizers, as pure functional state transitions.
 
-Each factory returns an :class:`Optimizer`, a pair of pure functions::
+Each factory returns an :class:`~lwrs.base.Optimizer` of pure functions::
 
     state = opt.init(params)
     params, state, diagnostics = opt.step(params, grads, state, norm_stats=None)
+    updates, state, diagnostics = opt.update(grads, state, params, norm_stats=None)
 
-``params`` and ``grads`` are sequences (lists or tuples) of per-layer arrays
-from any array-API library (NumPy, PyTorch, CuPy, JAX, array-api-strict).
-``step`` never modifies its inputs; it returns new arrays in the same library,
-on the same device, with the same dtypes, and a
-:class:`~lwrs.diagnostics.LayerDiagnostics`.
+``params`` and ``grads`` are pytrees (lists, tuples, dicts, NamedTuples) of
+per-layer arrays from any array-API library (NumPy, PyTorch, CuPy, JAX,
+array-api-strict). ``step`` never modifies its inputs; it returns new arrays
+in the same library, on the same device, with the same dtypes, in the same
+structure, and a :class:`~lwrs.diagnostics.LayerDiagnostics`.
 
 =========  ====================================================================
 factory    update
@@ -23,18 +24,35 @@ lamb       LAMB (You et al. 2019), the baseline of the TVLARS paper
 =========  ====================================================================
 """
 
+
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
-from ._validation import NonFiniteError, check_hyperparameter, check_layers
-from .masks import adapt_default, resolve_mask, weight_decay_default
+from array_api_compat import is_array_api_obj
+
+from ._validation import check_bool, check_hyperparameter
+from .base import (
+    Common,
+    LambState,
+    LayerMask,
+    MomentumState,
+    OnNonFinite,
+    Optimizer,
+    StepResult,
+    Transition,
+    check_state,
+    finish,
+    functional,
+    prepare,
+    skipped_now,
+    zeros,
+)
 from .diagnostics import LayerDiagnostics
-from .momentum import apply_momentum
-from .schedules import Schedule, as_schedule, tvlars_factor
-from .norm_statistics import NormStatistics, check_statistics
+from .moments import lamb_directions, lamb_moments
+from .momentum import mnag_increments
+from .nonfinite import first_nonfinite
+from .norm_statistics import NormStatistics
 from .rates import (
     TrustOptions,
     WeightDecayForm,
@@ -45,216 +63,50 @@ from .rates import (
     layer_rates,
     layer_trust_ratios,
 )
+from .schedules import Schedule, tvlars_schedule
 
-__all__ = [
-    "Optimizer",
-    "StepResult",
-    "MomentumState",
-    "LambState",
-    "mgd",
-    "mnag",
-    "lars",
-    "clars",
-    "tvlars",
-    "lamb",
-]
+__all__ = ["mgd", "mnag", "lars", "clars", "tvlars", "lamb"]
 
-OnNonFinite = Literal["raise", "skip"]
-LayerMask = Sequence[bool] | Callable[[Any], bool] | None
+# kept importable from here for the callers of 0.1
+_COMPAT = (LambState, MomentumState, Optimizer, StepResult, NormStatistics)
+_Common = Common
 
 
-class MomentumState(NamedTuple):
-    r"""State of mgd, mnag, lars, clars and tvlars.
-
-    Attributes
-    ----------
-    step : int
-        Number of updates made so far, :math:`t`.
-    trace : tuple of arrays
-        :math:`d_{t-1} = v_t - v_{t-1}`, the trace of rate-scaled steps
-        (see :mod:`lwrs.momentum`).
-    """
-
-    step: int
-    trace: tuple[Any, ...]
+def _first_nonfinite(xp: Any, checks: Any) -> str | None:
+    """Deprecated private alias of :func:`lwrs.nonfinite.first_nonfinite`."""
+    return first_nonfinite(checks, xp=xp)
 
 
-class LambState(NamedTuple):
-    r"""State of LAMB.
-
-    Attributes
-    ----------
-    step : int
-        Number of updates made so far.
-    first_moment : tuple of arrays
-        Adam's moving average of the gradients, :math:`m`.
-    second_moment : tuple of arrays
-        Adam's moving average of the squared gradients, :math:`v`.
-    """
-
-    step: int
-    first_moment: tuple[Any, ...]
-    second_moment: tuple[Any, ...]
-
-
-class StepResult(NamedTuple):
-    """What :attr:`Optimizer.step` returns: unpack it as ``params, state, diagnostics``."""
-
-    params: tuple[Any, ...]
-    state: Any
-    diagnostics: LayerDiagnostics
-
-
-class Optimizer(NamedTuple):
-    """A functional optimizer: ``init(params) -> state`` and ``step(...) -> StepResult``.
-
-    Attributes
-    ----------
-    name : str
-        Short name, e.g. ``"clars"``.
-    init : callable
-        ``init(params) -> state``.
-    step : callable
-        ``step(params, grads, state, *, norm_stats=None) -> StepResult``.
-
-    Examples
-    --------
-    >>> import numpy as np, lwrs
-    >>> opt = lwrs.mnag(0.1)
-    >>> params = [np.array([1.0, -1.0])]
-    >>> state = opt.init(params)
-    >>> for _ in range(3):
-    ...     params, state, diag = opt.step(params, [2 * params[0]], state)   # f = |w|^2
-    >>> opt.name, state.step, bool(abs(params[0][0]) < 1.0)
-    ('mnag', 3, True)
-    """
-
-    name: str
-    init: Callable[[Sequence[Any]], Any]
-    step: Callable[..., StepResult]
-
-
-@dataclass(frozen=True)
-class _Common:
-    """Options every optimizer shares, checked once at construction."""
-
-    learning_rate: Schedule
-    weight_decay: float
-    adapt_mask: LayerMask
-    weight_decay_mask: LayerMask
-    on_nonfinite: str
-
-    @staticmethod
-    def build(learning_rate, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite) -> _Common:
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f'on_nonfinite must be "raise" or "skip", got {on_nonfinite!r}')
-        return _Common(
-            as_schedule("learning_rate", learning_rate),
-            check_hyperparameter("weight_decay", weight_decay, low=0.0),
-            adapt_mask,
-            weight_decay_mask,
-            on_nonfinite,
-        )
-
-    def masks(self, params: Sequence[Any]) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
-        adapt = resolve_mask("adapt_mask", self.adapt_mask, params, adapt_default)
-        decay = resolve_mask("weight_decay_mask", self.weight_decay_mask, params, weight_decay_default)
-        return adapt, decay
-
-    def layer_decays(self, decay: Sequence[bool]) -> tuple[float, ...]:
-        return tuple(self.weight_decay if d else 0.0 for d in decay)
-
-
-def _check_state_step(state: Any, cls: type) -> int:
-    if not isinstance(state, cls):
-        raise TypeError(f"state must be a {cls.__name__} (from this optimizer's init), got {type(state).__name__}")
-    if isinstance(state.step, bool) or not isinstance(state.step, int) or state.step < 0:
-        raise ValueError(f"state.step must be an int >= 0, got {state.step!r}")
-    return state.step
-
-
-def _first_nonfinite(xp: Any, checks: Sequence[tuple[str, Any]]) -> str | None:
-    """Name the first layer whose value is not finite, or ``None``; one host sync when all are finite."""
-    flags = [xp.all(xp.isfinite(v)) for _, v in checks]
-    if all(bool(f) for f in flags):
-        return None
-    for (what, values), ok in zip(checks, flags):
-        if not bool(ok):
-            for k in range(values.shape[0]):
-                if not bool(xp.isfinite(values[k])):
-                    return f"layer {k}: {what} is not finite (value {float(values[k])!r})"
-    return "a value is not finite"  # pragma: no cover - unreachable: some flag was False
-
-
-def _skipped(params, state, step, lr, norms_w, norms_g, xp) -> StepResult:
-    ones = xp.ones_like(norms_w)
-    diag = LayerDiagnostics(norms_w, norms_g, ones, ones, xp.zeros_like(norms_w), lr, step, skipped=True)
-    return StepResult(tuple(params), state, diag)
-
-
-def _handle_nonfinite(common: _Common, xp, checks, params, state, step, lr, w_norms, g_norms):
-    problem = _first_nonfinite(xp, checks)
-    if problem is None:
-        return None
-    if common.on_nonfinite == "raise":
-        raise NonFiniteError(f"{problem} at step {step}; pass on_nonfinite='skip' to skip such steps")
-    return _skipped(params, state, step, lr, w_norms, g_norms, xp)
-
-
-def _checked_mean_norms(xp, norm_stats, w_norms, checks):
-    """The mean per-sample norms in the statistics dtype, queued for the finiteness check."""
-    if norm_stats is None:
-        return None
-    mean_norms = xp.astype(norm_stats.mean_norms(), w_norms.dtype)
-    checks.append(("mean per-sample gradient norm", mean_norms))
-    return mean_norms
-
-
-def _decayed_directions(params, grads, decays) -> tuple[Any, ...]:
+def decayed_directions(params, grads, decays) -> tuple[Any, ...]:
+    r""":math:`\bar g_k + \lambda_k w_k` per layer (private)."""
     return tuple(g + wd * w if wd else g for w, g, wd in zip(params, grads, decays))
 
 
-def _momentum_family(
-    name: str, common: _Common, trust: TrustOptions, beta: float, nesterov: bool
-) -> Optimizer:
-    """Build mgd / mnag / lars / clars / tvlars around one step function."""
+def _momentum_family(name: str, common: Common, trust: TrustOptions, beta: float, nesterov: bool) -> Optimizer:
+    """Build mgd / mnag / lars / clars / tvlars around one transition."""
+    needs_stats = "clars" if trust.kind == "clars" else ""
+    nesterov = check_bool("nesterov", nesterov)
 
-    def init(params: Sequence[Any]) -> MomentumState:
-        xp, _ = check_layers(params)
-        return MomentumState(0, tuple(xp.zeros_like(w) for w in params))
+    def init_arrays(xp, leaves, step) -> MomentumState:
+        return MomentumState(step, zeros(xp, leaves))
 
-    def step(params, grads, state, *, norm_stats: NormStatistics | None = None) -> StepResult:
-        t = _check_state_step(state, MomentumState)
-        xp, dev = check_layers(params, grads=grads, trace=state.trace)
-        if trust.kind == "clars" and norm_stats is None:
-            raise ValueError("clars needs norm_stats, the per-sample gradient-norm statistics of this batch")
-        if norm_stats is not None:
-            check_statistics(norm_stats, len(params), xp, dev)
-        adapt, decay = common.masks(params)
-        decays = common.layer_decays(decay)
-        lr = common.learning_rate(t)
-
-        w_norms = _layer_norms(xp, params)
-        g_norms = _layer_norms(xp, grads)
-        checks = [("parameter norm", w_norms), ("gradient norm", g_norms)]
-        mean_norms = _checked_mean_norms(xp, norm_stats, w_norms, checks)
-        skipped = _handle_nonfinite(common, xp, checks, params, state, t, lr, w_norms, g_norms)
-        if skipped is not None:
-            return skipped
-
-        directions = _decayed_directions(params, grads, decays)
+    def transition(params, grads, state, norm_stats) -> Transition:
+        check_state(state, MomentumState)
+        c = prepare(common, params, grads, state, norm_stats, {"trace": state.trace}, needs_stats)
+        if c.skip_now:
+            return skipped_now(c, state)
+        directions = decayed_directions(params, grads, c.decays)
         direction_norms = None
-        if trust.weight_decay_form == "norm_of_sum" and any(decays):
-            direction_norms = _layer_norms(xp, directions)
-        planned = layer_rates(w_norms, g_norms, learning_rate=lr, options=trust, adapt=adapt, weight_decays=decays,
-                              direction_norms=direction_norms, mean_norms=mean_norms)
-        lars_r, factors, rates = planned
+        if trust.weight_decay_form == "norm_of_sum" and any(c.decays):
+            direction_norms = _layer_norms(c.xp, directions)
+        lars_r, factors, rates = layer_rates(c.w_norms, c.g_norms, learning_rate=c.lr, options=trust, adapt=c.adapt,
+                                             weight_decays=c.decays, direction_norms=direction_norms,
+                                             mean_norms=c.mean_norms)
+        increments, trace = mnag_increments(directions, state.trace, rates, beta=beta, nesterov=nesterov, xp=c.xp)
+        diag = LayerDiagnostics(c.w_norms, c.g_norms, lars_r, factors, rates, c.lr, c.step)
+        return finish(c, increments, [trace], [state.trace], MomentumState, diag)
 
-        new_params, new_trace = apply_momentum(xp, params, directions, state.trace, rates, beta, nesterov)
-        diag = LayerDiagnostics(w_norms, g_norms, lars_r, factors, rates, lr, t)
-        return StepResult(new_params, MomentumState(t + 1, new_trace), diag)
-
-    return Optimizer(name, init, step)
+    return functional(name, init_arrays, transition)
 
 
 def _beta(beta: float) -> float:
@@ -264,13 +116,14 @@ def _beta(beta: float) -> float:
 def _trust(kind, eta, eps, max_ratio, larc_clip, weight_decay_form) -> TrustOptions:
     eta = check_hyperparameter("eta", eta, low=0.0, low_open=True)
     eps = check_hyperparameter("eps", eps, low=0.0)
+    larc_clip = check_bool("larc_clip", larc_clip)
     if max_ratio is not None:
         max_ratio = check_hyperparameter("max_ratio", max_ratio, low=0.0, low_open=True)
         if larc_clip:
             raise ValueError("larc_clip and max_ratio cannot be combined: LARC clips the rate at the learning rate")
     if weight_decay_form not in ("sum_of_norms", "norm_of_sum"):
         raise ValueError(f'weight_decay_form must be "sum_of_norms" or "norm_of_sum", got {weight_decay_form!r}')
-    return TrustOptions(kind, eta, eps, max_ratio, bool(larc_clip), weight_decay_form)
+    return TrustOptions(kind, eta, eps, max_ratio, larc_clip, weight_decay_form)
 
 
 def mgd(
@@ -310,7 +163,7 @@ def mgd(
     >>> params[0]
     array([0.])
     """
-    common = _Common.build(learning_rate, weight_decay, None, weight_decay_mask, on_nonfinite)
+    common = Common.build(learning_rate, weight_decay, None, weight_decay_mask, on_nonfinite)
     return _momentum_family("mgd", common, TrustOptions("none"), 0.0, True)
 
 
@@ -356,7 +209,7 @@ def mnag(
     >>> params[0]      # the first step moves (1 + beta) * lr * g
     array([0.81])
     """
-    common = _Common.build(learning_rate, weight_decay, None, weight_decay_mask, on_nonfinite)
+    common = Common.build(learning_rate, weight_decay, None, weight_decay_mask, on_nonfinite)
     return _momentum_family("mnag", common, TrustOptions("none"), _beta(beta), nesterov)
 
 
@@ -434,7 +287,7 @@ def lars(
     >>> diag.rates       # 1.0 * 0.5 * 5 / 10
     array([0.25])
     """
-    common = _Common.build(learning_rate, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
+    common = Common.build(learning_rate, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
     trust = _trust("lars", eta, eps, max_ratio, larc_clip, weight_decay_form)
     return _momentum_family("lars", common, trust, _beta(beta), nesterov)
 
@@ -495,7 +348,7 @@ def clars(
     >>> diag.clars_factors, diag.rates       # |mean| = 2.5, mean |g_i| = 2.5
     (array([1.]), array([0.4]))
     """
-    common = _Common.build(learning_rate, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
+    common = Common.build(learning_rate, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
     trust = _trust("clars", eta, eps, max_ratio, larc_clip, weight_decay_form)
     return _momentum_family("clars", common, trust, _beta(beta), nesterov)
 
@@ -558,13 +411,9 @@ def tvlars(
     >>> diag.learning_rate      # phi_0 = 1 / (1 + e^0)
     0.5
     """
-    phi = tvlars_factor(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)
-    target = as_schedule("learning_rate", learning_rate)
-
-    def schedule(step: int) -> float:
-        return target(step) * phi(step)
-
-    common = _Common.build(schedule, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
+    schedule = tvlars_schedule(learning_rate, decay_coefficient=decay_coefficient, delay_steps=delay_steps,
+                               alpha=alpha, gamma_min=gamma_min)
+    common = Common.build(schedule, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
     trust = _trust("lars", eta, eps, None, False, weight_decay_form)
     return _momentum_family("tvlars", common, trust, _beta(beta), nesterov)
 
@@ -619,49 +468,34 @@ def lamb(
     >>> np.round(diag.trust_ratios, 6)       # |w| / |u| with u ~ sign(g)
     array([3.535537])
     """
-    common = _Common.build(learning_rate, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
+    common = Common.build(learning_rate, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
     b1 = check_hyperparameter("beta1", beta1, low=0.0, high=1.0, high_open=True)
     b2 = check_hyperparameter("beta2", beta2, low=0.0, high=1.0, high_open=True)
     eps = check_hyperparameter("eps", eps, low=0.0, low_open=True)
 
-    def init(params: Sequence[Any]) -> LambState:
-        xp, _ = check_layers(params)
-        zeros = tuple(xp.zeros_like(w) for w in params)
-        return LambState(0, zeros, zeros)
+    def init_arrays(xp, leaves, step) -> LambState:
+        return LambState(step, zeros(xp, leaves), zeros(xp, leaves))
 
-    def step(params, grads, state, *, norm_stats: NormStatistics | None = None) -> StepResult:
-        t = _check_state_step(state, LambState)
-        xp, dev = check_layers(params, grads=grads, first_moment=state.first_moment, second_moment=state.second_moment)
-        if norm_stats is not None:
-            check_statistics(norm_stats, len(params), xp, dev)
-        adapt, decay = common.masks(params)
-        decays = common.layer_decays(decay)
-        lr = common.learning_rate(t)
-        w_norms = _layer_norms(xp, params)
-        g_norms = _layer_norms(xp, grads)
-        checks = [("parameter norm", w_norms), ("gradient norm", g_norms)]
-        mean_norms = _checked_mean_norms(xp, norm_stats, w_norms, checks)
-        skipped = _handle_nonfinite(common, xp, checks, params, state, t, lr, w_norms, g_norms)
-        if skipped is not None:
-            return skipped
-        factors = xp.ones_like(w_norms)
-        if mean_norms is not None:  # reported, not used: LAMB has no per-sample term
+    def transition(params, grads, state, norm_stats) -> Transition:
+        check_state(state, LambState)
+        arrays = {"first_moment": state.first_moment, "second_moment": state.second_moment}
+        c = prepare(common, params, grads, state, norm_stats, arrays)
+        if c.skip_now:
+            return skipped_now(c, state)
+        xp = c.xp
+        factors = xp.ones_like(c.w_norms)
+        if c.mean_norms is not None:  # reported, not used: LAMB has no per-sample term
             factors = clars_factors(
-                lars_denominators(w_norms, g_norms, weight_decay=decays),
-                clars_denominators(w_norms, mean_norms, weight_decay=decays),
+                lars_denominators(c.w_norms, c.g_norms, weight_decay=c.decays),
+                clars_denominators(c.w_norms, c.mean_norms, weight_decay=c.decays),
             )
+        m, v = lamb_moments(grads, state.first_moment, state.second_moment, beta1=b1, beta2=b2, xp=xp)
+        t1 = xp.astype(c.step, c.w_norms.dtype) + 1 if is_array_api_obj(c.step) else c.step + 1
+        u = lamb_directions(m, v, params, step=t1, beta1=b1, beta2=b2, eps=eps, weight_decays=c.decays, xp=xp)
+        ratios = layer_trust_ratios(c.w_norms, _layer_norms(xp, u), eta=1.0, adapt=c.adapt, grad_norms=c.g_norms)
+        rates = c.lr * ratios
+        increments = tuple(-(xp.astype(rates[k], w.dtype) * uk) for k, (w, uk) in enumerate(zip(params, u)))
+        diag = LayerDiagnostics(c.w_norms, c.g_norms, ratios, factors, rates, c.lr, c.step)
+        return finish(c, increments, [m, v], [state.first_moment, state.second_moment], LambState, diag)
 
-        m = tuple(b1 * mk + (1.0 - b1) * g for mk, g in zip(state.first_moment, grads))
-        v = tuple(b2 * vk + (1.0 - b2) * (g * g) for vk, g in zip(state.second_moment, grads))
-        c1, c2 = 1.0 - b1 ** (t + 1), 1.0 - b2 ** (t + 1)
-        u = tuple(
-            (mk / c1) / (xp.sqrt(vk / c2) + eps) + (wd * w if wd else 0.0)
-            for mk, vk, w, wd in zip(m, v, params, decays)
-        )
-        ratios = layer_trust_ratios(w_norms, _layer_norms(xp, u), eta=1.0, adapt=adapt, grad_norms=g_norms)
-        rates = lr * ratios
-        new_params = tuple(w - xp.astype(rates[k], w.dtype) * uk for k, (w, uk) in enumerate(zip(params, u)))
-        diag = LayerDiagnostics(w_norms, g_norms, ratios, factors, rates, lr, t)
-        return StepResult(new_params, LambState(t + 1, m, v), diag)
-
-    return Optimizer("lamb", init, step)
+    return functional("lamb", init_arrays, transition)

@@ -1,9 +1,14 @@
 r"""Learning-rate rules and schedules, as pure functions of the step.
 
-A *schedule* is any callable ``step -> float`` with ``step = 0, 1, 2, ...``
+A *schedule* is any callable ``step -> rate`` with ``step = 0, 1, 2, ...``
 the number of updates made so far. Every optimizer in :mod:`lwrs.optimizers`
-accepts a schedule wherever it accepts a learning rate. Schedules are plain
-Python (host) arithmetic: they cost no device work and no synchronisation.
+accepts a schedule wherever it accepts a learning rate. Given a Python int, a
+schedule is plain Python (host) arithmetic and returns a float: no device work,
+no synchronisation. Given a 0-d array (e.g. a traced step count under
+``jax.jit`` or ``torch.compile``), the same schedule is array arithmetic in
+that array's library (``where``, never a Python branch on its value) and
+returns a 0-d floating array; an integer step is first converted to the
+library's default floating dtype.
 
 Batch-size scaling rules (:func:`linear_scaling`, :func:`sqrt_scaling`) return
 a number, the peak rate, to be fed to a schedule.
@@ -13,8 +18,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from ._validation import check_hyperparameter
+from array_api_compat import array_namespace, is_array_api_obj
+
+from ._validation import check_hyperparameter, is_traced
 
 __all__ = [
     "Schedule",
@@ -30,11 +38,12 @@ __all__ = [
     "warmup_polynomial",
     "tvlars_factor",
     "tvlars_factor_bounds",
+    "tvlars_schedule",
     "as_schedule",
 ]
 
-Schedule = Callable[[int], float]
-"""A learning-rate schedule: a function from the step count to a rate."""
+Schedule = Callable[[Any], Any]
+"""A learning-rate schedule: a function from the step count (an int or a 0-d array) to a rate."""
 
 
 def _steps(name: str, value: int, *, minimum: int = 0) -> int:
@@ -43,10 +52,40 @@ def _steps(name: str, value: int, *, minimum: int = 0) -> int:
     return value
 
 
-def _check_step(step: int) -> int:
+def _check_step(step: Any) -> Any:
+    """An int step is checked; an array step becomes a 0-d floating array (its value is not read)."""
+    if is_array_api_obj(step):
+        xp = array_namespace(step)
+        if step.ndim != 0:
+            raise ValueError(f"a schedule's step must be an int or a 0-d array, got shape {tuple(step.shape)}")
+        if xp.isdtype(step.dtype, "real floating"):
+            return step
+        return xp.astype(step, xp.asarray(0.0).dtype)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"a schedule's step must be an int >= 0, got {step!r}")
     return step
+
+
+def _where(cond: Any, a: Any, b: Any, like: Any) -> Any:
+    """``where(cond, a, b)`` for a 0-d array ``like``; Python numbers become arrays of its dtype."""
+    xp = array_namespace(like)
+
+    def arr(v: Any) -> Any:
+        return v if is_array_api_obj(v) else xp.full_like(like, v)
+
+    a, b = arr(a), arr(b)
+    if a.dtype != like.dtype:
+        a = xp.astype(a, like.dtype)
+    if b.dtype != like.dtype:
+        b = xp.astype(b, like.dtype)
+    return xp.where(cond, a, b)
+
+
+def _min(step: Any, bound: float) -> Any:
+    """``min(step, bound)`` for an int or a 0-d array."""
+    if is_array_api_obj(step):
+        return _where(step < bound, step, float(bound), step)
+    return min(step, bound)
 
 
 def _batch_ratio(base_lr: float, batch_size: int, base_batch_size: int) -> tuple[float, float]:
@@ -96,7 +135,7 @@ def constant(value: float) -> Schedule:
     """
     value = check_hyperparameter("value", value, low=0.0)
 
-    def schedule(step: int) -> float:
+    def schedule(step: Any) -> float:
         _check_step(step)
         return value
 
@@ -120,9 +159,13 @@ def linear_warmup(peak: float, warmup_steps: int, *, start: float = 0.0) -> Sche
     start = check_hyperparameter("start", start, low=0.0)
     _steps("warmup_steps", warmup_steps)
 
-    def schedule(step: int) -> float:
-        _check_step(step)
-        if warmup_steps == 0 or step >= warmup_steps:
+    def schedule(step: Any) -> Any:
+        step = _check_step(step)
+        if warmup_steps == 0:
+            return peak
+        if is_array_api_obj(step):
+            return _where(step >= warmup_steps, peak, start + (peak - start) * step / warmup_steps, step)
+        if step >= warmup_steps:
             return peak
         return start + (peak - start) * step / warmup_steps
 
@@ -148,9 +191,9 @@ def polynomial_decay(init: float, total_steps: int, *, end: float = 0.0, power: 
     power = check_hyperparameter("power", power, low=0.0, low_open=True)
     _steps("total_steps", total_steps, minimum=1)
 
-    def schedule(step: int) -> float:
-        _check_step(step)
-        frac = 1.0 - min(step, total_steps) / total_steps
+    def schedule(step: Any) -> Any:
+        step = _check_step(step)
+        frac = 1.0 - _min(step, total_steps) / total_steps
         return (init - end) * frac**power + end
 
     return schedule
@@ -174,9 +217,11 @@ def cosine_decay(init: float, total_steps: int, *, final: float = 0.0) -> Schedu
     final = check_hyperparameter("final", final, low=0.0)
     _steps("total_steps", total_steps, minimum=1)
 
-    def schedule(step: int) -> float:
-        _check_step(step)
-        q = 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    def schedule(step: Any) -> Any:
+        step = _check_step(step)
+        x = math.pi * _min(step, total_steps) / total_steps
+        cos = array_namespace(step).cos(x) if is_array_api_obj(step) else math.cos(x)
+        q = 0.5 * (1.0 + cos)
         return final + (init - final) * q
 
     return schedule
@@ -199,8 +244,13 @@ def step_decay(init: float, boundaries: Sequence[int], *, factor: float = 0.1) -
     factor = check_hyperparameter("factor", factor, low=0.0)
     bounds = sorted(_steps("boundary", b) for b in boundaries)
 
-    def schedule(step: int) -> float:
-        _check_step(step)
+    def schedule(step: Any) -> Any:
+        step = _check_step(step)
+        if is_array_api_obj(step):
+            count = 0.0
+            for b in bounds:
+                count = count + _where(step >= b, 1.0, 0.0, step)
+            return init * factor**count
         return init * factor ** sum(1 for b in bounds if b <= step)
 
     return schedule
@@ -226,8 +276,14 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     if bounds != sorted(bounds):
         raise ValueError(f"boundaries must be increasing, got {bounds}")
 
-    def schedule(step: int) -> float:
-        _check_step(step)
+    def schedule(step: Any) -> Any:
+        step = _check_step(step)
+        if is_array_api_obj(step):  # every piece on its own clock, the right one selected by where
+            starts = [0, *bounds]
+            value = schedules[-1](step - starts[-1])
+            for s, start, b in reversed(list(zip(schedules, starts, bounds))):
+                value = _where(step < b, s(step - start), value, step)
+            return value
         start = 0
         for s, b in zip(schedules, bounds):
             if step < b:
@@ -330,13 +386,51 @@ def tvlars_factor(*, decay_coefficient: float, delay_steps: float, alpha: float 
     """
     decay, delay_steps, alpha, gamma_min = _tvlars_checked(decay_coefficient, delay_steps, alpha, gamma_min)
 
-    def schedule(step: int) -> float:
-        _check_step(step)
+    def schedule(step: Any) -> Any:
+        step = _check_step(step)
         x = decay * (step - delay_steps)
+        if is_array_api_obj(x):  # e = e^{-|x|} <= 1: neither branch can overflow
+            xp = array_namespace(x)
+            e = xp.exp(-xp.abs(x))
+            return _where(x > 0, e / (alpha * e + 1.0), 1.0 / (alpha + e), x) + gamma_min
         if x > 0:  # 1 / (alpha + e^x) written so that e^x cannot overflow
             e = math.exp(-x)
             return e / (alpha * e + 1.0) + gamma_min
         return 1.0 / (alpha + math.exp(x)) + gamma_min
+
+    return schedule
+
+
+def tvlars_schedule(
+    target: float | Schedule,
+    *,
+    decay_coefficient: float,
+    delay_steps: float,
+    alpha: float = 1.0,
+    gamma_min: float = 0.0,
+) -> Schedule:
+    r"""The TVLARS global rate :math:`\gamma_t = \gamma_{target}(t)\,\phi_t`, with :math:`\phi_t` applied once.
+
+    .. math:: \gamma_t = \gamma_{target}(t) \left(\frac{1}{\alpha + e^{\lambda (t - d_e)}} + \gamma_{\min}\right)
+
+    ``target`` is a number or a schedule (checked like any learning rate).
+    :func:`lwrs.tvlars` uses this schedule; the torch ``TVLARS`` class calls
+    it with its group's ``lr``, so :math:`\phi_t` is multiplied in exactly once
+    on every path.
+
+    References: TVLARS (2023), Algorithm 1 and eq. (8)-(9).
+
+    Examples
+    --------
+    >>> s = tvlars_schedule(2.0, decay_coefficient=0.01, delay_steps=0)
+    >>> s(0)        # 2 * 1 / (1 + e^0)
+    1.0
+    """
+    phi = tvlars_factor(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)
+    rate = as_schedule("learning_rate", target)
+
+    def schedule(step: Any) -> Any:
+        return rate(step) * phi(step)
 
     return schedule
 
@@ -369,7 +463,9 @@ def as_schedule(name: str, value: float | Schedule) -> Schedule:
     r"""A number becomes :func:`constant`; a callable is wrapped to check its output.
 
     The wrapped schedule raises ``ValueError`` naming ``name``, the step and
-    the value when the schedule returns a negative or non-finite rate.
+    the value when the schedule returns a negative or non-finite rate. For an
+    array step (tracing), an array rate is returned unchecked: checking it would
+    need its value on the host.
 
     .. math:: \gamma_t \in [0, \infty) \ \text{checked at every step } t
 
@@ -386,8 +482,10 @@ def as_schedule(name: str, value: float | Schedule) -> Schedule:
         check_hyperparameter(name, value, low=0.0)
         return constant(value)
 
-    def checked(step: int) -> float:
+    def checked(step: Any) -> Any:
         rate = value(step)
+        if is_array_api_obj(rate) and (is_array_api_obj(step) or is_traced(rate)):
+            return rate  # an array step (tracing): array arithmetic, no host read
         try:
             rate = float(rate)
         except (TypeError, ValueError):

@@ -69,10 +69,13 @@ def test_optimizer_verdict_needs_the_bound_and_the_peer(report):
     assert "**met**" not in "\n".join(report.optimizer_step(slow))
 
 
-@pytest.mark.parametrize("script", ["clars_step.py", "sequence_linear.py", "optimizer_step.py", "transformer_step.py"])
+@pytest.mark.parametrize("script", ["clars_step.py", "sequence_linear.py", "optimizer_step.py", "jax_step.py",
+                                    "transformer_step.py"])
 def test_benchmark_scripts_run_and_their_records_render(report, script, tmp_path):
     """Each benchmark's --quick smoke run writes a record that report.py can render (peers absent or not)."""
     pytest.importorskip("torch")
+    if script == "jax_step.py":
+        pytest.importorskip("optax")
     import subprocess
     import sys
 
@@ -89,3 +92,13 @@ def test_benchmark_scripts_run_and_their_records_render(report, script, tmp_path
             assert all(r > 0 for r in res["ratio_to_plain"].values())
             if res["opacus_vs_lwrs_max_relative_difference"] is not None:
                 assert res["opacus_vs_lwrs_max_relative_difference"] < 1e-5
+
+
+@pytest.mark.parametrize(("ratio", "verdict"), [(1.09, "met"), (1.11, "not met")])
+def test_jax_verdict_rule(report, ratio, verdict):
+    res = {"tensors": 2, "parameters": 10, "median_ms": {"optax.lars": 1.0, report.JAX_ROW: ratio},
+           "ratio_to_optax_lars": {"optax.lars": 1.0, report.JAX_ROW: ratio}}
+    record = {"command": "c", "machine": {"cpu": "x", "threads": 2, "system": "Linux"}, "versions": {"jax": "j"},
+              "repeats": 3, "settings": "s", "jax_backend": "cpu", "results": {"mlp": res}}
+    text = "\n".join(report.jax_step(record))
+    assert text.rstrip().endswith(f"**{verdict}**.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import email
+import os
 import pathlib
 import subprocess
 import sys
@@ -106,3 +107,16 @@ def test_the_readme_says_what_every_extra_installs():
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     named = {row.split("`")[1] for row in rows}
     assert named == set(PYPROJECT["project"]["optional-dependencies"]), named
+
+
+def test_lwrs_version_prints_the_wheels_version(wheel):
+    """`lwrs --version` (the console script's function) says the version the wheel's metadata declares."""
+    metadata = email.message_from_string(_dist_info(wheel, "METADATA"))
+    entry_points = configparser.ConfigParser()
+    entry_points.read_string(_dist_info(wheel, "entry_points.txt"))
+    module, function = entry_points["console_scripts"]["lwrs"].split(":")
+    done = subprocess.run([sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())",
+                           "--version"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"lwrs {metadata['Version']}"

@@ -194,3 +194,13 @@ def test_command_line_prints_the_report_and_exits_by_conformance():
     lines.clear()
     assert main(["lwrs.lars", "--option", "nesterov=False", "--fix", "nesterov=False"], out=lines.append) == 0
     assert "CONFORMS" in lines[0]
+
+
+def test_lwrs_jax_lars_conforms_with_the_cores_defaults():
+    pytest.importorskip("optax")
+    from lwrs.backends import jax as lwrs_jax
+    from lwrs.backends.jax.conformance import assert_implements as jax_assert_implements
+
+    report = jax_assert_implements("lars", lwrs_jax.lars, weight_decay_form="sum_of_norms", nesterov=True,
+                                   adapt="ndim>1", decay="all", eps=0.0, larc_clip=False)
+    assert len(report.matching) == 1

@@ -165,7 +165,7 @@ def test_nonfinite_gradient_raises_or_skips(foreach):
     model(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
     model[2].weight.grad[0, 0] = float("nan")
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(lwrs.NonFiniteError, match=r"layer 2: gradient norm is not finite \(value nan\) at step 0"):
+    with pytest.raises(lwrs.NonFiniteError, match=r"parameter 2 of group 0: gradient norm is not finite \(value nan\) at step 0"):
         opt.step()
     skipping = LARS(model.parameters(), lr=1.0, foreach=foreach, on_nonfinite="skip")
     skipping.step()
@@ -177,9 +177,9 @@ def test_nonfinite_gradient_raises_or_skips(foreach):
 
 def test_bad_hyperparameters_are_reported_at_construction():
     model = make_model()
-    with pytest.raises(ValueError, match=r"beta must lie in \[0.0, 1.0\), got 1.0"):
+    with pytest.raises(ValueError, match=r"group 0: momentum must lie in \[0.0, 1.0\), got 1.0"):
         LARS(model.parameters(), lr=1.0, momentum=1.0)
-    with pytest.raises(ValueError, match=r"learning_rate must lie in \[0.0, inf\], got -1.0"):
+    with pytest.raises(ValueError, match=r"group 0: lr must lie in \[0.0, inf\], got -1.0"):
         CLARS(model.parameters(), lr=-1.0)
 
 
@@ -261,5 +261,5 @@ def test_fused_refuses_what_it_cannot_take():
     model = make_model(dtype=torch.float32).to(torch.bfloat16)
     opt = LARS(model.parameters(), lr=1.0, fused=True)
     model(torch.randn(4, 6, dtype=torch.bfloat16)).sum().backward()
-    with pytest.raises(ValueError, match="fused=True takes float32 or float64: layer 0 is torch.bfloat16"):
+    with pytest.raises(ValueError, match="fused=True takes float32 or float64: parameter 0 of group 0 is torch.bfloat16"):
         opt.step()

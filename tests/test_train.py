@@ -280,8 +280,8 @@ def test_lwrs_train_writes_its_record_and_plot(tmp_path, capsys):
 def test_lwrs_train_refuses_a_bad_option(capsys):
     from lwrs.apps.cli import main
 
-    assert main(["train", "--dataset", "digits", "--optimizer", "adam"]) == 2
-    assert "optimizer must be one of" in capsys.readouterr().err
+    assert main(["train", "--dataset", "digits", "--batch-size", "0"]) == 2
+    assert "batch_size must be a positive int" in capsys.readouterr().err
 
 
 def test_lwrs_reproduce_quick_smoke(tmp_path, mnist1d_dir, monkeypatch):
@@ -364,3 +364,23 @@ def test_the_results_page_is_the_committed_full_run(tmp_path):
         assert v["claim"] in page, v["claim"]
         section = page.split(v["claim"], 1)[1].split("\nVerdict: ", 1)[1]
         assert section.startswith(f"**{v['verdict']}**"), v["claim"]
+
+
+def test_the_results_figures_and_tables_fit_the_page(tmp_path):
+    """Figure 2 is a grid of readable panels (not four squeezed in a row); Table 1 has one row per batch size."""
+    import pathlib
+
+    import matplotlib.image
+
+    from lwrs.apps.reproduce.experiments import preset_of
+    from lwrs.apps.reproduce.report import format_report, render
+
+    record = json.loads((pathlib.Path(__file__).resolve().parent.parent / "docs" / "results" / "results.json").read_text())
+    render(record, tmp_path)
+    height, width = matplotlib.image.imread(tmp_path / "fig2.png").shape[:2]
+    assert width / height < 1.6, (width, height)  # four panels in a row were 4.4 times wider than high
+    rst = format_report(record, preset_of(record), fmt="rst")
+    table1 = rst.split(".. list-table:: TVLARS Table 1")[1].split(".. list-table::")[0]
+    rows = [block for block in table1.split("   * - ")[1:]]
+    assert len(rows) == 1 + len(record["preset_values"]["table1_batches"])  # the header, then a row per batch size
+    assert all(block.count("     - ") == 3 for block in rows)  # B and three methods: four columns

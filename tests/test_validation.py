@@ -75,7 +75,7 @@ def test_mixed_devices_torch_meta():
 
 
 def test_params_must_be_a_sequence():
-    with raises(TypeError, "params must be a sequence (list or tuple) of per-layer arrays, got ndarray"):
+    with raises(TypeError, "params must be a list, tuple, dict or NamedTuple of per-layer arrays, got ndarray"):
         lwrs.lars(0.1).init(np.ones(3))
     with raises(ValueError, "params is empty"):
         lwrs.lars(0.1).init([])
@@ -123,7 +123,7 @@ def test_clars_requires_statistics_of_the_right_size():
         step(lwrs.clars(0.1), params, grads, norm_stats=lwrs.NormStatistics(np.ones(2), np.ones(2), 0))
 
 
-@pytest.mark.parametrize("name", ["mgd", "mnag", "lars", "clars", "tvlars", "lamb"])
+@pytest.mark.parametrize("name", lwrs.table.names())
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_gradient_raises_naming_the_layer(name, bad):
     params, grads = layers()
@@ -140,7 +140,7 @@ def make_optimizer(name, **kw):
     return getattr(lwrs, name)(0.1, **extra, **kw)
 
 
-@pytest.mark.parametrize("name", ["mgd", "mnag", "lars", "clars", "tvlars", "lamb"])
+@pytest.mark.parametrize("name", lwrs.table.names())
 def test_skip_leaves_params_and_state_untouched(name):
     params, grads = layers()
     opt = make_optimizer(name, on_nonfinite="skip")

@@ -98,7 +98,8 @@ class TorchDriver:
     def __init__(self, make: Callable[..., Any], *, kind: str = "lars", name: str | None = None,
                  names: Mapping[str, str] | None = None, **fixed: Any):
         self.make, self.kind, self.names, self.fixed = make, kind, dict(names or {}), fixed
-        base = name or _TIMM_NAMES.get(make) or f"{getattr(make, '__module__', '')}.{getattr(make, '__qualname__', repr(make))}"
+        qualified = f"{getattr(make, '__module__', '')}.{getattr(make, '__qualname__', repr(make))}"
+        base = name or _TIMM_NAMES.get(make) or qualified
         extra = ", ".join(f"{k}={v!r}" for k, v in fixed.items())
         self.name = f"{base}({extra})" if extra else base
 

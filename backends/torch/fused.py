@@ -18,25 +18,28 @@ __all__ = ["load", "check_fusable"]
 
 @functools.lru_cache(maxsize=1)
 def load():
-    """The compiled extension module (``layer_sums``, ``mnag_update``)."""
+    """The compiled extension module (``layer_sums``: the (K, 4) sums of squares; ``mnag_update``)."""
     from torch.utils.cpp_extension import load as build
 
     source = pathlib.Path(__file__).with_name("fused_cpu.cpp")
     try:
         # built on the machine that runs it, so -march=native is safe and lets the loops use its vector units
         # at::parallel_for expands to an OpenMP pragma here, so the extension itself needs -fopenmp
-        return build(name="lwrs_fused_cpu", sources=[str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        # -ffp-contract=off: no fused multiply-add, so the decayed direction is rounded as the core rounds it
+        return build(name="lwrs_fused_cpu_v2", sources=[str(source)],
+                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                      extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # a missing compiler or ninja: say so plainly
         raise RuntimeError(f"fused=True needs the lwrs CPU extension, which failed to build: {err}") from err
 
 
-def check_fusable(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+def check_fusable(params: list[torch.Tensor], grads: list[torch.Tensor], labels: list[str] | None = None) -> None:
     """Raise ``ValueError`` naming the first layer the fused kernels cannot take."""
-    for k, (p, g) in enumerate(zip(params, grads)):
+    for j, (p, g) in enumerate(zip(params, grads)):
+        k = labels[j] if labels else j
         if p.device.type != "cpu":
-            raise ValueError(f"fused=True is CPU-only: layer {k} is on {p.device}; use foreach=True")
+            raise ValueError(f"fused=True is CPU-only: parameter {k} is on {p.device}; use foreach=True")
         if p.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"fused=True takes float32 or float64: layer {k} is {p.dtype}; use foreach=True")
+            raise ValueError(f"fused=True takes float32 or float64: parameter {k} is {p.dtype}; use foreach=True")
         if not (p.is_contiguous() and g.is_contiguous()) or g.dtype != p.dtype:
-            raise ValueError(f"fused=True needs contiguous layers with gradients of their dtype: layer {k}")
+            raise ValueError(f"fused=True needs contiguous layers with gradients of their dtype: parameter {k}")

@@ -1,8 +1,8 @@
 // Fused CPU kernels for the lwrs LARS / CLARS / TVLARS / mNAG step (float32 and float64).
 //
 // Two passes over the parameters, the minimum the algorithm allows:
-//   1. layer_sums: for every layer k, sum w^2, sum g^2 (and sum g*w when needed) by BLAS dot
-//      products, one read of w and one of g;
+//   1. layer_sums: for every layer k, sum w^2, sum g^2, sum d^2 and, for the "norm_of_sum" form, sum (g + lambda w)^2
+//      (pairwise-summed dot products of the layer itself, never an expansion that cancels);
 //   2. mnag_update: for every element, with s = r_k (g + lambda_k w),
 //        d <- beta d - s;  w <- w - s + beta d   (Nesterov)   or   w <- w + d   (heavy ball),
 //      in one read of w, g, d and one write of w, d. This is CLARS eq. (4) in the order of the core.
@@ -46,21 +46,48 @@ void check(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>
   }
 }
 
+// sum(x^2) of one layer in float64, by torch's pairwise-summed dot product in the layer's dtype.
+double sq(const torch::Tensor& x) {
+  const auto f = x.reshape({-1});
+  return at::linalg_vecdot(f, f).item<double>();
+}
+
+// sum((g + lambda w)^2) of one layer: g + lambda w is formed a chunk at a time in a small buffer, with the
+// core's rounding (lambda w, then + g), and its squares summed; never |g|^2 + 2 lambda <g, w> + lambda^2 |w|^2,
+// which cancels near the weight-decay equilibrium g = -lambda w.
+double decayed_sq(const torch::Tensor& w, const torch::Tensor& g, double lam) {
+  const auto wf = w.reshape({-1}), gf = g.reshape({-1});
+  const int64_t n = wf.numel();
+  auto buf = torch::empty({std::min<int64_t>(n, kChunk)}, w.options());
+  double total = 0.0;
+  for (int64_t s = 0; s < n; s += kChunk) {
+    const int64_t m = std::min(kChunk, n - s);
+    auto part = buf.narrow(0, 0, m);
+    at::mul_out(part, wf.narrow(0, s, m), lam);
+    part.add_(gf.narrow(0, s, m));
+    total += at::linalg_vecdot(part, part).item<double>();
+  }
+  return total;
+}
+
 }  // namespace
 
-// Returns a (K, 3) float64 tensor: sum w^2, sum g^2 and (if with_cross) sum g*w for every layer,
-// from BLAS dot products (vectorised, memory-bound), one read of w and one of g per layer.
-torch::Tensor layer_sums(const std::vector<torch::Tensor>& ws, const std::vector<torch::Tensor>& gs, bool with_cross) {
+// Returns a (K, 4) float64 tensor: for every layer sum w^2, sum g^2, sum d^2 (0 where d is empty) and
+// sum (g + lambda w)^2 (0 where lambda is 0), one read of w and g per layer (plus d, and the decayed sum).
+torch::Tensor layer_sums(const std::vector<torch::Tensor>& ws, const std::vector<torch::Tensor>& gs,
+                         const std::vector<torch::Tensor>& ds, const torch::Tensor& decays) {
   check(ws, gs, "layer_sums");
   const int64_t K = static_cast<int64_t>(ws.size());
-  auto out = torch::zeros({K, 3}, torch::kFloat64);
+  TORCH_CHECK(static_cast<int64_t>(ds.size()) == K && decays.numel() == K, "layer_sums: one buffer and decay per layer");
+  auto l64 = decays.to(torch::kFloat64).contiguous();
+  const double* lam = l64.data_ptr<double>();
+  auto out = torch::zeros({K, 4}, torch::kFloat64);
   auto acc = out.accessor<double, 2>();
   for (int64_t k = 0; k < K; ++k) {
-    const auto w = ws[k].reshape({-1});
-    const auto g = gs[k].reshape({-1});
-    acc[k][0] = w.dot(w).item<double>();
-    acc[k][1] = g.dot(g).item<double>();
-    acc[k][2] = with_cross ? g.dot(w).item<double>() : 0.0;
+    acc[k][0] = sq(ws[k]);
+    acc[k][1] = sq(gs[k]);
+    acc[k][2] = ds[k].numel() ? sq(ds[k]) : 0.0;
+    acc[k][3] = lam[k] != 0.0 ? decayed_sq(ws[k], gs[k], lam[k]) : 0.0;
   }
   return out;
 }
@@ -98,6 +125,6 @@ void mnag_update(const std::vector<torch::Tensor>& ws, const std::vector<torch::
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("layer_sums", &layer_sums, "sum w^2, sum g^2, [sum g*w] per layer (K, 3), float64");
+  m.def("layer_sums", &layer_sums, "sum w^2, g^2, d^2, (g + lambda w)^2 per layer (K, 4), float64");
   m.def("mnag_update", &mnag_update, "fused in-place mNAG update with per-layer rates");
 }

@@ -1,26 +1,30 @@
 r"""``torch.optim`` optimizers built on the lwrs core: MNAG, LARS, CLARS, TVLARS and LAMB.
 
-Each class is a drop-in :class:`torch.optim.Optimizer`. Hyperparameters live in
-``param_groups`` (so :mod:`torch.optim.lr_scheduler` works), and the state is
-flat and string-keyed (``"step"``, ``"momentum_buffer"``, ``"exp_avg"``,
-``"exp_avg_sq"``), so ``state_dict`` / ``load_state_dict`` round-trip.
+Each class is a drop-in :class:`torch.optim.Optimizer`, built like ``torch/optim/sgd.py``:
+the class gathers each group's tensors and state, and the functional layer
+(:mod:`lwrs.backends.torch.functional`) computes and applies the step with one of three
+implementations, tested to agree with the core:
 
-There are three implementations, and tests show they agree:
+* ``foreach=False``: the reference, the core's own functions on the tensors;
+* ``foreach=True`` (the default): in-place kernels, one squared-norm pass per tensor
+  list and BLAS ``axpby`` updates on the CPU;
+* ``fused=True`` (CPU float32/float64): two compiled passes (:mod:`lwrs.backends.torch.fused`).
 
-* ``foreach=False``, the reference path, calls the core's functional optimizer
-  (:func:`lwrs.lars` and friends) on the group's tensors and copies the result
-  back into the parameters;
-* ``foreach=True`` (the default), the fast path, takes all norms with one
-  ``torch._foreach_norm`` per list, turns them into rates with the core's
-  :func:`lwrs.rates.layer_rates` on the device, and updates the weights and
-  buffers in place with ``torch._foreach_*`` kernels. It synchronises with the
-  host once per step, for the non-finite check;
-* ``fused=True`` (opt-in, CPU float32/float64) does the same with two compiled
-  passes (:mod:`lwrs.backends.torch.fused`): one for every norm, one for the update.
+Hyperparameters live in ``param_groups`` under torch.optim's names (``lr``, ``momentum``,
+``betas``, ``weight_decay``, ``eps``, ``nesterov``; :mod:`lwrs.table` maps them to the papers'),
+so :mod:`torch.optim.lr_scheduler` works; they are checked when a group is added and again at
+every step, on the host. ``lr`` may be a 0-d tensor (for ``torch.compile``). The state is flat
+and string-keyed (``"step"``, a 0-d tensor, ``"momentum_buffer"``, ``"exp_avg"``,
+``"exp_avg_sq"``), per parameter as in torch.optim.
 
-The momentum is the paper's mNAG (CLARS eq. 4): the buffer holds rate-scaled
-steps, so with a varying rate it differs from ``torch.optim.SGD``, which
-multiplies a buffer of raw gradients by the current rate.
+A step is all-or-nothing: every group is gathered and checked, and its norms and rates
+computed, before any parameter changes. Parameters without a gradient are skipped and their
+state is left as it is. Errors name the group and the parameter (by name when the optimizer
+was given ``model.named_parameters()``).
+
+The momentum is the paper's mNAG (CLARS eq. 4): the buffer holds rate-scaled steps, so with
+a varying rate it differs from ``torch.optim.SGD``, which multiplies a buffer of raw gradients
+by the current rate.
 """
 
 from __future__ import annotations
@@ -31,230 +35,292 @@ from typing import Any
 import torch
 
 import lwrs
+from lwrs._validation import check_hyperparameter
 from lwrs.diagnostics import LayerDiagnostics
-from lwrs.optimizers import LambState, MomentumState, _first_nonfinite
-from lwrs.norm_statistics import NormStatistics
-from lwrs.rates import TrustOptions, clars_denominators, clars_factors, lars_denominators, layer_rates, layer_trust_ratios
+from lwrs.masks import one_d_masks
+from lwrs.rates import TrustOptions
+
+from . import distributed
+from . import functional as F
+from .distributed import local as _local
+from ._groups import Gathered, check_statistics_values, gather, group_statistics, load_checked
 
 __all__ = ["MNAG", "LARS", "CLARS", "TVLARS", "LAMB"]
 
 
+def _default(optimizer: str, core_name: str) -> Any:
+    """The default of a hyperparameter, from the optimizer table :mod:`lwrs.table`."""
+    return lwrs.table.spec(optimizer).hyperparameter(core_name).default
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_lr(where: str, lr: Any) -> None:
+    """``lr`` is a finite number >= 0, or a 0-d floating tensor (value checked where it is on the host)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.ndim != 0 or not lr.is_floating_point():
+            raise ValueError(f"{where}lr must be a number or a 0-d floating tensor, got shape {tuple(lr.shape)}, "
+                             f"{lr.dtype}")
+        if _compiling() or lr.device.type != "cpu":
+            return  # no host synchronisation for a tensor learning rate on a device
+        lr = float(lr)
+    check_hyperparameter(f"{where}lr", lr, low=0.0)
+
+
 class _Layerwise(torch.optim.Optimizer):
-    """Shared machinery: groups, state, the two paths and the diagnostics."""
+    """Shared machinery: groups, checks, state, the all-or-nothing step and the diagnostics."""
 
-    kind = "none"  # "none" (MNAG), "lars", "clars"
+    _state_keys: tuple[str, ...] = ("step", "momentum_buffer")
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, foreach: bool, norm_source: Any = None,
-                 grad_scaler: Any = None):
-        super().__init__(params, defaults)
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, foreach: bool | None,
+                 fused: bool | None, norm_source: Any = None, grad_scaler: Any = None):
         self.foreach = foreach
-        self.fused = False
+        self.fused = bool(fused)
         self.norm_source = norm_source
         self.grad_scaler = grad_scaler
         self.diagnostics: list[LayerDiagnostics] = []
-        for group in self.param_groups:
-            self._core(group)  # check the hyperparameters now, with the core's own messages
+        super().__init__(params, defaults)
 
-    # ---- hyperparameters -> the core's optimizer ---------------------------------------------
+    @property
+    def implementation(self) -> str:
+        """``"fused"``, ``"foreach"`` or ``"reference"``."""
+        return F.implementation(self.foreach, self.fused)
 
-    def _masks(self, group: dict[str, Any], params: list[torch.Tensor]) -> tuple[list[bool], list[bool]]:
-        adapt = [p.ndim > 1 or not group["exclude_1d"] for p in params]
-        decay = [p.ndim > 1 or group["decay_1d"] for p in params]
-        return adapt, decay
+    # ---- hyperparameters ------------------------------------------------------------------------
 
-    def _core(self, group: dict[str, Any]) -> lwrs.Optimizer:
-        raise NotImplementedError
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (as torch.optim does), checking its hyperparameters now."""
+        super().add_param_group(param_group)
+        self._check_group(len(self.param_groups) - 1, self.param_groups[-1])
 
-    def _global_rate(self, group: dict[str, Any], step: int) -> float:
-        return float(group["lr"])
+    def _check_group(self, index: int, group: dict[str, Any]) -> None:
+        """Check one group's hyperparameters on the host (no device synchronisation)."""
+        where = f"group {index}: "
+        _check_lr(where, group["lr"])
+        check_hyperparameter(f"{where}weight_decay", group["weight_decay"], low=0.0)
+        if group["on_nonfinite"] not in ("raise", "skip"):
+            raise ValueError(f'{where}on_nonfinite must be "raise" or "skip", got {group["on_nonfinite"]!r}')
+        for flag in ("nesterov", "exclude_1d", "decay_1d"):
+            if flag in group and not isinstance(group[flag], bool):
+                raise TypeError(f"{where}{flag} must be a bool, got {group[flag]!r}")
 
-    # ---- the step ---------------------------------------------------------------------------------
+    def _check_momentum_group(self, where: str, group: dict[str, Any]) -> None:
+        check_hyperparameter(f"{where}momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+        check_hyperparameter(f"{where}eta", group["eta"], low=0.0, low_open=True)
+        check_hyperparameter(f"{where}eps", group["eps"], low=0.0)
+        if group["max_ratio"] is not None:
+            check_hyperparameter(f"{where}max_ratio", group["max_ratio"], low=0.0, low_open=True)
+        if not isinstance(group["larc_clip"], bool):
+            raise TypeError(f"{where}larc_clip must be a bool, got {group['larc_clip']!r}")
+        if group["larc_clip"] and group["max_ratio"] is not None:
+            raise ValueError(f"{where}larc_clip and max_ratio cannot be combined: LARC clips the rate at lr")
+        if group["weight_decay_form"] not in ("sum_of_norms", "norm_of_sum"):
+            raise ValueError(f'{where}weight_decay_form must be "sum_of_norms" or "norm_of_sum", '
+                             f'got {group["weight_decay_form"]!r}')
 
-    def _group_tensors(self, group: dict[str, Any]) -> list[torch.Tensor]:
-        params = [p for p in group["params"] if p.grad is not None]
-        for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-        return params
+    # ---- state ------------------------------------------------------------------------------
 
-    def _statistics(self, params: list[torch.Tensor], norm_stats: Any) -> NormStatistics | None:
-        if norm_stats is None and self.norm_source is not None:
-            # the statistics were recorded from scaled gradients; step() runs after GradScaler.unscale_
-            scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
-            norm_stats = self.norm_source.norm_statistics(params, scale=scale)
-        if isinstance(norm_stats, dict):
-            return NormStatistics(
-                torch.stack([norm_stats[p][0] for p in params]),
-                torch.stack([norm_stats[p][1] for p in params]),
-                1,
-            )
-        return norm_stats
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state, refusing one from another optimizer or with a parameter missing (the message says which)."""
+        load_checked(self, state_dict)
+        for i, group in enumerate(self.param_groups):
+            self._check_group(i, group)
+
+    def _steps(self, gathered: Gathered) -> list[Any]:
+        zero = torch.zeros((), dtype=torch.float32)
+        return [self.state[p].get("step", zero) for p in gathered.params]
+
+    def _init_state(self, gathered: Gathered) -> None:
+        for p in gathered.group["params"]:  # every parameter of the group gets a step count, gradient or not
+            st = self.state[p]
+            if "step" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+        for p in gathered.params:
+            self._init_buffers(self.state[p], p)
+
+    def _init_buffers(self, st: dict[str, Any], p: torch.Tensor) -> None:
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    # ---- the step -------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Any = None, *, norm_stats: Any = None) -> Any:
-        """Perform one step. CLARS reads ``norm_stats`` or its ``norm_source``.
+        """Perform one step of every group, or of none.
 
-        ``norm_stats`` is a :class:`lwrs.NormStatistics` over the group's
-        parameters that have gradients, in order, or a dict ``param -> (S1, S2)``.
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model and returns the loss (as in torch.optim).
+        norm_stats : lwrs.NormStatistics or dict, optional
+            CLARS's per-sample statistics: a :class:`lwrs.NormStatistics` with one entry per
+            parameter that has a gradient (all groups, in order), or a dict
+            ``param -> (S1, S2)``. CLARS reads its ``norm_source`` when this is not given.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.diagnostics = []
-        for group in self.param_groups:
-            params = self._group_tensors(group)
-            if not params:
-                continue
-            stats = self._statistics(params, norm_stats)
-            if self.kind == "lamb" and self.foreach:
-                diag = self._lamb_foreach_step(group, params, stats)
-            elif (self.foreach or self.fused) and self.kind != "lamb":
-                diag = self._foreach_step(group, params, stats)
-            else:
-                diag = self._reference_step(group, params, stats)
-            self.diagnostics.append(diag)
+        gathered = gather(self)  # refuses sparse gradients, naming group and parameter
+        for g in gathered:
+            self._check_group(g.index, g.group)
+        gathered = [g for g in gathered if g.params]
+        stats = group_statistics(self, gathered, norm_stats)
+        plans = [self._plan(g, s) for g, s in zip(gathered, stats)]
+        if not _compiling():
+            for g, s, plan in zip(gathered, stats, plans):
+                if s is not None and self._uses_statistics:
+                    check_statistics_values(g, s, plan.diagnostics, self._statistics_denominators(g, plan))
+        ok = self._decide(gathered, plans)
+        if ok is False:  # skipped on the host: nothing changes
+            self.diagnostics = [p.diagnostics._replace(skipped=True, rates=torch.zeros_like(p.diagnostics.rates))
+                                for p in plans]
+            return loss
+        for g, plan in zip(gathered, plans):
+            self._init_state(g)  # created only once the step is known to go ahead
+            self._apply(g, plan, None if ok is True else ok)
+            for st in (self.state[p] for p in g.params):
+                st["step"] += 1 if ok is True else ok.to(st["step"].dtype)
+        self.diagnostics = [p.diagnostics if ok is True else p.diagnostics._replace(skipped=~ok) for p in plans]
         return loss
 
-    def _reference_step(self, group, params, stats) -> LayerDiagnostics:
-        state_before = self._core_state(params)
-        opt = self._core(group)
-        new_params, new_state, diag = opt.step([p.detach() for p in params], [p.grad for p in params],
-                                               state_before, norm_stats=stats)
-        if not diag.skipped:
-            for p, w in zip(params, new_params):
-                p.copy_(w)
-            self._store_core_state(params, new_state)
-        return diag
+    _uses_statistics = False
 
-    def _step_count(self, params: list[torch.Tensor]) -> int:
-        steps = {self.state[p].get("step", 0) for p in params}
-        if len(steps) != 1:
-            raise RuntimeError(f"parameters of one group are at different steps {sorted(steps)}; "
-                               "was a parameter added to the group mid-run?")
-        return steps.pop()
+    def _statistics_denominators(self, g: Gathered, plan: Any) -> torch.Tensor:
+        return plan.diagnostics.grad_norms
 
-    def _core_state(self, params: list[torch.Tensor]) -> MomentumState:
-        t = self._step_count(params)
-        return MomentumState(t, tuple(self.state[p].get("momentum_buffer", torch.zeros_like(p)) for p in params))
+    def _decide(self, gathered: list[Gathered], plans: list[Any]) -> bool | torch.Tensor:
+        """``True`` (go), ``False`` (skip, decided on the host) or a 0-d bool tensor (skip with ``where``).
 
-    def _store_core_state(self, params: list[torch.Tensor], new_state: MomentumState) -> None:
-        for p, d in zip(params, new_state.trace):
-            self.state[p]["momentum_buffer"] = d
-            self.state[p]["step"] = new_state.step
+        ``on_nonfinite="raise"`` reads one flag on the host and raises naming the first bad
+        value; ``"skip"`` does the same in eager mode, and under ``torch.compile`` keeps the
+        flag on the device (no host synchronisation, no graph break).
+        """
+        if not plans:
+            return True
+        finite = torch.stack([p.finite for p in plans]).all()
+        policies = {g.group["on_nonfinite"] for g in gathered}
+        if _compiling() and policies == {"skip"}:
+            return finite
+        if bool(finite):
+            return True
+        for g, plan in zip(gathered, plans):
+            problem = F.first_problem(plan.checks, g.labels)
+            if problem is not None:
+                if g.group["on_nonfinite"] == "raise":
+                    raise lwrs.NonFiniteError(f"{problem} at step {plan.diagnostics.step}; no group was updated; "
+                                              "pass on_nonfinite='skip' to skip such steps")
+        return False
 
-    def _foreach_step(self, group, params, stats) -> LayerDiagnostics:
-        grads = [p.grad for p in params]
-        t = self._step_count(params)
-        stat_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        dots = None
-        if self.fused:
+    # ---- the mNAG family ------------------------------------------------------------------------
+
+    kind = "none"
+
+    def _trust(self, group: dict[str, Any]) -> TrustOptions:
+        return TrustOptions(self.kind, group["eta"], group["eps"], group["max_ratio"], group["larc_clip"],
+                            group["weight_decay_form"])
+
+    def _lr(self, gathered: Gathered) -> Any:
+        return gathered.group["lr"]
+
+    def _plan(self, g: Gathered, stats: Any) -> F.MomentumPlan:
+        group = g.group
+        adapt, decay = one_d_masks(g.params, exclude_1d=group["exclude_1d"], decay_1d=group["decay_1d"])
+        decays = [group["weight_decay"] if d else 0.0 for d in decay]
+        options = self._trust(group)
+        if options.kind == "clars" and stats is None:
+            raise ValueError(f"group {g.index}: CLARS needs per-sample norm statistics: pass norm_source= or "
+                             "step(norm_stats=...)")
+        bufs = [self.state[p].get("momentum_buffer") for p in g.params]
+        dtype = F._stat_dtype(g.params)
+        mean = None if stats is None else (stats.sum_norms / stats.count).to(dtype)
+        steps = self._steps(g)
+        step = steps[0] if _compiling() else int(steps[0])
+        L, layouts = _local, _layouts(g)  # DTensors: local shards, whole-layer norms (one collective)
+        return F.plan_momentum(L(g.params), L(g.grads), L(bufs), lr=self._lr(g), momentum=group["momentum"],
+                               nesterov=group["nesterov"], options=options, adapt=adapt, decays=decays,
+                               mean_norms=mean, step=step, implementation=self._impl(g), layouts=layouts)
+
+    def _impl(self, g: Gathered) -> str:
+        impl = self.implementation
+        if impl == "fused" and _layouts(g) is not None:
+            return "foreach"  # DTensors: the fused kernels take the foreach path
+        if impl == "fused" and not _compiling():
             from . import fused
 
-            fused.check_fusable(params, grads)
-            cross = group["weight_decay_form"] == "norm_of_sum" and group["weight_decay"] > 0
-            sums = fused.load().layer_sums(params, grads, cross)  # |w|^2, |g|^2 and, if needed, <g, w>
-            w_norms, g_norms = sums[:, 0].sqrt().to(stat_dtype), sums[:, 1].sqrt().to(stat_dtype)
-            dots = sums[:, 2].to(stat_dtype)
-        else:
-            w_norms = torch.stack(torch._foreach_norm(params, dtype=stat_dtype))
-            g_norms = torch.stack(torch._foreach_norm(grads, dtype=stat_dtype))
-        lr = self._global_rate(group, t)
-        if stats is None and self.kind == "clars":
-            raise ValueError("CLARS needs per-sample norm statistics: pass norm_source= or step(norm_stats=...)")
-        mean_norms, skipped = _finite_or_skip(group, t, lr, w_norms, g_norms, stats)
-        if skipped is not None:
-            return skipped
+            fused.check_fusable(g.params, g.grads, g.labels)
+        return impl
 
-        for p in params:  # created only once the step is known to go ahead
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        bufs = [self.state[p]["momentum_buffer"] for p in params]
-        adapt, decay = self._masks(group, params)
-        wd = group["weight_decay"]
-        decays = [wd if d else 0.0 for d in decay]
-        direction_norms = None
-        if group["weight_decay_form"] == "norm_of_sum" and any(decays):
-            # |g + wd w|^2 = |g|^2 + 2 wd <g, w> + wd^2 |w|^2, without forming g + wd w
-            if dots is None:
-                dots = torch.stack([torch.dot(g.reshape(-1), w.reshape(-1)).to(stat_dtype)
-                                    for g, w in zip(grads, params)])
-            lam = torch.tensor(decays, dtype=stat_dtype, device=w_norms.device)
-            direction_norms = (g_norms**2 + 2 * lam * dots + lam**2 * w_norms**2).clamp_min(0).sqrt()
-        options = TrustOptions(self.kind, group["eta"], group["eps"], group["max_ratio"], group["larc_clip"],
-                               group["weight_decay_form"])
-        lars_r, factors, rates = layer_rates(w_norms, g_norms, learning_rate=lr, options=options, adapt=adapt,
-                                             weight_decays=decays, direction_norms=direction_norms,
-                                             mean_norms=mean_norms)
-        if self.fused:
-            from . import fused
-
-            lam = torch.tensor(decays, dtype=torch.float64)
-            fused.load().mnag_update(params, grads, bufs, rates, lam, float(group["momentum"]), bool(group["nesterov"]))
-        else:
-            _foreach_update(params, grads, bufs, rates, decays, group["momentum"], group["nesterov"])
-        for p in params:
-            self.state[p]["step"] = t + 1
-        return LayerDiagnostics(w_norms, g_norms, lars_r, factors, rates, lr, t)
+    def _apply(self, g: Gathered, plan: Any, ok: torch.Tensor | None) -> None:
+        bufs = [self.state[p]["momentum_buffer"] for p in g.params]
+        F.apply_momentum(_local(g.params), _local(g.grads), _local(bufs), plan.diagnostics.rates, plan.decays,
+                         momentum=g.group["momentum"], nesterov=g.group["nesterov"], implementation=self._impl(g),
+                         ok=ok)
 
 
-def _finite_or_skip(group, t, lr, w_norms, g_norms, stats):
-    """The step's one host synchronisation: ``(mean per-sample norms or None, None)`` when every norm is
-    finite; otherwise raise :class:`lwrs.NonFiniteError` or, with ``on_nonfinite="skip"``, return the
-    diagnostics of a skipped step as the second item."""
-    checks = [("parameter norm", w_norms), ("gradient norm", g_norms)]
-    mean_norms = None
-    if stats is not None:
-        mean_norms = (stats.sum_norms / stats.count).to(w_norms.dtype)
-        checks.append(("mean per-sample gradient norm", mean_norms))
-    problem = _first_nonfinite(torch, checks)
-    if problem is None:
-        return mean_norms, None
-    if group["on_nonfinite"] == "raise":
-        raise lwrs.NonFiniteError(f"{problem} at step {t}; pass on_nonfinite='skip' to skip such steps")
-    ones = torch.ones_like(w_norms)
-    return mean_norms, LayerDiagnostics(w_norms, g_norms, ones, ones, torch.zeros_like(w_norms), lr, t, skipped=True)
+def _layouts(g: Gathered) -> list[torch.Tensor] | None:
+    """The group's parameters when they are DTensors (FSDP2, tensor parallel), else None."""
+    return g.params if distributed.is_sharded(g.params) else None
 
 
-def _foreach_update(params, grads, bufs, rates, decays, beta, nesterov) -> None:
-    r"""The mNAG update of CLARS eq. (4), in place and without temporaries.
-
-    With :math:`s_k = r_k(g_k + \lambda_k w_k)`, the core computes
-    :math:`d \leftarrow \beta d - s` and :math:`w \leftarrow w - s + \beta d`;
-    here the same is done as :math:`d \leftarrow \beta d - r g - r\lambda w`, then
-    :math:`w \leftarrow (1 - r\lambda) w - r g + \beta d` (or :math:`w + d` for
-    heavy ball), with per-layer 0-d rate tensors, so no host synchronisation.
-    """
-    neg_r = list((-rates).unbind(0))
-    decayed = [k for k, lam in enumerate(decays) if lam]
-    torch._foreach_mul_(bufs, beta)
-    torch._foreach_addcmul_(bufs, grads, neg_r)
-    if decayed:
-        lam = torch.tensor([decays[k] for k in decayed], dtype=rates.dtype, device=rates.device)
-        r_lam = rates[decayed] * lam
-        torch._foreach_addcmul_([bufs[k] for k in decayed], [params[k] for k in decayed], list((-r_lam).unbind(0)))
-    if not nesterov:
-        torch._foreach_add_(params, bufs)
-        return
-    if decayed:
-        torch._foreach_mul_([params[k] for k in decayed], list((1.0 - r_lam).unbind(0)))
-    torch._foreach_addcmul_(params, grads, neg_r)
-    torch._foreach_add_(params, bufs, alpha=beta)
+def _momentum_defaults(lr, momentum, weight_decay, nesterov, exclude_1d, decay_1d, on_nonfinite, **more):
+    out = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, exclude_1d=exclude_1d,
+               decay_1d=decay_1d, on_nonfinite=on_nonfinite, eta=1.0, eps=0.0, max_ratio=None, larc_clip=False,
+               weight_decay_form="sum_of_norms")
+    out.update(more)
+    return out
 
 
-def _common_defaults(lr, momentum, weight_decay, nesterov, exclude_1d, decay_1d, on_nonfinite) -> dict[str, Any]:
-    return dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, exclude_1d=exclude_1d,
-                decay_1d=decay_1d, on_nonfinite=on_nonfinite, eta=1.0, eps=0.0, max_ratio=None, larc_clip=False,
-                weight_decay_form="sum_of_norms")
+_COMMON_DOC = """
+    lr : float or 0-d tensor
+        The global rate :math:`\\gamma_t` (a tensor keeps ``torch.compile`` from recompiling when a
+        scheduler changes it).
+    momentum : float
+        :math:`\\beta \\in [0, 1)` of mNAG (CLARS eq. 4).
+    weight_decay : float
+        :math:`\\lambda \\ge 0`, added to the gradient.
+    nesterov : bool
+        Nesterov momentum (the paper's mNAG); ``False`` gives heavy ball.
+    decay_1d : bool
+        Whether 1-D tensors (biases, norm parameters) get weight decay.
+    on_nonfinite : {"raise", "skip"}
+        What a non-finite gradient, state, statistic or step does: raise
+        :class:`lwrs.NonFiniteError` naming the group and parameter, or skip the whole step
+        (under ``torch.compile``, "skip" needs no host synchronisation).
+    foreach : bool or None
+        ``False`` runs the reference (the core's functions); ``None``/``True`` the in-place kernels.
+    fused : bool
+        The compiled CPU kernels (float32/float64, contiguous tensors)."""
+
+_TRUST_DOC = """
+    eta : float
+        The trust coefficient :math:`\\eta > 0`.
+    weight_decay_form : {"sum_of_norms", "norm_of_sum"}
+        Where weight decay enters the denominator: :math:`\\|g\\| + \\lambda\\|w\\|` or :math:`\\|g + \\lambda w\\|`.
+    eps : float
+        Added to the denominator (0 reproduces the papers).
+    max_ratio : float or None
+        Upper clip of the trust ratio (the CLARS code uses 0.1).
+    larc_clip : bool
+        apex LARC's clipping: the layer rate is :math:`\\min(\\eta\\|w\\|/D, \\gamma_t)`.
+    exclude_1d : bool
+        Keep 1-D tensors at ratio 1."""
 
 
 class MNAG(_Layerwise):
-    r"""mNAG (CLARS eq. 2/4) as a torch optimizer: one rate for every layer, the rate inside the buffer.
+    __doc__ = r"""mNAG (CLARS eq. 2/4) as a torch optimizer: one rate for every layer, the rate inside the buffer.
 
     .. math:: d_t = \beta d_{t-1} - \gamma_t(\bar g_t + \lambda w_t), \quad
               w_{t+1} = w_t - \gamma_t(\bar g_t + \lambda w_t) + \beta d_t
 
     With a constant ``lr`` this equals ``torch.optim.SGD(momentum, nesterov=True)``.
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters, ``named_parameters()`` or dicts of groups.""" + _COMMON_DOC + r"""
 
     Examples
     --------
@@ -268,32 +334,36 @@ class MNAG(_Layerwise):
 
     kind = "none"
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, *, weight_decay: float = 0.0, nesterov: bool = True,
-                 decay_1d: bool = True, on_nonfinite: str = "raise", foreach: bool = True, fused: bool = False):
-        super().__init__(params, _common_defaults(lr, momentum, weight_decay, nesterov, False, decay_1d, on_nonfinite),
-                         foreach=foreach)
-        self.fused = bool(fused)
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, momentum: float = _default("mnag", "beta"), *,
+                 weight_decay: float = _default("mnag", "weight_decay"), nesterov: bool = _default("mnag", "nesterov"),
+                 decay_1d: bool = True, on_nonfinite: str = _default("mnag", "on_nonfinite"),
+                 foreach: bool | None = None, fused: bool = False):
+        defaults = _momentum_defaults(lr, momentum, weight_decay, nesterov, False, decay_1d, on_nonfinite)
+        super().__init__(params, defaults, foreach=foreach, fused=fused)
 
-    def _core(self, group):
-        weight_decay_mask = (lambda w: w.ndim > 1 or group["decay_1d"])
-        return lwrs.mnag(group["lr"], beta=group["momentum"], nesterov=group["nesterov"],
-                         weight_decay=group["weight_decay"], weight_decay_mask=weight_decay_mask, on_nonfinite=group["on_nonfinite"])
+    def _check_group(self, index, group):
+        super()._check_group(index, group)
+        self._check_momentum_group(f"group {index}: ", group)
 
 
-class LARS(_Layerwise):
-    r"""LARS (You et al. 2017; CLARS eq. 3) on mNAG, as a torch optimizer.
+class LARS(MNAG):
+    __doc__ = r"""LARS (You et al. 2017; CLARS eq. 3) on mNAG, as a torch optimizer.
 
     .. math:: \gamma_k = \gamma_t\,\eta\,\frac{\|w_k\|}{\|\bar g_k\| + \lambda\|w_k\| + \epsilon}
 
-    Options as in :func:`lwrs.lars`; ``exclude_1d`` keeps 1-D tensors (biases,
-    norm parameters) at ratio 1, ``decay_1d`` says whether they are decayed.
+    Parameters
+    ----------
+    params : iterable
+        Parameters, ``named_parameters()`` or dicts of groups.""" + _COMMON_DOC + _TRUST_DOC + r"""
+    norm_source, grad_scaler
+        Only for CLARS.
 
     Examples
     --------
     >>> import torch
     >>> from lwrs.backends.torch import LARS
     >>> model = torch.nn.Linear(4, 2)
-    >>> opt = LARS(model.parameters(), lr=1.0, eta=1e-3, weight_decay=5e-4)
+    >>> opt = LARS(model.named_parameters(), lr=1.0, eta=1e-3, weight_decay=5e-4)
     >>> model(torch.randn(8, 4)).sum().backward(); opt.step()
     >>> opt.diagnostics[0].trust_ratios.shape
     torch.Size([2])
@@ -301,42 +371,40 @@ class LARS(_Layerwise):
 
     kind = "lars"
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, *, eta: float = 1e-3, weight_decay: float = 0.0,
-                 weight_decay_form: str = "sum_of_norms", eps: float = 0.0, max_ratio: float | None = None,
-                 larc_clip: bool = False, exclude_1d: bool = True, decay_1d: bool = True, nesterov: bool = True,
-                 on_nonfinite: str = "raise", foreach: bool = True, fused: bool = False, norm_source: Any = None,
-                 grad_scaler: Any = None):
-        defaults = _common_defaults(lr, momentum, weight_decay, nesterov, exclude_1d, decay_1d, on_nonfinite)
-        defaults.update(eta=eta, eps=eps, max_ratio=max_ratio, larc_clip=larc_clip, weight_decay_form=weight_decay_form)
-        super().__init__(params, defaults, foreach=foreach, norm_source=norm_source, grad_scaler=grad_scaler)
-        self.fused = bool(fused)
-
-    def _factory(self):
-        return lwrs.lars
-
-    def _core(self, group):
-        return self._factory()(
-            group["lr"], beta=group["momentum"], eta=group["eta"], weight_decay=group["weight_decay"],
-            weight_decay_form=group["weight_decay_form"], eps=group["eps"], max_ratio=group["max_ratio"],
-            larc_clip=group["larc_clip"], adapt_mask=lambda w: w.ndim > 1 or not group["exclude_1d"],
-            weight_decay_mask=lambda w: w.ndim > 1 or group["decay_1d"], nesterov=group["nesterov"],
-            on_nonfinite=group["on_nonfinite"],
-        )
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, momentum: float = _default("lars", "beta"), *,
+                 eta: float = _default("lars", "eta"), weight_decay: float = _default("lars", "weight_decay"),
+                 weight_decay_form: str = _default("lars", "weight_decay_form"), eps: float = _default("lars", "eps"),
+                 max_ratio: float | None = _default("lars", "max_ratio"),
+                 larc_clip: bool = _default("lars", "larc_clip"), exclude_1d: bool = True, decay_1d: bool = True,
+                 nesterov: bool = _default("lars", "nesterov"), on_nonfinite: str = _default("lars", "on_nonfinite"),
+                 foreach: bool | None = None, fused: bool = False, norm_source: Any = None, grad_scaler: Any = None):
+        defaults = _momentum_defaults(lr, momentum, weight_decay, nesterov, exclude_1d, decay_1d, on_nonfinite,
+                                      eta=eta, eps=eps, max_ratio=max_ratio, larc_clip=larc_clip,
+                                      weight_decay_form=weight_decay_form)
+        _Layerwise.__init__(self, params, defaults, foreach=foreach, fused=fused, norm_source=norm_source,
+                            grad_scaler=grad_scaler)
 
 
 class CLARS(LARS):
-    r"""CLARS (CLARS eq. 5, Algorithm 1) on mNAG, as a torch optimizer.
+    __doc__ = r"""CLARS (CLARS eq. 5, Algorithm 1) on mNAG, as a torch optimizer.
 
     .. math:: \gamma_k = \gamma_t\,\eta\,\frac{\|w_k\|}{\frac1B\sum_i\|g_{ik}\| + \lambda\|w_k\| + \epsilon}
 
-    The per-sample term comes from ``norm_source`` (an object with
-    ``norm_statistics(params)``, e.g. a per-sample-norm recorder) or from
-    ``step(norm_stats=...)``: an :class:`lwrs.NormStatistics` whose
-    ``mean_norms()`` is in the units of ``p.grad``, or a dict
-    ``param -> (S1, S2)`` of sums of per-sample contributions to ``p.grad``.
-    ``eta`` defaults to Algorithm 1's 0.01. With mixed precision, pass the
-    ``grad_scaler``: the statistics are unscaled by its current scale, as the
-    gradients are by ``GradScaler.unscale_``.
+    The per-sample term comes from ``norm_source`` (e.g. a
+    :class:`~lwrs.backends.torch.PerSampleNorms`) or from ``step(norm_stats=...)``, a
+    :class:`lwrs.NormStatistics` (``S1 = sum_i |g_i|``, ``count = N``). Statistics that
+    cannot come from the gradient (mean per-sample norm below the gradient's norm beyond
+    rounding, negative sums, a count that is not a positive finite number, wrong shapes) are
+    refused before any group is updated.
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters, ``named_parameters()`` or dicts of groups.""" + _COMMON_DOC + _TRUST_DOC + r"""
+    norm_source : object, optional
+        Has ``norm_statistics(params, scale=...)``, and ``reset()`` (called by ``zero_grad``).
+    grad_scaler : torch.amp.GradScaler, optional
+        With mixed precision: the statistics are unscaled by its current scale.
 
     Examples
     --------
@@ -351,12 +419,20 @@ class CLARS(LARS):
     """
 
     kind = "clars"
+    _uses_statistics = True
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, *, eta: float = 1e-2, **kwargs: Any):
-        super().__init__(params, lr, momentum, eta=eta, **kwargs)
-
-    def _factory(self):
-        return lwrs.clars
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, momentum: float = _default("clars", "beta"), *,
+                 eta: float = _default("clars", "eta"), weight_decay: float = _default("clars", "weight_decay"),
+                 weight_decay_form: str = _default("clars", "weight_decay_form"),
+                 eps: float = _default("clars", "eps"), max_ratio: float | None = _default("clars", "max_ratio"),
+                 larc_clip: bool = _default("clars", "larc_clip"), exclude_1d: bool = True, decay_1d: bool = True,
+                 nesterov: bool = _default("clars", "nesterov"),
+                 on_nonfinite: str = _default("clars", "on_nonfinite"), foreach: bool | None = None,
+                 fused: bool = False, norm_source: Any = None, grad_scaler: Any = None):
+        super().__init__(params, lr, momentum, eta=eta, weight_decay=weight_decay,
+                         weight_decay_form=weight_decay_form, eps=eps, max_ratio=max_ratio, larc_clip=larc_clip,
+                         exclude_1d=exclude_1d, decay_1d=decay_1d, nesterov=nesterov, on_nonfinite=on_nonfinite,
+                         foreach=foreach, fused=fused, norm_source=norm_source, grad_scaler=grad_scaler)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients and, like them, the per-sample statistics of ``norm_source``."""
@@ -364,14 +440,32 @@ class CLARS(LARS):
         if self.norm_source is not None and hasattr(self.norm_source, "reset"):
             self.norm_source.reset()
 
+    def _statistics_denominators(self, g, plan):
+        # the mean per-sample norm bounds the norm of the mean: |g| (or |g + lambda w| in the norm_of_sum form)
+        return plan.diagnostics.grad_norms if g.group["weight_decay_form"] == "sum_of_norms" else plan.direction_norms
+
 
 class TVLARS(LARS):
-    r"""TVLARS (TVLARS Algorithm 1) on mNAG: LARS with :math:`\gamma_t = \gamma_{target}\,\phi_t`.
+    __doc__ = r"""TVLARS (TVLARS Algorithm 1) on mNAG: LARS with :math:`\gamma_t = \gamma_{target}\,\phi_t`.
 
     .. math:: \phi_t = \frac{1}{\alpha + e^{\lambda(t - d_e)}} + \gamma_{\min}
 
-    ``lr`` is :math:`\gamma_{target}` (a scheduler may still change it);
-    ``decay_coefficient`` is :math:`\lambda`, ``delay_steps`` :math:`d_e`.
+    :math:`\phi_t` is the core's :func:`lwrs.schedules.tvlars_factor` at each parameter's step count.
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters, ``named_parameters()`` or dicts of groups.
+    decay_coefficient : float
+        :math:`\lambda \ge 0`, the decay coefficient of :math:`\phi_t`.
+    delay_steps : float
+        :math:`d_e`, the delay in steps.
+    alpha : float
+        :math:`\alpha > 0` (the paper uses 1).
+    gamma_min : float
+        :math:`\gamma_{\min} \ge 0`, the floor of :math:`\phi_t`.""" + _COMMON_DOC + _TRUST_DOC.split(
+        "    max_ratio")[0] + r"""    exclude_1d : bool
+        Keep 1-D tensors at ratio 1.
 
     Examples
     --------
@@ -383,32 +477,71 @@ class TVLARS(LARS):
     0.5
     """
 
-    kind = "lars"
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, momentum: float = _default("tvlars", "beta"), *,
+                 decay_coefficient: float, delay_steps: float, alpha: float = _default("tvlars", "alpha"),
+                 gamma_min: float = _default("tvlars", "gamma_min"), eta: float = _default("tvlars", "eta"),
+                 weight_decay: float = _default("tvlars", "weight_decay"),
+                 weight_decay_form: str = _default("tvlars", "weight_decay_form"),
+                 eps: float = _default("tvlars", "eps"), exclude_1d: bool = True, decay_1d: bool = True,
+                 nesterov: bool = _default("tvlars", "nesterov"),
+                 on_nonfinite: str = _default("tvlars", "on_nonfinite"), foreach: bool | None = None,
+                 fused: bool = False):
+        defaults = _momentum_defaults(lr, momentum, weight_decay, nesterov, exclude_1d, decay_1d, on_nonfinite,
+                                      eta=eta, eps=eps, weight_decay_form=weight_decay_form,
+                                      decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha,
+                                      gamma_min=gamma_min)
+        _Layerwise.__init__(self, params, defaults, foreach=foreach, fused=fused)
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, *, decay_coefficient: float, delay_steps: float,
-                 alpha: float = 1.0, gamma_min: float = 0.0, **kwargs: Any):
-        self._phi_args = dict(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)
-        self._phi = lwrs.schedules.tvlars_factor(**self._phi_args)
-        super().__init__(params, lr, momentum, **kwargs)
+    def _phi(self, group):
+        return lwrs.schedules.tvlars_factor(decay_coefficient=group["decay_coefficient"],
+                                            delay_steps=group["delay_steps"], alpha=group["alpha"],
+                                            gamma_min=group["gamma_min"])
 
-    def _core(self, group):
-        g = group
-        return lwrs.tvlars(
-            g["lr"], **self._phi_args, beta=g["momentum"], eta=g["eta"], weight_decay=g["weight_decay"],
-            weight_decay_form=g["weight_decay_form"], eps=g["eps"],
-            adapt_mask=lambda w: w.ndim > 1 or not g["exclude_1d"], weight_decay_mask=lambda w: w.ndim > 1 or g["decay_1d"],
-            nesterov=g["nesterov"], on_nonfinite=g["on_nonfinite"],
-        )
+    def _check_group(self, index, group):
+        super()._check_group(index, group)
+        try:
+            self._phi(group)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"group {index}: {err}") from None
 
-    def _global_rate(self, group, step):
-        return float(group["lr"]) * self._phi(step)
+    def _lr(self, g):
+        phi = self._phi(g.group)
+        steps = self._steps(g)
+        factors = [phi(s if _compiling() else int(s)) for s in steps]
+        dtype = F._stat_dtype(g.params)
+        if not _compiling() and len(set(factors)) == 1:  # the usual case: one step count, one global rate
+            return g.group["lr"] * factors[0]
+        if _compiling():
+            return g.group["lr"] * torch.stack([torch.as_tensor(f, dtype=dtype) for f in factors])
+        return torch.as_tensor(g.group["lr"], dtype=dtype) * torch.tensor(factors, dtype=dtype)
 
 
 class LAMB(_Layerwise):
-    r"""LAMB (You et al. 2019) as a torch optimizer (``foreach`` fast path or the core as reference).
+    __doc__ = r"""LAMB (You et al. 2019) as a torch optimizer (``foreach`` kernels or the reference).
 
     .. math:: u = \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \lambda w, \quad
               w \leftarrow w - \gamma_t \frac{\|w\|}{\|u\|} u
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters, ``named_parameters()`` or dicts of groups.
+    lr : float or 0-d tensor
+        The global rate :math:`\gamma_t`.
+    betas : (float, float)
+        Adam's :math:`\beta_1, \beta_2 \in [0, 1)`.
+    eps : float
+        Adam's :math:`\epsilon > 0`.
+    weight_decay : float
+        :math:`\lambda \ge 0`, decoupled (added to the direction).
+    exclude_1d : bool
+        Keep 1-D tensors at ratio 1.
+    decay_1d : bool
+        Whether 1-D tensors get weight decay.
+    on_nonfinite : {"raise", "skip"}
+        As in :class:`LARS`.
+    foreach : bool or None
+        ``False`` for the per-tensor reference kernels.
 
     Examples
     --------
@@ -416,79 +549,50 @@ class LAMB(_Layerwise):
     >>> from lwrs.backends.torch import LAMB
     >>> w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
     >>> opt = LAMB([w], lr=0.1)
-    >>> w.grad = torch.tensor([[1.0, -1.0]]); opt.step(); opt.state[w]["step"]
+    >>> w.grad = torch.tensor([[1.0, -1.0]]); opt.step(); int(opt.state[w]["step"])
     1
     """
 
-    kind = "lamb"
+    _state_keys = ("step", "exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), *, eps: float = 1e-6,
-                 weight_decay: float = 0.0, exclude_1d: bool = True, decay_1d: bool = True,
-                 on_nonfinite: str = "raise", foreach: bool = True):
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor,
+                 betas: tuple[float, float] = (_default("lamb", "beta1"), _default("lamb", "beta2")), *,
+                 eps: float = _default("lamb", "eps"), weight_decay: float = _default("lamb", "weight_decay"),
+                 exclude_1d: bool = True, decay_1d: bool = True, on_nonfinite: str = _default("lamb", "on_nonfinite"),
+                 foreach: bool | None = None):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, exclude_1d=exclude_1d,
                         decay_1d=decay_1d, on_nonfinite=on_nonfinite)
-        super().__init__(params, defaults, foreach=foreach)
+        super().__init__(params, defaults, foreach=foreach, fused=False)
 
-    def _core(self, group):
-        b1, b2 = group["betas"]
-        return lwrs.lamb(group["lr"], beta1=b1, beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
-                         adapt_mask=lambda w: w.ndim > 1 or not group["exclude_1d"],
-                         weight_decay_mask=lambda w: w.ndim > 1 or group["decay_1d"], on_nonfinite=group["on_nonfinite"])
+    def _check_group(self, index, group):
+        super()._check_group(index, group)
+        where = f"group {index}: "
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
+        for k, b in enumerate(betas):
+            check_hyperparameter(f"{where}betas[{k}]", b, low=0.0, high=1.0, high_open=True)
+        check_hyperparameter(f"{where}eps", group["eps"], low=0.0, low_open=True)
 
-    def _core_state(self, params):
-        t = self._step_count(params)
-        zeros = [torch.zeros_like(p) for p in params]
-        return LambState(t, tuple(self.state[p].get("exp_avg", z) for p, z in zip(params, zeros)),
-                         tuple(self.state[p].get("exp_avg_sq", z) for p, z in zip(params, zeros)))
+    def _init_buffers(self, st, p):
+        if "exp_avg" not in st:
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _lamb_foreach_step(self, group, params, stats) -> LayerDiagnostics:
-        """LAMB with multi-tensor kernels; the ratio comes from the core's ``layer_trust_ratios``."""
-        grads = [p.grad for p in params]
-        t = self._step_count(params)
-        stat_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        w_norms = torch.stack(torch._foreach_norm(params, dtype=stat_dtype))
-        g_norms = torch.stack(torch._foreach_norm(grads, dtype=stat_dtype))
-        lr = float(group["lr"])
-        mean_norms, skipped = _finite_or_skip(group, t, lr, w_norms, g_norms, stats)
-        if skipped is not None:
-            return skipped
-        for p in params:
-            if "exp_avg" not in self.state[p]:
-                self.state[p]["exp_avg"] = torch.zeros_like(p)
-                self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
-        m = [self.state[p]["exp_avg"] for p in params]
-        v = [self.state[p]["exp_avg_sq"] for p in params]
-        b1, b2 = group["betas"]
-        adapt, decay = self._masks(group, params)
+    def _plan(self, g, stats):
+        group = g.group
+        adapt, decay = one_d_masks(g.params, exclude_1d=group["exclude_1d"], decay_1d=group["decay_1d"])
         decays = [group["weight_decay"] if d else 0.0 for d in decay]
-        torch._foreach_mul_(m, b1)
-        torch._foreach_add_(m, grads, alpha=1.0 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
-        c1, c2 = 1.0 - b1 ** (t + 1), 1.0 - b2 ** (t + 1)
-        denom = torch._foreach_div(v, c2)  # as the core: (m / c1) / (sqrt(v / c2) + eps) + wd w
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, group["eps"])
-        u = torch._foreach_div(m, c1)
-        torch._foreach_div_(u, denom)
-        decayed = [k for k, lam in enumerate(decays) if lam]
-        if decayed:
-            torch._foreach_add_([u[k] for k in decayed], [params[k] for k in decayed], alpha=group["weight_decay"])
-        u_norms = torch.stack(torch._foreach_norm(u, dtype=stat_dtype))
-        ratios = layer_trust_ratios(w_norms, u_norms, eta=1.0, adapt=adapt, grad_norms=g_norms)
-        rates = lr * ratios
-        factors = torch.ones_like(w_norms)
-        if mean_norms is not None:  # reported, not used: LAMB has no per-sample term
-            factors = clars_factors(lars_denominators(w_norms, g_norms, weight_decay=decays),
-                                    clars_denominators(w_norms, mean_norms, weight_decay=decays))
-        torch._foreach_mul_(u, list(rates.unbind(0)))
-        torch._foreach_sub_(params, u)
-        for p in params:
-            self.state[p]["step"] = t + 1
-        return LayerDiagnostics(w_norms, g_norms, ratios, factors, rates, lr, t)
+        steps = self._steps(g)
+        steps = steps if _compiling() else [int(s) for s in steps]
+        mean = None if stats is None else (stats.sum_norms / stats.count).to(F._stat_dtype(g.params))
+        m = [self.state[p]["exp_avg"] if "exp_avg" in self.state[p] else torch.zeros_like(p) for p in g.params]
+        v = [self.state[p]["exp_avg_sq"] if "exp_avg_sq" in self.state[p] else torch.zeros_like(p) for p in g.params]
+        L = _local  # DTensors: local shards, whole-layer norms
+        return F.plan_lamb(L(g.params), L(g.grads), L(m), L(v), lr=group["lr"],
+                               betas=tuple(group["betas"]), eps=group["eps"], adapt=adapt, decays=decays,
+                               steps=steps, mean_norms=mean, implementation=self.implementation, layouts=_layouts(g))
 
-    def _store_core_state(self, params, new_state):
-        for k, p in enumerate(params):
-            self.state[p]["exp_avg"] = new_state.first_moment[k]
-            self.state[p]["exp_avg_sq"] = new_state.second_moment[k]
-            self.state[p]["step"] = new_state.step
+    def _apply(self, g, plan, ok):
+        F.apply_lamb(_local(g.params), _local([self.state[p]["exp_avg"] for p in g.params]),
+                         _local([self.state[p]["exp_avg_sq"] for p in g.params]), plan, ok)

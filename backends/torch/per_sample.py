@@ -90,7 +90,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import per_sample_attention, per_sample_fused, per_sample_layers
+from . import distributed, per_sample_attention, per_sample_fused, per_sample_layers
 from .per_sample_layers import linear_pieces, sq_norms
 from .per_sample_minibatch import minibatch_norm_statistics
 
@@ -119,6 +119,15 @@ def _recording() -> bool:
     return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
 
 
+def _refuse_tensor_parallel(module: torch.nn.Module, tensors: list) -> None:
+    """Tensor-parallel layers compute with DTensors (FSDP2 gives the forward whole, plain weights): their
+    per-sample norms would be a shard's."""
+    if distributed.is_sharded(tensors):
+        raise NotImplementedError(
+            f"per-sample norms of tensor-parallel layers are not supported ({type(module).__name__} computes with "
+            "DTensors); pass the statistics with step(norm_stats=...), or use FSDP2 or DistributedDataParallel")
+
+
 class _Call:
     """One recorded use of parameters (a layer's forward), alive as long as its graph; consumed by its backward.
 
@@ -130,6 +139,9 @@ class _Call:
     __slots__ = ("norms", "name", "roles", "counted", "consumed", "__weakref__")
 
     def __init__(self, norms: "PerSampleNorms", name: str, roles: dict):
+        if norms._fsdp:  # FSDP2 computes with unsharded copies: record under the sharded parameters
+            c = norms._canonical
+            roles = {c(r) if isinstance(r, torch.Tensor) else r: (c(p), rows) for r, (p, rows) in roles.items()}
         self.norms, self.name, self.roles = norms, name, roles
         self.counted, self.consumed = _graph_task() == -1, False
         for p, _ in roles.values():
@@ -140,9 +152,11 @@ class _Call:
         self.norms._enter(self)
 
     def want(self, role: Any) -> bool:
+        role = self.norms._canonical(role) if self.norms._fsdp and isinstance(role, torch.Tensor) else role
         return role in self.roles and self.norms._want(self, *self.roles[role])
 
     def record(self, role: Any, tensor: torch.Tensor, built: bool) -> None:
+        role = self.norms._canonical(role) if self.norms._fsdp and isinstance(role, torch.Tensor) else role
         if role in self.roles:
             p, rows = self.roles[role]
             self.norms._tasks[_graph_task()].setdefault(p, []).append((rows, tensor, built, self.name))
@@ -219,6 +233,8 @@ class PerSampleNorms:
         self._live: dict[torch.nn.Parameter, weakref.WeakSet] = {}  # parameter -> its recorded uses
         self._tasks: dict[int, dict] = {}  # backward pass -> parameter -> [(rows, tensor, built, name)]
         self._batch: int | None = None  # the model input's batch size, during its forward
+        self._fsdp = distributed.fsdp_modules(model)  # FSDP2: unsharded parameter -> sharded (see _canonical)
+        self._unsharded: dict[int, torch.nn.Parameter] = {}
         inside_attention = {id(m.out_proj) for m in model.modules() if per_sample_attention.supported(m)}
         refused = []
         for name, module in model.named_modules():
@@ -287,6 +303,13 @@ class PerSampleNorms:
 
     # ---- forward side ----------------------------------------------------------------------------
 
+    def _canonical(self, p: Any) -> Any:
+        """The sharded parameter (the optimizer's) for FSDP2's unsharded copy ``p``; any other ``p`` itself."""
+        if id(p) not in self._unsharded:
+            self._unsharded = distributed.fsdp_unsharded_to_sharded(self._fsdp)
+            self._unsharded.setdefault(id(p), p)
+        return self._unsharded[id(p)]
+
     def _root_pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if not _recording() or _graph_task() != -1:
             return
@@ -315,6 +338,7 @@ class PerSampleNorms:
         label = self._names[id(module)]
 
         def begin(x: torch.Tensor) -> _Call:
+            _refuse_tensor_parallel(module, [x, *module.parameters(recurse=False)])
             self._start(id(module), label, x, 0)
             roles = {r: (getattr(module, r), None) for r in ("weight", "bias")
                      if getattr(module, r) is not None and getattr(module, r).requires_grad}
@@ -385,6 +409,7 @@ class PerSampleNorms:
         if not (_recording() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
         label, dim = self._names[id(module)], self.batch_dim
+        _refuse_tensor_parallel(module, [inputs[0], output])  # (FSDP2 has resharded the weights by now)
         self._start(id(module), label, inputs[0], dim)
         x = inputs[0].detach()
         x = x.movedim(dim, 0) if dim else x
@@ -398,8 +423,9 @@ class PerSampleNorms:
             self._pending[id(module)] = 0
             d = grad_output.detach()
             wants = {p: call.want(p) for p in call.roles}
-            for p, t in handler(module, x, d.movedim(dim, 0) if dim else d, wants.__getitem__, **extra).items():
-                call.record(p, t, wants[p])
+            want = (lambda p: wants[self._canonical(p)]) if self._fsdp else wants.__getitem__
+            for p, t in handler(module, x, d.movedim(dim, 0) if dim else d, want, **extra).items():
+                call.record(p, t, want(p))
 
         output.register_hook(on_grad)
 
@@ -432,7 +458,9 @@ class PerSampleNorms:
             torch.autograd.Variable._execution_engine.queue_callback(self._note_grads)
 
     def _note_grads(self) -> None:
-        self._seen = {p: (None if p.grad is None else weakref.ref(p.grad)) for p in self._s1}
+        # (a sharded parameter's gradient is set by FSDP2 after this: no staleness check for those)
+        self._seen = {p: (None if p.grad is None else weakref.ref(p.grad)) for p in self._s1
+                      if not distributed.is_sharded([p])}
 
     def _stale(self, p: torch.nn.Parameter) -> bool:
         """Whether ``p.grad`` was set to None or replaced since the statistics of ``p`` were recorded."""
@@ -502,7 +530,8 @@ class PerSampleNorms:
                         "PerSampleNorms.reset() when zeroing the gradients (CLARS.zero_grad does)")
                 out[p] = (self._s1[p] / scale, self._s2[p] / scale**2)
             elif p in self._bn_params and p.grad is not None:
-                g = p.grad.detach().double() if p.grad.dtype == torch.float64 else p.grad.detach().float()
+                g = distributed.gather(p.grad.detach())  # the whole layer's gradient under FSDP2
+                g = g.double() if g.dtype == torch.float64 else g.float()
                 n = torch.linalg.vector_norm(g)
                 out[p] = (n, n * n)
             elif p in self._owner:
@@ -538,10 +567,17 @@ class PerSampleNorms:
         if count == 0:  # BatchNorm parameters only: one "sample", the batch gradient
             count = 1
         if self._distributed():
+            # one collective per step, over every recorded parameter in the model's order, so that every rank
+            # makes the same call even when each steps its own subset (ZeroRedundancyOptimizer)
             world = torch.distributed.get_world_size()
-            both = torch.cat([s1, s2])
-            torch.distributed.all_reduce(both)  # one collective per step
-            s1, s2 = both[: len(params)] / world, both[len(params):] / world**2
+            everyone = [q for q in self._owner if q in self._s1]
+            both = torch.stack([self._s1[q].to(dtype) / scale for q in everyone]
+                               + [self._s2[q].to(dtype) / scale**2 for q in everyone]) if everyone else s1[:0]
+            torch.distributed.all_reduce(both)
+            where = {q: k for k, q in enumerate(everyone)}
+            for k, p in enumerate(params):
+                if p in where:  # (BatchNorm's are already the synchronised gradient's)
+                    s1[k], s2[k] = both[where[p]] / world, both[len(everyone) + where[p]] / world**2
             count *= world  # equal local batch sizes, as DistributedDataParallel's averaging assumes
         return NormStatistics(s1 * count, s2 * (count * count), count)
 

@@ -29,16 +29,10 @@ __all__ = ["main"]
 
 
 def _progress(desc: str):
-    """A wrapper ``wrap(items, total=None)`` that shows a tqdm bar over runs; silent without tqdm."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is in the "cli" and "train" extras; without it the runs are silent
-        return lambda items, total=None: items
+    """A wrapper ``wrap(items, total=None)`` that shows progress over runs (see :mod:`lwrs.apps.progress`)."""
+    from .progress import progress
 
-    def wrap(items: Iterable, total: int | None = None) -> Iterable:
-        return tqdm(items, total=total, desc=desc, unit="run", file=sys.stderr)
-
-    return wrap
+    return lambda items, total=None: progress(items, total, desc=desc, unit="run")
 
 
 def _positive(text: str) -> int:
@@ -49,7 +43,10 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lwrs import __version__
+
     parser = argparse.ArgumentParser(prog="lwrs", description="Layer-wise rate scaling: LARS, CLARS, TVLARS, LAMB, mNAG.")
+    parser.add_argument("--version", action="version", version=f"lwrs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quadratic", help="every optimizer and the CLARS theorems on a layered quadratic")
     q.add_argument("--backend", choices=sorted(NAMESPACES), default="numpy", help="array library (default numpy)")
@@ -74,23 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_train_parser(sub) -> None:
     from dataclasses import fields
 
+    from .train import config as cfg
+
     t = sub.add_parser("train", help="train a small model with one optimizer; per-epoch metrics and plots")
     helps = {
-        "dataset": "mnist1d or digits", "model": "fcn, cnn or mlp",
-        "optimizer": "mnag, mnag-warmup, mnag-freeze, lars, lars-warmup, clars, tvlars, lamb, lamb-warmup",
+        "dataset": "dataset", "model": "model", "optimizer": "optimizer (a -warmup or -freeze recipe around one)",
         "batch_size": "batch size B (accumulated over micro-batches)", "micro_batch": "largest forward/backward batch",
-        "lr": "global rate (default: base-lr scaled by the rule)", "base_lr": "rate at base-batch",
-        "scaling": "linear, sqrt or none", "eta": "trust coefficient (default 1e-3; CLARS 1e-2)",
-        "decay": "constant, cosine or poly after any warm-up", "tvlars_lambda": "TVLARS decay per step",
+        "lr": "global rate (default: base-lr scaled by the rule)", "base_lr": "rate at base-batch (default 0.1; LAMB 0.002)",
+        "scaling": "scaling rule of the rate", "eta": "trust coefficient (default 1e-3; CLARS 1e-2)",
+        "decay": "schedule after any warm-up", "tvlars_lambda": "TVLARS decay per step",
         "tvlars_delay_epochs": "TVLARS delay d_e in epochs",
         "stats_samples": "training samples for the per-epoch gradient-variance ratio (0: off)",
     }
-    from .train.config import TrainConfig
-
-    for f in fields(TrainConfig):
+    choices = {"dataset": cfg.DATASETS, "model": cfg.MODELS, "optimizer": cfg.OPTIMIZERS, "decay": cfg.DECAYS,
+               "scaling": cfg.SCALINGS}
+    for f in fields(cfg.TrainConfig):
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], float)
-        t.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                       help=f"{helps.get(f.name, f.name.replace('_', ' '))} (default {f.default})")
+        text = helps.get(f.name, f.name.replace("_", " "))
+        if "(default" not in text:  # a default that depends on the optimizer is spelled out in the text
+            text += f" (default {f.default})"
+        t.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=text,
+                       choices=choices.get(f.name))
     t.add_argument("--out", type=pathlib.Path, default=pathlib.Path("lwrs-out/train"),
                    help="folder for train.json and train.png (default ./lwrs-out/train)")
 
@@ -231,8 +232,31 @@ def quadratic(args: argparse.Namespace) -> int:
 _TRAIN_DISTS = ("torch", "scipy", "mnist1d", "scikit-learn")
 
 
+_INSTALL = {"torch": "torch==2.13.0 (the CPU build; pytorch.org has the others)", "mnist1d": '"lwrs[train]"',
+            "sklearn": '"lwrs[train]"', "matplotlib": '"lwrs[train]"'}
+
+
+def _missing(command: str, modules: Sequence[str]) -> str | None:
+    """One line saying what to install, where ``lwrs train`` / ``lwrs reproduce`` cannot import ``modules``."""
+    import importlib
+
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if not missing:
+        return None
+    installs = " ".join(dict.fromkeys(_INSTALL[m] for m in missing))
+    return f"lwrs {command} needs {', '.join(missing)}, not installed here: pip install {installs}"
+
+
 def train_command(args: argparse.Namespace) -> int:
-    """Run ``lwrs train``: one run, its per-epoch table, ``train.json`` and ``train.png``."""
+    """Run ``lwrs train``: one run, its per-epoch table, ``train.json`` and ``train.png``.
+
+    Exits 0 when the run finished, 1 when it diverged, 2 on bad options or a missing package.
+    """
     from dataclasses import fields
 
     from .train.config import TrainConfig
@@ -241,6 +265,10 @@ def train_command(args: argparse.Namespace) -> int:
         config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     except ValueError as e:
         print(f"lwrs train: {e}", file=sys.stderr)
+        return 2
+    missing = _missing("train", ["torch", {"mnist1d": "mnist1d", "digits": "sklearn"}[config.dataset], "matplotlib"])
+    if missing:
+        print(missing, file=sys.stderr)
         return 2
     from .train.data import load_dataset
     from .train.loop import train
@@ -253,47 +281,72 @@ def train_command(args: argparse.Namespace) -> int:
         return 2
     record = {"command": _command_line("train", args), "environment": _environment("torch", _TRAIN_DISTS), **record}
     print(f"{config.optimizer} on {config.model} / {data.name} (checksum {data.checksum[:12]}), B = "
-          f"{config.batch_size}, peak rate {record['learning_rate']:.4g}, {record['steps_per_epoch']} steps per epoch")
+          f"{config.batch_size}, peak rate {record['learning_rate']:.4g}, {record['steps_per_epoch']} steps per epoch, "
+          f"{record['seconds']:.1f} s")
     print(f"{'epoch':>5} {'train loss':>10} {'test loss':>9} {'test acc':>8}")
     for e in record["epochs"]:
         cells = [f"{e[k]:.4f}" if e[k] is not None else "—" for k in ("train_loss", "test_loss", "test_accuracy")]
         print(f"{e['epoch']:>5} {cells[0]:>10} {cells[1]:>9} {cells[2]:>8}")
-    if record["diverged_epoch"] is not None:
-        print(f"diverged in epoch {record['diverged_epoch']}: {record['divergence']}")
     args.out.mkdir(parents=True, exist_ok=True)
     from .records import write_json
 
     write_json(args.out / "train.json", record)
     _plot_train(args.out / "train.png", record)
     print(f"Wrote {args.out / 'train.json'} and {args.out / 'train.png'}.")
+    if record["diverged_epoch"] is not None:
+        print(f"lwrs train: diverged in epoch {record['diverged_epoch']}: {record['divergence']}", file=sys.stderr)
+        return 1
     return 0
 
 
-def _plot_train(path: pathlib.Path, record: dict) -> None:
+def train_figure(record: dict):
+    """The figure of ``train.png``: losses and test accuracy, the per-layer rates, the variance ratio.
+
+    Every axis is labelled; each legend sits below its panel, clear of the curves and of the other legends.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [e for e in record["epochs"] if e["test_accuracy"] is not None]
     xs = [e["epoch"] for e in epochs]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    axes[0].plot(xs[1:], [e["train_loss"] for e in epochs[1:]], label="train loss")
-    axes[0].plot(xs, [e["test_loss"] for e in epochs], label="test loss")
-    twin = axes[0].twinx()
-    twin.plot(xs, [100 * e["test_accuracy"] for e in epochs], "k--", label="test accuracy (%)")
-    axes[0].set(xlabel="epoch", title="loss and test accuracy (dashed, right axis)")
-    axes[0].legend(fontsize=7)
-    for ax, key, title in ((axes[1], "rate", r"per-layer rate $\gamma_k$ (epoch mean)"),
-                           (axes[2], "variance_ratio", r"$\frac{1}{n}\sum\|g_{ik}\|^2/\|\bar g_k\|^2$")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5), layout="constrained")
+    loss_ax = axes[0]
+    lines = loss_ax.plot(xs[1:], [e["train_loss"] for e in epochs[1:]], label="train loss")
+    lines += loss_ax.plot(xs, [e["test_loss"] for e in epochs], label="test loss")
+    twin = loss_ax.twinx()
+    lines += twin.plot(xs, [100 * e["test_accuracy"] for e in epochs], "k--", label="test accuracy (right axis)")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss and test accuracy")
+    twin.set_ylabel("test accuracy (%)")
+    twin.set_ylim(0, 100)
+    loss_ax.legend(lines, [line.get_label() for line in lines], loc="upper center", bbox_to_anchor=(0.5, -0.14),
+                   ncol=2, fontsize=8, frameon=False)
+    panels = ((axes[1], "rate", r"per-layer rate $\gamma_k$ (epoch mean)", r"$\gamma_k$"),
+              (axes[2], "variance_ratio", "gradient-variance ratio (CLARS Figure 2)",
+               r"$\frac{1}{n}\sum_i\|g_{ik}\|^2/\|\bar g_k\|^2$"))
+    for ax, key, title, ylabel in panels:
         for k, name in enumerate(record["layers"]):
             pts = [(e["epoch"], e["layers"][key][k]) for e in epochs if e["layers"].get(key)
                    and e["layers"][key][k] is not None]
             if pts:
                 ax.plot(*zip(*pts), marker=".", label=name)
-        ax.set(yscale="log", xlabel="epoch", title=title)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+        if ax.lines:
+            ax.set_yscale("log")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8, frameon=False)
+        else:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
+
+
+def _plot_train(path: pathlib.Path, record: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = train_figure(record)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -307,11 +360,16 @@ def reproduce_command(args: argparse.Namespace) -> int:
     import dataclasses
     import time
 
-    from .reproduce import experiments, report, running
+    from .reproduce import experiments, report
 
+    missing = _missing("reproduce", ["matplotlib"] if args.source is not None else ["torch", "mnist1d", "matplotlib"])
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     if args.source is not None:
         record = json.loads(args.source.read_text())
     else:
+        from .reproduce import running
         from .train.data import load_mnist1d
 
         names = [n.strip() for n in args.only.split(",") if n.strip()]

@@ -115,7 +115,7 @@ def _normal(rng: random.Random, n: int, scale: float = 1.0, loc: float = 0.0) ->
 
 
 def _layer(rng: random.Random, name: str, shape: tuple[int, ...], steps: int, *, role: str = "layer",
-           weight_decay: float = 0.0, noise: float = 0.3) -> Layer:
+           weight_decay: float = 0.0, noise: float = 0.3, curvature: float = 1.0) -> Layer:
     n = math.prod(shape)
     zeros = (0.0,) * n
     if role == "zero_gradient":
@@ -124,9 +124,9 @@ def _layer(rng: random.Random, name: str, shape: tuple[int, ...], steps: int, *,
         return Layer(name, shape, _normal(rng, n, loc=1.0), (-weight_decay,) * n, zeros,
                      tuple(_normal(rng, n, scale=1e-3) for _ in range(steps)), role)
     init = zeros if role == "zero_init" else _normal(rng, n)
-    curvature = tuple(rng.uniform(0.5, 1.5) for _ in range(n))
+    h = tuple(curvature * rng.uniform(0.5, 1.5) for _ in range(n))
     center = _normal(rng, n, scale=2.0)
-    return Layer(name, shape, init, curvature, center, tuple(_normal(rng, n, scale=noise) for _ in range(steps)), role)
+    return Layer(name, shape, init, h, center, tuple(_normal(rng, n, scale=noise) for _ in range(steps)), role)
 
 
 _MLP = (("fc1.weight", (4, 3)), ("fc1.bias", (4,)), ("fc2.weight", (2, 4)), ("fc2.bias", (2,)))
@@ -152,9 +152,9 @@ def battery(steps: int = 20, seed: int = 0) -> tuple[Problem, ...]:
     >>> [p.name for p in battery()]
     ['mlp', 'no_weight_decay', 'varying_lr', 'zero_init', 'zero_gradient', 'near_equilibrium', 'large_lr']
     """
-    def mlp(rng: random.Random, roles: dict[str, str] | None = None, wd: float = 0.0) -> tuple[Layer, ...]:
+    def mlp(rng: random.Random, roles: dict[str, str] | None = None, curvature: float = 1.0) -> tuple[Layer, ...]:
         roles = roles or {}
-        return tuple(_layer(rng, name, shape, steps, role=roles.get(name, "layer"), weight_decay=wd)
+        return tuple(_layer(rng, name, shape, steps, role=roles.get(name, "layer"), curvature=curvature)
                      for name, shape in _MLP)
 
     def seeded(k: int) -> random.Random:
@@ -177,6 +177,6 @@ def battery(steps: int = 20, seed: int = 0) -> tuple[Problem, ...]:
                  _layer(seeded(9), "decayed.weight", (4, 4), steps, role="equilibrium", weight_decay=0.1)),
                 (0.05,) * steps, 0.9, 0.1, 0.1),
         Problem("large_lr", "learning rate 1.5 with a zero-initialised fc1.weight, eta 0.02",
-                mlp(seeded(10), {"fc1.weight": "zero_init"}), (1.5,) * steps, 0.8, 0.02, 0.01),
+                mlp(seeded(10), {"fc1.weight": "zero_init"}, curvature=1 / 3), (1.5,) * steps, 0.8, 0.02, 0.01),
     ]
     return tuple(problems)

@@ -34,7 +34,7 @@ import itertools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ..optimizers import lars, mnag
+from ..table import spec
 from .battery import Problem
 
 __all__ = ["FACTORS", "KINDS", "conventions", "reference_optimizer", "reference_run"]
@@ -96,7 +96,8 @@ def _masks(problem: Problem, convention: Mapping[str, Any]) -> tuple[list[bool],
 
 
 def reference_optimizer(kind: str, problem: Problem, convention: Mapping[str, Any]) -> Any:
-    """The core's optimizer (:func:`lwrs.lars` or :func:`lwrs.mnag`) for a problem under a convention.
+    """The core's optimizer (:func:`lwrs.lars` or :func:`lwrs.mnag`, read from :mod:`lwrs.table`) for a
+    problem under a convention.
 
     Examples
     --------
@@ -108,16 +109,18 @@ def reference_optimizer(kind: str, problem: Problem, convention: Mapping[str, An
     _check_kind(kind)
     adapt, decay = _masks(problem, convention)
     lr = problem.learning_rates[0] if problem.constant_rate else problem.learning_rate
+    factory = spec(kind).factory  # lwrs.mnag or lwrs.lars, from the optimizer table
     if kind == "mnag":
-        return mnag(lr, beta=problem.beta, nesterov=convention["nesterov"], weight_decay=problem.weight_decay,
-                    weight_decay_mask=decay)
-    return lars(lr, beta=problem.beta, eta=problem.eta, weight_decay=problem.weight_decay,
+        return factory(lr, beta=problem.beta, nesterov=convention["nesterov"], weight_decay=problem.weight_decay,
+                       weight_decay_mask=decay)
+    return factory(lr, beta=problem.beta, eta=problem.eta, weight_decay=problem.weight_decay,
                 weight_decay_form=convention["weight_decay_form"], eps=convention["eps"],
                 larc_clip=convention["larc_clip"], adapt_mask=adapt, weight_decay_mask=decay,
                 nesterov=convention["nesterov"])
 
 
-def reference_run(kind: str, problem: Problem, convention: Mapping[str, Any], xp: Any) -> Iterator[tuple[list[Any], Any]]:
+def reference_run(kind: str, problem: Problem, convention: Mapping[str, Any],
+                  xp: Any) -> Iterator[tuple[list[Any], Any]]:
     """Yield ``(params, diagnostics)`` after every step of the core's trajectory, in namespace ``xp``."""
     opt = reference_optimizer(kind, problem, convention)
     params = problem.initial_params(xp)

@@ -17,18 +17,34 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from ..table import spec
 from .battery import Problem
 from .report import to_floats
 
 __all__ = ["Driver", "FunctionalDriver", "ALIASES", "hyperparameter_kwargs"]
 
-ALIASES: dict[str, tuple[str, ...]] = {
-    "learning_rate": ("learning_rate", "lr"),
-    "beta": ("beta", "momentum"),
-    "eta": ("eta", "trust_coefficient", "trust_coeff"),
-    "weight_decay": ("weight_decay", "wd"),
+_PEER_NAMES: dict[str, tuple[str, ...]] = {
+    "learning_rate": ("lr",),
+    "beta": ("momentum",),
+    "eta": ("trust_coefficient", "trust_coeff"),  # optax and pytorch_optimizer; timm
+    "weight_decay": ("wd",),
 }
-"""Keyword names under which implementations take each hyperparameter (the core's name first)."""
+
+
+def _aliases() -> dict[str, tuple[str, ...]]:
+    """The core's name, then the torch classes' name from :mod:`lwrs.table`, then the peers' names."""
+    lars = spec("lars")
+    out = {}
+    for core_name, peer_names in _PEER_NAMES.items():
+        torch_name = lars.hyperparameter(core_name).torch_name
+        names = [core_name] + ([torch_name] if torch_name else []) + list(peer_names)
+        out[core_name] = tuple(dict.fromkeys(names))
+    return out
+
+
+ALIASES: dict[str, tuple[str, ...]] = _aliases()
+"""Keyword names under which implementations take each hyperparameter: the core's name, the torch
+classes' name (both from :mod:`lwrs.table`), then the names peers use (``trust_coeff``, ...)."""
 
 _NEEDED = {"lars": ("learning_rate", "beta", "eta", "weight_decay"), "mnag": ("learning_rate", "beta", "weight_decay")}
 

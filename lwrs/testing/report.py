@@ -2,7 +2,10 @@ r"""Compare a trajectory with the core's under every convention, and say what ma
 
 The error of layer :math:`k` after step :math:`t` is
 
-.. math:: e_{t,k} = \frac{\|w^{\mathrm{got}}_{t,k} - w^{\mathrm{core}}_{t,k}\|_2}{\max(\|w^{\mathrm{core}}_{t,k}\|_2,\ 1)} ,
+.. math::
+
+    e_{t,k} = \frac{\|w^{\mathrm{got}}_{t,k} - w^{\mathrm{core}}_{t,k}\|_2}
+                   {\max(\|w^{\mathrm{core}}_{t,k}\|_2,\ 1)} ,
 
 a relative error with a floor of 1 (the problems are of unit scale, so zero
 layers are compared absolutely). A convention *matches* a problem when every
@@ -225,7 +228,8 @@ class Report:
         lines.append(f"closest convention: {self.best.label()}")
         lines.append(f"  largest error on the matched problems: {self.best.max_error:.2g}")
         for r in self.best.problems:
-            status = "match" if r.matched else f"diverges at step {r.divergence.step}, layer {r.divergence.layer_name!r}"
+            d = r.divergence
+            status = "match" if d is None else f"diverges at step {d.step}, layer {d.layer_name!r}"
             lines.append(f"  {r.problem:<17} {status}")
         div = self.best.first_divergence
         if div is not None:
@@ -260,9 +264,9 @@ def _diagnoses(report: Report) -> list[str]:
             continue
         role = by_name[d.problem].layers[d.layer].role
         if "eta/lambda" in d.note and role == "zero_gradient":
-            out.append(f"{d.problem}: at a layer with a zero gradient the ratio is eta/lambda (the formula "
-                       "applied to D = lambda |w|); the core uses 1 there (timm's and apex's convention) "
-                       "and has no option for eta/lambda.")
+            out.append(f"{d.problem}: at a layer with a zero gradient the ratio is eta/lambda "
+                       "(eta ‖w‖ / (0 + lambda ‖w‖): the formula applied to a zero gradient); the core uses 1 "
+                       "there (timm's convention) and has no option for eta/lambda.")
         elif "1/lr" in d.note and role == "zero_init":
             out.append(f"{d.problem}: at a zero-norm layer the ratio 1 is divided by the learning rate and clipped "
                        "(timm's trust_clip with lr > 1); the core's LARC clip leaves the zero-norm ratio at 1.")

@@ -17,6 +17,15 @@ from .verdicts import _table1_best
 __all__ = ["format_report", "plot_all", "render"]
 
 
+_METHOD_NAMES = {"lars-warmup": "LARS, warm-up", "lamb-warmup": "LAMB, warm-up", "tvlars": "TVLARS"}
+
+
+def _setting(label: str) -> str:
+    """``"tvlars/B512/lr3/lambda0.001"`` -> ``"lr 3, λ 0.001"``: the swept setting of a Table 1 run."""
+    parts = label.split("/")[2:]
+    return ", ".join(p.replace("lambda", "λ ").replace("lr", "lr ") for p in parts)
+
+
 def _pct(mean_std: Sequence[float]) -> str:
     m, s = mean_std
     return "—" if math.isnan(m) else f"{100 * m:.1f} ± {100 * s:.1f}"
@@ -48,10 +57,12 @@ def _tables(results: dict[str, Any], preset: Preset) -> list[tuple[str, list[str
                        ["model / method", f"epoch {w}", f"epoch {2 * w}", "final", "diverged"], rows))
     if "table1" in results:
         best = _table1_best(results["table1"]["summary"], preset.table1_batches)
-        rows = [[method] + [f"{100 * m:.1f} ± {100 * sd:.1f} ({label.split('/', 2)[2]})" for label, m, sd in row.values()]
-                for method, row in best.items()]
+        # one row per batch size, one column per method: as narrow as the page (six batch sizes as columns were not)
+        rows = [[str(b)] + [f"{100 * best[method][b][1]:.1f} ± {100 * best[method][b][2]:.1f} "
+                            f"({_setting(best[method][b][0])})" for method in best]
+                for b in preset.table1_batches]
         tables.append(("TVLARS Table 1 analogue: best final test accuracy (%) over the swept settings, MLP",
-                       ["method"] + [f"B={b}" for b in preset.table1_batches], rows))
+                       ["B"] + [_METHOD_NAMES.get(method, method) for method in best], rows))
     tables.append(("Verdicts", ["claim", "verdict", "evidence"],
                    [[v["claim"], f"**{v['verdict']}**", v["evidence"]] for v in results.get("verdicts", [])]))
     return tables
@@ -107,7 +118,8 @@ def plot_all(results: dict[str, Any], preset: Preset, folder) -> list[str]:
     written = []
 
     def save(fig, name: str) -> None:
-        fig.tight_layout()
+        if not fig.get_constrained_layout():
+            fig.tight_layout()
         fig.savefig(folder / name, dpi=110)
         plt.close(fig)
         written.append(name)
@@ -126,14 +138,27 @@ def plot_all(results: dict[str, Any], preset: Preset, folder) -> list[str]:
         save(fig, "fig1.png")
     if "fig2" in results:
         curves = results["fig2"]["variance_ratio"]
-        fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.6), squeeze=False)
-        for ax, (label, c) in zip(axes[0], curves.items()):
+        # a grid of two columns (one model per row, one rate per column), each panel readable at page width
+        columns = 2 if len(curves) > 1 else 1
+        nrows = math.ceil(len(curves) / columns)
+        fig, axes = plt.subplots(nrows, columns, figsize=(5.2 * columns, 3.6 * nrows + 0.7), squeeze=False,
+                                 layout="constrained")
+        for ax, (label, c) in zip(axes.flat, curves.items()):
             rows = [r for r in c["ratio"] if r]
             for k in range(len(c["layers"])):
                 ax.plot(range(len(rows)), [r[k] for r in rows], marker=".", label=f"layer {k + 1}")
-            ax.set(yscale="log", xlabel="epoch", title=label)
-        axes[0][0].set_ylabel(r"$\frac{1}{n}\sum_i\|g_{ik}\|^2 / \|\bar g_k\|^2$")
-        axes[0][-1].legend(fontsize=7)
+            model, _, rate = label.partition("/")
+            ax.set_yscale("log")
+            ax.set_title(f"{model.upper()}, rate {rate.removeprefix('lr')}", fontsize=12)
+            ax.set_xlabel("epoch", fontsize=11)
+            ax.set_ylabel(r"$\frac{1}{n}\sum_i\|g_{ik}\|^2 / \|\bar g_k\|^2$", fontsize=11)
+            ax.tick_params(labelsize=10)
+        for ax in list(axes.flat)[len(curves):]:
+            ax.set_visible(False)
+        handles, names = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, [f"{n} (input side)" if i == 0 else (f"{n} (head)" if i == len(names) - 1 else n)
+                             for i, n in enumerate(names)],
+                   loc="outside lower center", ncol=len(names), fontsize=10, frameon=False)
         save(fig, "fig2.png")
     if "fig3" in results:
         s = results["fig3"]["summary"]

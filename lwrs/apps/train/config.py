@@ -11,18 +11,23 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from lwrs import schedules
+from lwrs import schedules, table
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "DATASETS", "MODELS", "DEFAULT_ETA", "factor_schedule"]
+__all__ = ["TrainConfig", "OPTIMIZERS", "RECIPES", "DATASETS", "MODELS", "DECAYS", "SCALINGS", "factor_schedule"]
 
 DATASETS = ("mnist1d", "digits")
 MODELS = ("fcn", "cnn", "mlp")
 
-OPTIMIZERS = ("mnag", "mnag-warmup", "mnag-freeze", "lars", "lars-warmup", "clars", "tvlars", "lamb", "lamb-warmup")
+#: The recipes of ``lwrs train`` around an optimizer of the table: ``-warmup`` (linear warm-up,
+#: Goyal et al. 2017) and ``-freeze`` (the head frozen early, Gotmare et al. 2019; CLARS Figure 3).
+RECIPES = {"mnag": ("mnag-warmup", "mnag-freeze"), "lars": ("lars-warmup",), "lamb": ("lamb-warmup",)}
+
+#: Every optimizer of :mod:`lwrs.table` that has a torch class, each followed by its recipes.
+OPTIMIZERS = tuple(name for s in table.OPTIMIZERS if s.torch_class is not None
+                   for name in (s.name, *RECIPES.get(s.name, ())))
 DEFAULT_BASE_LR = {"mnag": 0.1, "lars": 0.1, "clars": 0.1, "tvlars": 0.1, "lamb": 0.002}
-DEFAULT_ETA = {"lars": 1e-3, "clars": 1e-2, "tvlars": 1e-3}
-_DECAYS = ("constant", "cosine", "poly")
-_SCALINGS = ("linear", "sqrt", "none")
+DECAYS = ("constant", "cosine", "poly")
+SCALINGS = ("linear", "sqrt", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +65,8 @@ class TrainConfig:
         ``base_lr=None`` takes 0.1 for mNAG/LARS/CLARS/TVLARS (CLARS's
         :math:`\gamma_{base}`) and 0.002 for LAMB.
     momentum, eta, weight_decay : float, float or None, float
-        :math:`\beta`; the trust coefficient :math:`\eta` (``None``: 1e-3, and
-        1e-2 for CLARS as in its Algorithm 1); :math:`\lambda`.
+        :math:`\beta`; the trust coefficient :math:`\eta` (``None``: the
+        table's default, 1e-3, and 1e-2 for CLARS as in its Algorithm 1); :math:`\lambda`.
     warmup_epochs, freeze_epochs : float
         Length of the warm-up (``*-warmup``) and of the head freeze (``mnag-freeze``).
     decay : str
@@ -98,8 +103,8 @@ class TrainConfig:
     stats_samples: int = 4096
 
     def __post_init__(self) -> None:
-        choices = {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "decay": _DECAYS,
-                   "scaling": _SCALINGS}
+        choices = {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "decay": DECAYS,
+                   "scaling": SCALINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -116,7 +117,7 @@ def load_mnist1d(*, num_samples: int = 70_000, seed: int = 42, directory: str | 
     r"""MNIST-1D, generated once with the ``mnist1d`` package and cached.
 
     ``num_samples`` are split 6:1 into train and test (60 000 / 10 000 by
-    default). Generation takes about 20 s; later calls read the cache in
+    default). Generation takes about 20 s and says so on standard error; later calls read the cache in
     ``directory`` (default :func:`cache_dir`). A cached file whose checksum does
     not match its arrays is regenerated. If the arrays of the default
     dataset differ from :data:`MNIST1D_CHECKSUM` (other NumPy or SciPy
@@ -143,6 +144,8 @@ def load_mnist1d(*, num_samples: int = 70_000, seed: int = 42, directory: str | 
             warnings.warn(f"{path} does not match its checksum; regenerating it", stacklevel=2)
             arrays = None
     if arrays is None:
+        print(f"lwrs: generating MNIST-1D ({num_samples} samples, seed {seed}) with the mnist1d package, once "
+              f"(about {max(1, round(20 * num_samples / 70_000))} s); it is cached in {folder}", file=sys.stderr, flush=True)
         arrays = _generate_mnist1d(num_samples, seed)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")

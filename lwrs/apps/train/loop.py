@@ -39,36 +39,32 @@ import torch
 import torch.nn.functional as F
 
 import lwrs
-from lwrs.backends.torch import CLARS, LAMB, LARS, MNAG, TVLARS, PerSampleNorms
+import lwrs.backends.torch
+from lwrs.backends.torch import PerSampleNorms
 
-from .config import DEFAULT_ETA, OPTIMIZERS, TrainConfig, factor_schedule
+from ..progress import progress_bar
+from .config import OPTIMIZERS, TrainConfig, factor_schedule
 from .data import Dataset
 from .models import build_model, layer_names
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "train", "gradient_statistics", "evaluate"]
 
 def _optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int):
-    lr = config.learning_rate()
-    common = dict(momentum=config.momentum, weight_decay=config.weight_decay)
-    eta = config.eta if config.eta is not None else DEFAULT_ETA.get(config.family)
+    """The torch optimizer of ``config.family``, read from :mod:`lwrs.table` (class and keyword names)."""
+    spec = lwrs.table.spec(config.family)
+    values = {"learning_rate": config.learning_rate(), "beta": config.momentum, "eta": config.eta,
+              "weight_decay": config.weight_decay, "decay_coefficient": config.tvlars_lambda,
+              "delay_steps": config.tvlars_delay_epochs * steps_per_epoch}
+    kwargs = {h.torch_name: values[h.core_name] for h in spec.hyperparameters
+              if h.torch_name and values.get(h.core_name) is not None}  # eta None: the table's default
+    recorder = None
+    if spec.uses_norm_stats:
+        recorder = kwargs["norm_source"] = PerSampleNorms(model)
     # two groups, so that the head can be frozen (its group then skips the step) while the body moves
     head = {id(p) for p in model.head.parameters()}
     params = [{"params": [p for p in model.parameters() if id(p) not in head]},
               {"params": list(model.head.parameters())}]
-    recorder = None
-    if config.family == "mnag":
-        opt = MNAG(params, lr=lr, **common)
-    elif config.family == "lars":
-        opt = LARS(params, lr=lr, eta=eta, **common)
-    elif config.family == "clars":
-        recorder = PerSampleNorms(model)
-        opt = CLARS(params, lr=lr, eta=eta, norm_source=recorder, **common)
-    elif config.family == "tvlars":
-        opt = TVLARS(params, lr=lr, eta=eta, decay_coefficient=config.tvlars_lambda,
-                     delay_steps=config.tvlars_delay_epochs * steps_per_epoch, **common)
-    else:
-        opt = LAMB(params, lr=lr, weight_decay=config.weight_decay)
-    return opt, recorder
+    return getattr(lwrs.backends.torch, spec.torch_class)(params, **kwargs), recorder
 
 
 @torch.no_grad()
@@ -224,7 +220,7 @@ def train(config: TrainConfig, data: Dataset, *, progress: bool = False) -> dict
         "layers": names, "learning_rate": config.learning_rate(), "steps_per_epoch": steps_per_epoch,
         "epochs": [epoch_record(0, math.nan, [])], "diverged_epoch": None,
     }
-    bar = _progress_bar(progress, config.epochs, f"{config.optimizer} B={config.batch_size}")
+    bar = progress_bar(config.epochs, f"{config.optimizer} B={config.batch_size}", "epoch", enabled=progress)
     step = 0
     model.train()
     for epoch in range(1, config.epochs + 1):
@@ -261,9 +257,9 @@ def train(config: TrainConfig, data: Dataset, *, progress: bool = False) -> dict
             if recorder is not None:
                 recorder.reset()
         record["epochs"].append(epoch_record(epoch, sum(losses) / len(losses), per_step))
-        bar.update(1)
         bar.set_postfix(loss=f"{record['epochs'][-1]['train_loss']:.3g}",
                         acc=f"{record['epochs'][-1]['test_accuracy']:.3f}")
+        bar.update(1)
     bar.close()
     if recorder is not None:
         recorder.remove()
@@ -274,16 +270,3 @@ def train(config: TrainConfig, data: Dataset, *, progress: bool = False) -> dict
 def _nanmean(values) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else math.nan
-
-
-def _progress_bar(enabled: bool, total: int, desc: str):
-    """A tqdm bar over epochs (disabled unless ``enabled``); a silent stand-in where tqdm is absent."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm comes with the "cli" and "train" extras
-        from types import SimpleNamespace
-
-        return SimpleNamespace(update=lambda n: None, set_postfix=lambda **kw: None, close=lambda: None)
-    import sys
-
-    return tqdm(total=total, desc=desc, unit="epoch", file=sys.stderr, leave=False, disable=not enabled)

@@ -1,0 +1,162 @@
+"""Gathering and checking the groups of the torch optimizers (private): the parts a step checks for every
+group before it updates any, and the checks of a loaded state."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from lwrs.norm_statistics import NormStatistics
+
+__all__ = ["Gathered", "gather", "group_statistics", "check_statistics_values", "load_checked"]
+
+
+class Gathered(NamedTuple):
+    """One group's parameters that have a gradient, their gradients and their labels for messages."""
+
+    index: int
+    group: dict[str, Any]
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    labels: list[str]
+
+
+def _label(group: dict[str, Any], index: int, j: int) -> str:
+    names = group.get("param_names")
+    return f"{names[j]!r} (group {index})" if names else f"{j} of group {index}"
+
+
+def gather(opt: torch.optim.Optimizer) -> list[Gathered]:
+    """Every group's parameters with a gradient (the others are skipped, state untouched), checked."""
+    out = []
+    for i, group in enumerate(opt.param_groups):
+        params, grads, labels = [], [], []
+        for j, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            label = _label(group, i, j)
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients: parameter {label} has "
+                                   "one; no group was updated")
+            params.append(p)
+            grads.append(p.grad)
+            labels.append(label)
+        out.append(Gathered(i, group, params, grads, labels))
+    return out
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_shapes(stats: Any, count: int, where: str) -> NormStatistics:
+    if not isinstance(stats, NormStatistics):
+        raise TypeError(f"{where}norm_stats must be a lwrs.NormStatistics or a dict param -> (S1, S2), "
+                        f"got {type(stats).__name__}")
+    for name in ("sum_norms", "sum_squared_norms"):
+        a = getattr(stats, name)
+        if not isinstance(a, torch.Tensor) or tuple(a.shape) != (count,):
+            shape = tuple(a.shape) if hasattr(a, "shape") else type(a).__name__
+            raise ValueError(f"{where}norm_stats.{name} has shape {shape}, expected ({count},): one entry per "
+                             "parameter with a gradient, in order")
+    n = stats.count
+    if not _compiling() and not (isinstance(n, torch.Tensor) and n.device.type != "cpu"):
+        value = float(n)
+        if isinstance(n, bool) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{where}norm_stats.count must be a positive finite number of samples, got {n!r}")
+    return stats
+
+
+def group_statistics(opt: Any, gathered: list[Gathered], norm_stats: Any) -> list[NormStatistics | None]:
+    """Each group's CLARS statistics (``None`` where there are none), with their shapes checked."""
+    if norm_stats is None and getattr(opt, "norm_source", None) is not None:
+        # the statistics were recorded from scaled gradients; step() runs after GradScaler.unscale_
+        scale = float(opt.grad_scaler.get_scale()) if opt.grad_scaler is not None else 1.0
+        return [_check_shapes(opt.norm_source.norm_statistics(g.params, scale=scale), len(g.params),
+                              f"group {g.index}: ") for g in gathered]
+    if norm_stats is None:
+        return [None] * len(gathered)
+    if isinstance(norm_stats, dict):
+        out = []
+        for g in gathered:
+            missing = [label for p, label in zip(g.params, g.labels) if p not in norm_stats]
+            if missing:
+                raise ValueError(f"norm_stats has no entry for parameter {missing[0]}")
+            out.append(NormStatistics(torch.stack([torch.as_tensor(norm_stats[p][0]) for p in g.params]),
+                                      torch.stack([torch.as_tensor(norm_stats[p][1]) for p in g.params]), 1))
+        return [_check_shapes(s, len(g.params), f"group {g.index}: ") for s, g in zip(out, gathered)]
+    total = sum(len(g.params) for g in gathered)
+    stats = _check_shapes(norm_stats, total, "")
+    out, start = [], 0
+    for g in gathered:
+        k = len(g.params)
+        out.append(NormStatistics(stats.sum_norms[start:start + k], stats.sum_squared_norms[start:start + k],
+                                  stats.count))
+        start += k
+    return out
+
+
+def check_statistics_values(g: Gathered, stats: NormStatistics, diagnostics: Any, denominators: Any) -> None:
+    r"""Refuse statistics that cannot belong to this gradient (one host read).
+
+    By the triangle inequality the mean per-sample norm is at least the norm of the mean,
+    :math:`\frac1N\sum_i\|g_{ik}\| \ge \|\bar g_k\|` (CLARS eq. 5 and the factor in :math:`[0, 1]`);
+    statistics below it beyond rounding (:math:`\sqrt{\epsilon}` relative), or with negative sums,
+    would let CLARS step further than LARS. Non-finite values are left to ``on_nonfinite``.
+    """
+    s1, s2 = stats.sum_norms, stats.sum_squared_norms
+    mean = (s1 / stats.count).to(denominators.dtype)
+    rtol = math.sqrt(torch.finfo(denominators.dtype).eps)
+    finite = torch.isfinite(mean) & torch.isfinite(denominators)
+    bad = ((s1 < 0) | (s2 < 0) | (finite & (mean < denominators * (1 - rtol)))).nonzero()
+    if bad.numel():
+        k = int(bad[0, 0])
+        raise ValueError(
+            f"norm_stats for parameter {g.labels[k]} cannot come from its gradient: mean per-sample norm "
+            f"{float(mean[k])!r} (S1 {float(s1[k])!r}, S2 {float(s2[k])!r}, count {stats.count!r}) is negative or "
+            f"below the norm of the mean gradient {float(denominators[k])!r}; were they recorded for another "
+            "batch, or not reset by zero_grad()? No group was updated")
+
+
+def load_checked(opt: Any, state_dict: dict[str, Any]) -> None:
+    """``torch.optim.Optimizer.load_state_dict`` after checking that the state is this optimizer's."""
+    name = type(opt).__name__
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+        raise ValueError(f"{name}.load_state_dict needs a dict with 'state' and 'param_groups'")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"{name}.load_state_dict: the state has {len(saved_groups)} parameter groups, "
+                         f"this optimizer {len(opt.param_groups)}")
+    ignore = {"params", "param_names"}
+    for i, (saved, own) in enumerate(zip(saved_groups, opt.param_groups)):
+        extra, missing = set(saved) - set(own) - ignore, set(own) - set(saved) - ignore
+        if extra or missing:
+            raise ValueError(f"{name}.load_state_dict: group {i} is not a {name} group (unexpected "
+                             f"hyperparameters {sorted(extra)}, missing {sorted(missing)}); is this the state of "
+                             "another optimizer?")
+        if len(saved["params"]) != len(own["params"]):
+            raise ValueError(f"{name}.load_state_dict: group {i} has {len(saved['params'])} parameters in the "
+                             f"state and {len(own['params'])} here")
+        state = state_dict["state"]
+        have = [j for j, pid in enumerate(saved["params"]) if pid in state]
+        if have and len(have) != len(saved["params"]):
+            j = next(j for j, pid in enumerate(saved["params"]) if pid not in state)
+            raise ValueError(f"{name}.load_state_dict: the state has no entry for parameter {_label(saved, i, j)} "
+                             "while the other parameters of its group have one")
+        for j in have:
+            entry, p = state[saved["params"][j]], own["params"][j]
+            keys = set(entry)
+            if "step" not in keys or not keys <= set(opt._state_keys):
+                raise ValueError(f"{name}.load_state_dict: parameter {_label(saved, i, j)} has state keys "
+                                 f"{sorted(keys)}, a {name} state has {list(opt._state_keys)} (step required); "
+                                 "is this the state of another optimizer?")
+            for key in keys - {"step"}:
+                if tuple(entry[key].shape) != tuple(p.shape):
+                    raise ValueError(f"{name}.load_state_dict: {key} of parameter {_label(saved, i, j)} has shape "
+                                     f"{tuple(entry[key].shape)}, the parameter {tuple(p.shape)}")
+    torch.optim.Optimizer.load_state_dict(opt, state_dict)
+    for st in opt.state.values():  # step counts as 0-d tensors (older states kept ints)
+        if "step" in st and not isinstance(st["step"], torch.Tensor):
+            st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)

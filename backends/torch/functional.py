@@ -1,0 +1,522 @@
+r"""The functional layer of the torch optimizers: lists of tensors in, an in-place update out.
+
+Like ``torch.optim``'s ``sgd``/``adam`` functions, each algorithm has one function
+(:func:`mnag`, :func:`lars`, :func:`clars`, :func:`tvlars`, :func:`lamb`) that
+takes the parameters, gradients and state tensors of one group and updates them
+in place. It picks one of three implementations of the same kernels:
+
+* ``"reference"`` (``foreach=False``): the core's own functions on the tensors
+  (:func:`lwrs.layer_norms`, :func:`lwrs.rates.layer_rates`,
+  :func:`lwrs.momentum_step`), results copied back;
+* ``"foreach"`` (the default): the same formulas, in place, with one fused
+  squared-norm pass per list and, on the CPU, BLAS ``axpby`` updates;
+* ``"fused"`` (CPU float32/float64): the two compiled passes of
+  :mod:`lwrs.backends.torch.fused`.
+
+The per-layer rates are always computed by the core's
+:func:`lwrs.rates.layer_rates` from the norms; the kernels here only take
+norms and apply CLARS eq. (4). The tests check each kernel against the core.
+
+A step has three phases, which the optimizer classes run for every parameter
+group before they update any (so that a step is all-or-nothing): :func:`plan_momentum`
+(norms and rates, no side effect), a check of the plan (:func:`first_problem`),
+then :func:`apply_momentum`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+import lwrs
+from lwrs.diagnostics import LayerDiagnostics
+from lwrs.rates import (
+    TrustOptions,
+    clars_denominators,
+    clars_factors,
+    lars_denominators,
+    layer_rates,
+    layer_trust_ratios,
+    statistics_dtype,
+)
+
+__all__ = [
+    "squared_norms",
+    "MomentumPlan",
+    "plan_momentum",
+    "apply_momentum",
+    "first_problem",
+    "mnag",
+    "lars",
+    "clars",
+    "tvlars",
+    "lamb",
+    "LambPlan",
+    "plan_lamb",
+    "apply_lamb",
+]
+
+_CHUNK = 1 << 16  # elements per chunk of g + lambda w (256 KiB in float32): formed in a small scratch buffer
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def implementation(foreach: bool | None, fused: bool | None) -> str:
+    """``"fused"``, ``"foreach"`` (the default) or ``"reference"``, from torch.optim's two flags."""
+    if fused:
+        return "fused"
+    return "reference" if foreach is False else "foreach"
+
+
+def _stat_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    return statistics_dtype(torch, [t.dtype for t in tensors])
+
+
+def _sq(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``sum(x**2)`` of one layer in ``dtype`` (pairwise summation; low precision accumulated in float32)."""
+    if x.dtype in (torch.float32, torch.float64) and x.dtype == dtype:
+        flat = x.reshape(-1)
+        return torch.linalg.vecdot(flat, flat)
+    return torch.linalg.vector_norm(x, dtype=dtype) ** 2
+
+
+def _decayed_sq(w: torch.Tensor, g: torch.Tensor, lam: float, dtype: torch.dtype, scratch: list) -> torch.Tensor:
+    r""":math:`\|g + \lambda w\|^2` of one layer, summing squares of the sum itself (no cancellation).
+
+    Eager: ``g + lambda w`` is formed a chunk at a time in one small scratch buffer, so no
+    layer-sized temporary is made; compiled: one expression that inductor fuses.
+    """
+    if _compiling() or g.numel() <= _CHUNK:
+        return _sq(g + lam * w, dtype)
+    if not scratch or scratch[0].dtype != g.dtype or scratch[0].device != g.device:
+        scratch[:] = [torch.empty(_CHUNK, dtype=g.dtype, device=g.device)]
+    buf, gf, wf = scratch[0], g.reshape(-1), w.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=g.device)
+    for start in range(0, gf.numel(), _CHUNK):
+        n = min(_CHUNK, gf.numel() - start)
+        part = torch.mul(wf[start:start + n], lam, out=buf[:n])  # lambda w, then + g: the core's rounding
+        part += gf[start:start + n]
+        total += _sq(part, part.dtype if part.dtype in (torch.float32, torch.float64) else torch.float32)
+    return total.to(dtype)
+
+
+def squared_norms(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                  buffers: Sequence[torch.Tensor | None] | None = None,
+                  decays: Sequence[float] | None = None, *, dtype: torch.dtype | None = None,
+                  implementation: str = "foreach", layouts: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    r"""Every per-layer sum of squares a step needs, as one ``(4, K)`` tensor.
+
+    .. math::
+
+        \big(\|w_k\|^2,\ \|\bar g_k\|^2,\ \|d_k\|^2,\ \|\bar g_k + \lambda_k w_k\|^2\big)_{k=1..K}
+
+    Row 2 (the state's norm, for the non-finite check) is 0 where ``buffers`` has no tensor;
+    row 3 is computed only where ``decays`` is given and :math:`\lambda_k \ne 0` (else 0), from
+    the sum itself, never as :math:`\|g\|^2 + 2\lambda\langle g, w\rangle + \lambda^2\|w\|^2`.
+    This is the one function that reads the tensors for norms: a sharded backend reduces its
+    result across shards with a single all-reduce (sums of squares add over shards). With
+    ``layouts`` (the ``DTensor`` s whose local shards the lists hold), every row is summed over
+    the shards with one collective (:func:`lwrs.backends.torch.distributed.sum_over_shards`).
+
+    References: CLARS eq. (3) and (5) (the norms of the trust ratio); optax ``lars``
+    (the ``norm_of_sum`` form).
+
+    Examples
+    --------
+    >>> import torch
+    >>> squared_norms([torch.tensor([3.0, 4.0])], [torch.tensor([1.0, 0.0])], decays=[1.0])[:, 0]
+    tensor([25.,  1.,  0., 32.])
+    """
+    dtype = _stat_dtype(params) if dtype is None else dtype
+    k = len(params)
+    if implementation == "fused" and not _compiling():
+        from . import fused
+
+        lam = torch.tensor([float(x) for x in decays] if decays is not None else [0.0] * k, dtype=torch.float64)
+        bufs = [b if b is not None else torch.empty(0, dtype=p.dtype) for b, p in zip(buffers or [None] * k, params)]
+        return fused.load().layer_sums(list(params), list(grads), bufs, lam).to(dtype).T.contiguous()
+    zero = torch.zeros((), dtype=dtype, device=params[0].device if k else None)
+    rows: list[list[torch.Tensor]] = [[], [], [], []]
+    scratch: list = []
+    for j in range(k):
+        w, g = params[j], grads[j]
+        rows[0].append(_sq(w, dtype))
+        rows[1].append(_sq(g, dtype))
+        b = buffers[j] if buffers is not None else None
+        rows[2].append(_sq(b, dtype) if b is not None else zero)
+        lam = float(decays[j]) if decays is not None else 0.0
+        rows[3].append(_decayed_sq(w, g, lam, dtype, scratch) if lam else zero)
+    if k == 0:
+        return torch.zeros((4, 0), dtype=dtype)
+    out = torch.stack([torch.stack(r) for r in rows])
+    if layouts is not None:  # local shards of DTensors: the whole layers' sums, one collective for all rows
+        from .distributed import sum_over_shards
+
+        out = sum_over_shards(out.reshape(-1), list(layouts) * 4).reshape(4, k)
+    return out
+
+
+class MomentumPlan(NamedTuple):
+    """What :func:`plan_momentum` found for one group: its rates, and what to check before updating."""
+
+    diagnostics: LayerDiagnostics
+    decays: tuple[float, ...]
+    direction_norms: torch.Tensor  # |g + lambda w| per layer (|g| where lambda is 0)
+    finite: torch.Tensor  # 0-d bool: every norm, statistic, rate and the update's bound is finite
+    checks: tuple[tuple[str, torch.Tensor], ...]  # (what, per-layer values) for the error message
+
+
+def _bound_ok(w_norms, rates, direction_bound, buf_norms, beta, nesterov, dtypes) -> torch.Tensor:
+    r"""Per layer: the step cannot overflow the parameter's dtype.
+
+    By the triangle inequality every element of the new trace and weights is below
+    :math:`\beta\|d\| + \gamma_k(\|g\| + \lambda\|w\|)` and
+    :math:`\|w\| + (1+\beta)\gamma_k(\|g\| + \lambda\|w\|) + \beta^2\|d\|` (Nesterov).
+    """
+    s = rates * direction_bound
+    d_new = beta * buf_norms + s
+    w_new = w_norms + s + beta * d_new if nesterov else w_norms + d_new
+    limit = torch.tensor([torch.finfo(dt).max for dt in dtypes], dtype=w_norms.dtype, device=w_norms.device)
+    return torch.isfinite(w_new) & (w_new <= limit)
+
+
+def plan_momentum(params, grads, buffers, *, lr: Any, momentum: float, nesterov: bool, options: TrustOptions,
+                  adapt: Sequence[bool], decays: Sequence[float], mean_norms: Any = None, norms: Any = None,
+                  step: Any = 0, implementation: str = "foreach", layouts: Any = None) -> MomentumPlan:
+    r"""Norms and per-layer rates of one mNAG-family step (no side effect).
+
+    .. math:: \gamma_k = \gamma_t\, r_k \qquad\text{(CLARS eq. 3 and 5, via :func:`lwrs.rates.layer_rates`)}
+
+    ``lr`` is :math:`\gamma_t` (a number, a 0-d tensor, or a 1-D tensor with one entry
+    per layer); ``norms`` is the result of :func:`squared_norms` when the caller took it;
+    ``layouts``: the ``DTensor`` s whose local shards the lists hold (see :func:`squared_norms`).
+    """
+    if norms is None:
+        norms = squared_norms(params, grads, buffers, decays if options.weight_decay_form == "norm_of_sum" else None,
+                              implementation=implementation, layouts=layouts)
+    w_norms, g_norms, b_norms, dir_norms = norms.sqrt().unbind(0)
+    has = torch.tensor([bool(x) for x in decays], device=w_norms.device)
+    all_directions = torch.where(has, dir_norms, g_norms)  # layers without decay: the direction is the gradient
+    direction_norms = all_directions if options.weight_decay_form == "norm_of_sum" and any(decays) else None
+    per_layer_lr = isinstance(lr, torch.Tensor) and lr.ndim == 1
+    scalar_lr = lr if not (options.larc_clip and isinstance(lr, torch.Tensor)) else float(lr)
+    lars_r, factors, rates = layer_rates(w_norms, g_norms, learning_rate=1.0 if per_layer_lr else scalar_lr,
+                                         options=options, adapt=adapt, weight_decays=decays,
+                                         direction_norms=direction_norms, mean_norms=mean_norms)
+    if per_layer_lr:
+        rates = lr.to(rates.dtype) * rates
+    if isinstance(rates, torch.Tensor) and rates.dtype != w_norms.dtype:
+        rates = rates.to(w_norms.dtype)
+    lam = torch.tensor([float(x) for x in decays], dtype=w_norms.dtype, device=w_norms.device)
+    bound = _bound_ok(w_norms, rates, g_norms + lam * w_norms, b_norms, momentum, nesterov, [p.dtype for p in params])
+    checks = [("parameter norm", w_norms), ("gradient norm", g_norms), ("momentum buffer norm", b_norms)]
+    if mean_norms is not None:
+        checks.append(("mean per-sample gradient norm", mean_norms))
+    checks.append(("step size (the update would overflow)", torch.where(bound, rates, torch.full_like(rates, torch.inf))))
+    finite = torch.stack([torch.isfinite(v).all() for _, v in checks]).all()
+    diag = LayerDiagnostics(w_norms, g_norms, lars_r, factors, rates, lr, step)
+    return MomentumPlan(diag, tuple(decays), all_directions, finite, tuple(checks))
+
+
+def first_problem(checks: Sequence[tuple[str, torch.Tensor]], names: Sequence[str]) -> str | None:
+    """The first non-finite value, named by layer, or ``None`` (reads the values on the host)."""
+    for what, values in checks:
+        bad = (~torch.isfinite(values)).nonzero()
+        if bad.numel():
+            k = int(bad[0, 0])
+            return f"parameter {names[k]}: {what} is not finite (value {float(values[k])!r})"
+    return None
+
+
+def _update_reference(params, grads, buffers, rates, decays, beta, nesterov) -> None:
+    directions = [g + lam * w if lam else g for w, g, lam in zip(params, grads, decays)]
+    new_w, new_d = lwrs.momentum_step([p.detach() for p in params], directions, list(buffers), rates, beta=beta,
+                                      nesterov=nesterov)
+    for p, b, w, d in zip(params, buffers, new_w, new_d):
+        p.copy_(w)
+        b.copy_(d)
+
+
+def _update_foreach(params, grads, buffers, rates, decays, beta, nesterov, ok=None) -> None:
+    r"""CLARS eq. (4) in place: :math:`d \leftarrow \beta d - r g - r\lambda w`, then
+    :math:`w \leftarrow (1 - r\lambda) w - r g + \beta d` (or :math:`w + d`).
+
+    On the CPU each line is one or two BLAS ``axpby`` passes with host scalars (reading a
+    CPU tensor is no device synchronisation); elsewhere, or compiled, 0-d tensor rates
+    (no host synchronisation) and, with ``ok``, ``where`` to skip a non-finite step.
+    """
+    cpu = all(p.device.type == "cpu" for p in params) and not _compiling() and ok is None
+    if cpu:
+        one = torch.ones(1, dtype=params[0].dtype)
+        for p, g, d, r, lam in zip(params, grads, buffers, rates.tolist(), decays):
+            if p.dtype != one.dtype:
+                one = torch.ones(1, dtype=p.dtype)
+            w, gv, dv = p.view(-1), g.reshape(-1, 1), d.view(-1)
+            if not (w.is_contiguous() and dv.is_contiguous()) or p.dtype not in (torch.float32, torch.float64):
+                _update_tensor(p, g, d, torch.tensor(r, dtype=torch.float64), lam, beta, nesterov)
+                continue
+            dv.addmv_(gv, one, beta=beta, alpha=-r)
+            if lam:
+                dv.add_(w, alpha=-r * lam)
+            if nesterov:
+                w.addmv_(gv, one, beta=1.0 - r * lam, alpha=-r)
+                w.add_(dv, alpha=beta)
+            else:
+                w.add_(dv)
+        return
+    for k, (p, g, d, lam) in enumerate(zip(params, grads, buffers, decays)):
+        _update_tensor(p, g, d, rates[k], lam, beta, nesterov, ok)
+
+
+def _update_tensor(p, g, d, r, lam, beta, nesterov, ok=None) -> None:
+    r = r.to(p.dtype)
+    s = r * (g + lam * p) if lam else r * g
+    d_new = beta * d - s
+    w_new = p - s + beta * d_new if nesterov else p + d_new
+    if ok is not None:
+        d_new, w_new = torch.where(ok, d_new, d), torch.where(ok, w_new, p)
+    d.copy_(d_new)
+    p.copy_(w_new)
+
+
+def apply_momentum(params, grads, buffers, rates, decays, *, momentum: float, nesterov: bool,
+                   implementation: str = "foreach", ok: torch.Tensor | None = None) -> None:
+    r"""The mNAG update of CLARS eq. (4) with per-layer rates, in place.
+
+    .. math:: d_k \leftarrow \beta d_k - \gamma_k(\bar g_k + \lambda_k w_k), \qquad
+              w_k \leftarrow w_k - \gamma_k(\bar g_k + \lambda_k w_k) + \beta d_k
+
+    (heavy ball: :math:`w_k \leftarrow w_k + d_k`). ``ok``, a 0-d bool tensor, keeps the
+    old values where it is false (the sync-free skip).
+    """
+    if not params:
+        return
+    if implementation == "reference" and ok is None:
+        _update_reference(params, grads, buffers, rates, decays, momentum, nesterov)
+    elif implementation == "fused" and ok is None and not _compiling():
+        from . import fused
+
+        lam = torch.tensor([float(x) for x in decays], dtype=torch.float64)
+        fused.load().mnag_update(list(params), list(grads), list(buffers), rates, lam, float(momentum), bool(nesterov))
+    else:
+        _update_foreach(params, grads, buffers, rates, decays, momentum, nesterov, ok)
+
+
+def _one_step(params, grads, buffers, *, lr, momentum, nesterov, options, adapt, decays, mean_norms=None,
+              foreach=None, fused=None) -> LayerDiagnostics:
+    impl = implementation(foreach, fused)
+    plan = plan_momentum(params, grads, buffers, lr=lr, momentum=momentum, nesterov=nesterov, options=options,
+                         adapt=adapt, decays=decays, mean_norms=mean_norms, implementation=impl)
+    if not bool(plan.finite):
+        problem = first_problem(plan.checks, [str(k) for k in range(len(params))])
+        raise lwrs.NonFiniteError(problem)
+    apply_momentum(params, grads, buffers, plan.diagnostics.rates, decays, momentum=momentum, nesterov=nesterov,
+                   implementation=impl)
+    return plan.diagnostics
+
+
+def _masks(params, adapt, decays, weight_decay):
+    adapt = [p.ndim > 1 for p in params] if adapt is None else list(adapt)
+    decays = [weight_decay] * len(params) if decays is None else [weight_decay if d else 0.0 for d in decays]
+    return adapt, decays
+
+
+def mnag(params, grads, momentum_buffers, *, lr, momentum=0.9, weight_decay=0.0, nesterov=True,
+         weight_decay_mask=None, foreach=None, fused=None) -> LayerDiagnostics:
+    r"""mNAG (CLARS eq. 2/4) on lists of tensors, in place: one rate :math:`\gamma_t` = ``lr`` for every layer.
+
+    Raises :class:`lwrs.NonFiniteError` (and changes nothing) when a norm or the step is not finite.
+
+    Examples
+    --------
+    >>> import torch
+    >>> w, g, d = torch.ones(2), torch.ones(2), torch.zeros(2)
+    >>> _ = mnag([w], [g], [d], lr=0.1, momentum=0.9); w
+    tensor([0.8100, 0.8100])
+    """
+    _, decays = _masks(params, None, weight_decay_mask, weight_decay)
+    return _one_step(params, grads, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov,
+                     options=TrustOptions("none"), adapt=[False] * len(params), decays=decays, foreach=foreach,
+                     fused=fused)
+
+
+def lars(params, grads, momentum_buffers, *, lr, momentum=0.9, eta=1e-3, weight_decay=0.0,
+         weight_decay_form="sum_of_norms", eps=0.0, max_ratio=None, larc_clip=False, nesterov=True,
+         adapt_mask=None, weight_decay_mask=None, foreach=None, fused=None) -> LayerDiagnostics:
+    r"""LARS (CLARS eq. 3) on lists of tensors, in place.
+
+    .. math:: \gamma_k = \gamma_t\,\eta\,\frac{\|w_k\|}{\|\bar g_k\| + \lambda\|w_k\| + \epsilon}
+
+    ``adapt_mask``/``weight_decay_mask`` are lists of bools (default: adapt layers with ``ndim > 1``,
+    decay all).
+
+    Examples
+    --------
+    >>> import torch
+    >>> w, g, d = torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 10.0]]), torch.zeros(1, 2)
+    >>> lars([w], [g], [d], lr=1.0, momentum=0.0, eta=0.5).rates
+    tensor([0.2500])
+    """
+    adapt, decays = _masks(params, adapt_mask, weight_decay_mask, weight_decay)
+    options = TrustOptions("lars", eta, eps, max_ratio, larc_clip, weight_decay_form)
+    return _one_step(params, grads, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov, options=options,
+                     adapt=adapt, decays=decays, foreach=foreach, fused=fused)
+
+
+def clars(params, grads, momentum_buffers, *, norm_stats, lr, momentum=0.9, eta=1e-2, weight_decay=0.0,
+          weight_decay_form="sum_of_norms", eps=0.0, max_ratio=None, larc_clip=False, nesterov=True,
+          adapt_mask=None, weight_decay_mask=None, foreach=None, fused=None) -> LayerDiagnostics:
+    r"""CLARS (CLARS eq. 5) on lists of tensors, in place; ``norm_stats`` is a :class:`lwrs.NormStatistics`.
+
+    .. math:: \gamma_k = \gamma_t\,\eta\,\frac{\|w_k\|}{\frac1B\sum_i\|g_{ik}\| + \lambda\|w_k\| + \epsilon}
+
+    Examples
+    --------
+    >>> import torch, lwrs
+    >>> w, g, d = torch.ones(2, 2), torch.full((2, 2), 0.5), torch.zeros(2, 2)
+    >>> stats = lwrs.NormStatistics(torch.tensor([2.0]), torch.tensor([4.0]), 1)
+    >>> clars([w], [g], [d], norm_stats=stats, lr=1.0).clars_factors
+    tensor([0.5000])
+    """
+    adapt, decays = _masks(params, adapt_mask, weight_decay_mask, weight_decay)
+    options = TrustOptions("clars", eta, eps, max_ratio, larc_clip, weight_decay_form)
+    mean = (norm_stats.sum_norms / norm_stats.count).to(_stat_dtype(params))
+    return _one_step(params, grads, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov, options=options,
+                     adapt=adapt, decays=decays, mean_norms=mean, foreach=foreach, fused=fused)
+
+
+def tvlars(params, grads, momentum_buffers, *, step, lr, decay_coefficient, delay_steps, alpha=1.0, gamma_min=0.0,
+           momentum=0.9, eta=1e-3, weight_decay=0.0, weight_decay_form="sum_of_norms", eps=0.0, nesterov=True,
+           adapt_mask=None, weight_decay_mask=None, foreach=None, fused=None) -> LayerDiagnostics:
+    r"""TVLARS (TVLARS Algorithm 1) on lists of tensors, in place: LARS at :math:`\gamma_t = \gamma_{target}\phi_t`.
+
+    .. math:: \phi_t = \frac{1}{\alpha + e^{\lambda(t - d_e)}} + \gamma_{\min}
+
+    :math:`\phi_t` is the core's :func:`lwrs.schedules.tvlars_factor` at ``step``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> w, g, d = torch.ones(2, 2), torch.ones(2, 2), torch.zeros(2, 2)
+    >>> tvlars([w], [g], [d], step=0, lr=1.0, decay_coefficient=0.01, delay_steps=0).learning_rate
+    0.5
+    """
+    phi = lwrs.schedules.tvlars_factor(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha,
+                                       gamma_min=gamma_min)
+    return lars(params, grads, momentum_buffers, lr=lr * phi(step), momentum=momentum, eta=eta,
+                weight_decay=weight_decay, weight_decay_form=weight_decay_form, eps=eps, nesterov=nesterov,
+                adapt_mask=adapt_mask, weight_decay_mask=weight_decay_mask, foreach=foreach, fused=fused)
+
+
+# ---- LAMB: the new moments and direction are formed out of place and committed only after the checks ----
+
+
+class LambPlan(NamedTuple):
+    """What :func:`plan_lamb` computed for one group, committed by :func:`apply_lamb`."""
+
+    diagnostics: LayerDiagnostics
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+    directions: list[torch.Tensor]
+    finite: torch.Tensor
+    checks: tuple[tuple[str, torch.Tensor], ...]
+
+
+def _moments(grads, exp_avg, exp_avg_sq, b1, b2, foreach):
+    if foreach:
+        m = torch._foreach_mul(exp_avg, b1)
+        torch._foreach_add_(m, grads, alpha=1.0 - b1)
+        v = torch._foreach_mul(exp_avg_sq, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
+        return m, v
+    return ([b1 * mk + (1.0 - b1) * g for mk, g in zip(exp_avg, grads)],
+            [b2 * vk + (1.0 - b2) * (g * g) for vk, g in zip(exp_avg_sq, grads)])
+
+
+def plan_lamb(params, grads, exp_avg, exp_avg_sq, *, lr: Any, betas: tuple[float, float], eps: float,
+              adapt: Sequence[bool], decays: Sequence[float], steps: Sequence[Any], mean_norms: Any = None,
+              implementation: str = "foreach", layouts: Any = None) -> LambPlan:
+    r"""LAMB's moments, direction and per-layer rates for one group (no side effect).
+
+    .. math::
+
+        m &= \beta_1 m + (1-\beta_1) g, \quad v = \beta_2 v + (1-\beta_2) g^2, \quad
+        u = \frac{m / (1-\beta_1^{t})}{\sqrt{v / (1-\beta_2^{t})} + \epsilon} + \lambda w, \\
+        \gamma_k &= \gamma_t \frac{\|w_k\|}{\|u_k\|}
+
+    (You et al. 2019, Algorithm 2); ``steps`` holds each layer's :math:`t - 1`; ``layouts`` as in
+    :func:`squared_norms` (two collectives: the norms before the moments, then the direction's).
+    """
+    b1, b2 = betas
+    dtype = _stat_dtype(params)
+    norms = squared_norms(params, grads, implementation="foreach" if implementation == "fused" else implementation,
+                          layouts=layouts)
+    w_norms, g_norms = norms[0].sqrt(), norms[1].sqrt()
+    m, v = _moments(grads, exp_avg, exp_avg_sq, b1, b2, implementation == "foreach")
+    u = []
+    for mk, vk, w, lam, t in zip(m, v, params, decays, steps):
+        c1, c2 = 1.0 - b1 ** (t + 1), 1.0 - b2 ** (t + 1)
+        uk = (mk / c1) / ((vk / c2).sqrt() + eps)
+        u.append(uk + lam * w if lam else uk)
+    state_norms = squared_norms(u, m, v, dtype=dtype, layouts=layouts).sqrt()
+    u_norms = state_norms[0]
+    ratios = layer_trust_ratios(w_norms, u_norms, eta=1.0, adapt=list(adapt), grad_norms=g_norms)
+    rates = lr * ratios
+    factors = torch.ones_like(w_norms)
+    checks = [("parameter norm", w_norms), ("gradient norm", g_norms), ("first moment norm", state_norms[1]),
+              ("second moment norm", state_norms[2]), ("direction norm", u_norms)]
+    if mean_norms is not None:  # reported, not used: LAMB has no per-sample term
+        factors = clars_factors(lars_denominators(w_norms, g_norms, weight_decay=list(decays)),
+                                clars_denominators(w_norms, mean_norms, weight_decay=list(decays)))
+        checks.append(("mean per-sample gradient norm", mean_norms))
+    limit = torch.tensor([torch.finfo(p.dtype).max for p in params], dtype=dtype, device=w_norms.device)
+    new_bound = w_norms + rates * u_norms
+    checks.append(("step size (the update would overflow)",
+                   torch.where(torch.isfinite(new_bound) & (new_bound <= limit), rates, torch.full_like(rates, torch.inf))))
+    finite = torch.stack([torch.isfinite(c).all() for _, c in checks]).all()
+    diag = LayerDiagnostics(w_norms, g_norms, ratios, factors, rates, lr, steps[0] if steps else 0)
+    return LambPlan(diag, m, v, u, finite, tuple(checks))
+
+
+def apply_lamb(params, exp_avg, exp_avg_sq, plan: LambPlan, ok: torch.Tensor | None = None) -> None:
+    r"""Commit a :class:`LambPlan`: :math:`w_k \leftarrow w_k - \gamma_k u_k` and the new moments, in place.
+
+    With ``ok`` (a 0-d bool tensor), the old values are kept where it is false (the sync-free skip).
+    """
+    rates = plan.diagnostics.rates
+    for k, (p, m, v) in enumerate(zip(params, exp_avg, exp_avg_sq)):
+        new_w = p - rates[k].to(p.dtype) * plan.directions[k]
+        new_m, new_v = plan.exp_avg[k], plan.exp_avg_sq[k]
+        if ok is not None:
+            new_w, new_m, new_v = torch.where(ok, new_w, p), torch.where(ok, new_m, m), torch.where(ok, new_v, v)
+        p.copy_(new_w)
+        m.copy_(new_m)
+        v.copy_(new_v)
+
+
+def lamb(params, grads, exp_avg, exp_avg_sq, *, step, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+         adapt_mask=None, weight_decay_mask=None, foreach=None) -> LayerDiagnostics:
+    r"""LAMB (You et al. 2019) on lists of tensors, in place; ``step`` is the number of steps already made.
+
+    .. math:: w \leftarrow w - \gamma_t \frac{\|w\|}{\|u\|} u, \qquad
+              u = \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \lambda w
+
+    Examples
+    --------
+    >>> import torch
+    >>> w, g = torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, -1.0]])
+    >>> m, v = torch.zeros(1, 2), torch.zeros(1, 2)
+    >>> round(float(lamb([w], [g], [m], [v], step=0, lr=0.1).trust_ratios[0]), 4)
+    3.5355
+    """
+    adapt, decays = _masks(params, adapt_mask, weight_decay_mask, weight_decay)
+    plan = plan_lamb(params, grads, exp_avg, exp_avg_sq, lr=lr, betas=betas, eps=eps, adapt=adapt, decays=decays,
+                     steps=[step] * len(params), implementation=implementation(foreach, None))
+    if not bool(plan.finite):
+        raise lwrs.NonFiniteError(first_problem(plan.checks, [str(k) for k in range(len(params))]))
+    apply_lamb(params, exp_avg, exp_avg_sq, plan)
+    return plan.diagnostics

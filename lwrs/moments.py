@@ -1,0 +1,91 @@
+r"""LAMB's Adam moments and its update direction, per layer.
+
+.. math::
+
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\bar g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\bar g_t^2, \\
+    u_t &= \frac{m_t / (1 - \beta_1^{t})}{\sqrt{v_t / (1 - \beta_2^{t})} + \epsilon} + \lambda w_t
+
+with :math:`t` counted from 1. LAMB's trust ratio :math:`\|w_k\| / \|u_k\|`
+comes from :func:`lwrs.layer_trust_ratios` with :math:`\eta = 1`. These are
+the one implementation of LAMB's math; the torch fast path is tested against
+them.
+
+References: You et al. (2019), *Large Batch Optimization for Deep Learning:
+Training BERT in 76 minutes*, Algorithm 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from array_api_compat import array_namespace, is_array_api_obj
+
+__all__ = ["lamb_moments", "lamb_directions"]
+
+
+def lamb_moments(
+    grads: Sequence[Any], first: Sequence[Any], second: Sequence[Any], *, beta1: float, beta2: float, xp: Any = None
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    r"""Adam's moving averages after one gradient.
+
+    .. math:: m_t = \beta_1 m_{t-1} + (1 - \beta_1)\bar g_t, \qquad v_t = \beta_2 v_{t-1} + (1 - \beta_2)\bar g_t^2
+
+    References: You et al. (2019), Algorithm 2, lines 6-7.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> m, v = lamb_moments([np.array([2.0])], [np.array([0.0])], [np.array([0.0])], beta1=0.9, beta2=0.99)
+    >>> m[0], v[0]
+    (array([0.2]), array([0.04]))
+    """
+    if xp is None:
+        xp = array_namespace(*grads)
+    m = tuple(beta1 * mk + (1.0 - beta1) * g for mk, g in zip(first, grads))
+    v = tuple(beta2 * vk + (1.0 - beta2) * (g * g) for vk, g in zip(second, grads))
+    return m, v
+
+
+def lamb_directions(
+    first: Sequence[Any],
+    second: Sequence[Any],
+    params: Sequence[Any],
+    *,
+    step: Any,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decays: Sequence[float],
+    xp: Any = None,
+) -> tuple[Any, ...]:
+    r"""LAMB's update direction per layer: the bias-corrected Adam step plus decoupled weight decay.
+
+    .. math:: u_k = \frac{m_k / (1 - \beta_1^{t})}{\sqrt{v_k / (1 - \beta_2^{t})} + \epsilon} + \lambda_k w_k
+
+    ``step`` is :math:`t` (counted from 1, i.e. the state's step count plus
+    one): an int, or a 0-d floating array of the layers' dtype under tracing.
+
+    References: You et al. (2019), Algorithm 2, lines 8-9.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> u = lamb_directions([np.array([0.1])], [np.array([0.01])], [np.array([1.0])], step=1,
+    ...                     beta1=0.9, beta2=0.99, eps=0.0, weight_decays=[0.5])
+    >>> np.round(u[0], 12)       # m_hat / sqrt(v_hat) = 1 / 1, plus 0.5 * w
+    array([1.5])
+    """
+    if xp is None:
+        xp = array_namespace(*params)
+    if is_array_api_obj(step):
+        c1, c2 = 1.0 - beta1**step, 1.0 - beta2**step
+        c1 = [xp.astype(c1, w.dtype) for w in params]
+        c2 = [xp.astype(c2, w.dtype) for w in params]
+    else:
+        c1, c2 = [1.0 - beta1**step] * len(params), [1.0 - beta2**step] * len(params)
+    return tuple(
+        (mk / a) / (xp.sqrt(vk / b) + eps) + (wd * w if wd else 0.0)
+        for mk, vk, w, wd, a, b in zip(first, second, params, weight_decays, c1, c2)
+    )

@@ -1,0 +1,363 @@
+"""The torch optimizers in real training loops (issue 13, items 1-7): frozen parameters, all-or-nothing
+steps over groups, hyperparameters checked at every step, foreign states refused, the norm of the
+decayed gradient without cancellation, impossible CLARS statistics, non-finite results and states."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import lwrs  # noqa: E402
+from lwrs.backends.torch import CLARS, LAMB, LARS, MNAG, TVLARS  # noqa: E402
+
+IMPLS = {"reference": dict(foreach=False), "foreach": dict(), "fused": dict(fused=True)}
+FACTORIES = {
+    "lars": lambda p, **kw: LARS(p, lr=0.5, eta=0.02, weight_decay=1e-2, **kw),
+    "mnag": lambda p, **kw: MNAG(p, lr=0.05, **kw),
+    "tvlars": lambda p, **kw: TVLARS(p, lr=0.5, decay_coefficient=0.1, delay_steps=1, eta=0.02, **kw),
+    "lamb": lambda p, **kw: LAMB(p, lr=0.01, weight_decay=1e-2, **{k: v for k, v in kw.items() if k != "fused"}),
+}
+CASES = [(name, impl) for name in FACTORIES for impl in IMPLS if not (name == "lamb" and impl == "fused")]
+
+
+def model(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
+
+
+def backward(m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 6, generator=g, dtype=next(m.parameters()).dtype)
+    m.zero_grad(set_to_none=True)
+    (m(x) ** 2).mean().backward()
+
+
+def snapshot(opt, m):
+    params = [p.detach().clone() for p in m.parameters()]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in m.parameters()}
+    return params, state
+
+
+def assert_unchanged(opt, m, snap):
+    params, state = snap
+    for p, q in zip(m.parameters(), params):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0, equal_nan=True)
+    for p in m.parameters():
+        assert set(opt.state[p]) == set(state[id(p)])
+        for k, v in state[id(p)].items():
+            torch.testing.assert_close(opt.state[p][k], v, rtol=0, atol=0, equal_nan=True)
+
+
+# ---- 1. parameters without a gradient ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, impl", CASES)
+def test_a_frozen_parameter_is_skipped_and_its_state_untouched(name, impl):
+    m = model()
+    opt = FACTORIES[name](m.parameters(), **IMPLS[name == "lamb" and impl == "fused" or impl])
+    backward(m, 0)
+    opt.step()
+    m[0].weight.requires_grad_(False)
+    backward(m, 1)
+    assert m[0].weight.grad is None
+    frozen = {k: v.clone() for k, v in opt.state[m[0].weight].items()}
+    w0 = m[0].weight.detach().clone()
+    opt.step()
+    assert torch.equal(m[0].weight, w0)
+    assert all(torch.equal(opt.state[m[0].weight][k], v) for k, v in frozen.items())
+    m[0].weight.requires_grad_(True)
+    backward(m, 2)
+    opt.step()  # was: "parameters of one group are at different steps [1, 2]"
+    assert int(opt.state[m[0].weight]["step"]) == 2 and int(opt.state[m[2].weight]["step"]) == 3
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_a_parameter_unfrozen_later_follows_torch_sgd(impl):
+    """MNAG at a constant rate is torch's SGD(nesterov): the same freeze schedule gives the same weights."""
+    ours, theirs = model(), model()
+    opt = MNAG(ours.parameters(), lr=0.05, momentum=0.9, **IMPLS[impl])
+    sgd = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    for step in range(5):
+        for m in (ours, theirs):
+            m[2].bias.requires_grad_(step not in (1, 2))
+            backward(m, step)
+        opt.step()
+        sgd.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+# ---- 2. all-or-nothing over groups ---------------------------------------------------------------------------
+
+
+def two_groups(m, factory, **kw):
+    named = list(m.named_parameters())
+    return factory([{"params": named[:2]}, {"params": named[2:], "lr": 0.1}], **kw)
+
+
+@pytest.mark.parametrize("name, impl", CASES)
+def test_a_nan_in_the_second_group_updates_no_group(name, impl):
+    m = model()
+    opt = two_groups(m, FACTORIES[name], **IMPLS[impl])
+    backward(m, 0)
+    opt.step()
+    backward(m, 1)
+    m[2].weight.grad[1, 1] = float("nan")
+    snap = snapshot(opt, m)
+    with pytest.raises(lwrs.NonFiniteError, match=r"parameter '2.weight' \(group 1\): gradient norm is not finite"):
+        opt.step()
+    assert_unchanged(opt, m, snap)
+    for group in opt.param_groups:
+        group["on_nonfinite"] = "skip"
+    opt.step()
+    assert_unchanged(opt, m, snap)
+    assert [bool(d.skipped) for d in opt.diagnostics] == [True, True]
+
+
+def test_a_sparse_gradient_in_the_second_group_updates_no_group():
+    m = model()
+    opt = two_groups(m, FACTORIES["lars"])
+    backward(m, 0)
+    m[2].bias.grad = m[2].bias.grad.to_sparse()
+    snap = snapshot(opt, m)
+    with pytest.raises(RuntimeError, match=r"sparse gradients: parameter '2.bias' \(group 1\)"):
+        opt.step()
+    assert_unchanged(opt, m, snap)
+
+
+# ---- 3. hyperparameters checked at every step, on every path -------------------------------------------------
+
+BAD = [
+    ("lr", float("nan"), r"group 1: lr must be finite, got nan"),
+    ("lr", -0.1, r"group 1: lr must lie in \[0.0, inf\], got -0.1"),
+    ("lr", torch.tensor(float("nan")), r"group 1: lr must be finite"),
+    ("momentum", 1.0, r"group 1: momentum must lie in \[0.0, 1.0\), got 1.0"),
+    ("weight_decay", -1.0, r"group 1: weight_decay must lie"),
+    ("eta", 0.0, r"group 1: eta must lie in \(0.0, inf\]"),
+    ("nesterov", "yes", r"group 1: nesterov must be a bool"),
+]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("key, value, message", BAD, ids=[f"{k}={v}" for k, v, _ in BAD])
+def test_hyperparameters_set_after_construction_are_checked_at_step(impl, key, value, message):
+    m = model()
+    opt = two_groups(m, FACTORIES["lars"], **IMPLS[impl])
+    backward(m, 0)
+    opt.param_groups[1][key] = value
+    snap = snapshot(opt, m)
+    with pytest.raises((ValueError, TypeError), match=message):
+        opt.step()
+    assert_unchanged(opt, m, snap)
+
+
+@pytest.mark.parametrize("impl", ["reference", "foreach"])
+def test_lamb_beta1_of_one_is_refused_at_step(impl):
+    m = model()
+    opt = LAMB(m.parameters(), lr=0.01, **IMPLS[impl])
+    backward(m, 0)
+    opt.param_groups[0]["betas"] = (1.0, 0.999)
+    with pytest.raises(ValueError, match=r"group 0: betas\[0\] must lie in \[0.0, 1.0\), got 1.0"):
+        opt.step()
+
+
+def test_add_param_group_and_load_state_dict_are_checked():
+    m = model()
+    opt = LARS(list(m.parameters())[:2], lr=0.1)
+    with pytest.raises(ValueError, match=r"group 1: lr must be finite, got nan"):
+        opt.add_param_group({"params": list(m.parameters())[2:], "lr": float("nan")})
+    state = LARS(m.parameters(), lr=0.1).state_dict()
+    state["param_groups"][0]["momentum"] = 1.0
+    with pytest.raises(ValueError, match=r"group 0: momentum must lie"):
+        LARS(m.parameters(), lr=0.1).load_state_dict(state)
+
+
+# ---- 4. load_state_dict refuses another optimizer's state ------------------------------------------------------
+
+
+def stepped(make, m):
+    opt = make(m.parameters())
+    backward(m, 0)
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("other", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lambda p: torch.optim.Adam(p, lr=0.1),
+    lambda p: LAMB(p, lr=0.1),
+], ids=["sgd", "adam", "lamb"])
+def test_another_optimizers_state_is_refused(other):
+    m = model()
+    state = stepped(other, m).state_dict()
+    opt = LARS(m.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="another optimizer"):
+        opt.load_state_dict(state)
+
+
+def test_a_state_with_a_parameter_missing_is_refused():
+    m = model()
+    state = stepped(lambda p: LARS(p, lr=0.1), m).state_dict()
+    del state["state"][1]
+    with pytest.raises(ValueError, match=r"no entry for parameter 1 of group 0"):
+        LARS(m.parameters(), lr=0.1).load_state_dict(state)
+
+
+def test_lars_state_into_tvlars_is_refused_and_a_lars_state_loads():
+    m = model()
+    state = stepped(lambda p: LARS(p, lr=0.1), m).state_dict()
+    with pytest.raises(ValueError, match=r"unexpected hyperparameters \[\], missing \['alpha'"):
+        TVLARS(m.parameters(), lr=0.1, decay_coefficient=0.1, delay_steps=0).load_state_dict(state)
+    opt = LARS(m.parameters(), lr=0.1)
+    opt.load_state_dict(state)
+    assert int(opt.state[m[0].weight]["step"]) == 1
+
+
+# ---- 5. the norm of the decayed gradient, near the weight-decay equilibrium ------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+@pytest.mark.parametrize("ratio", [1e-1, 1e-2, 1e-4, 1e-6])
+def test_norm_of_sum_agrees_with_the_core_near_equilibrium(dtype, impl, ratio):
+    """g = -lambda w + delta with |delta| / |lambda w| = ratio: the expanded form lost all digits at 1e-4.
+
+    Oracles: the core in the same dtype, and the core's rate from the norm of the core's own rounded
+    direction fl(g + fl(lambda w)) summed in float64 (the core's float32 ``vector_norm`` itself is only
+    good to about 2e-5 relative on such a layer, so the float32 comparison with it allows 5e-5)."""
+    gen = torch.Generator().manual_seed(3)
+    lam = 5e-4
+    w = torch.randn(512, 512, generator=gen, dtype=torch.float64)
+    delta = torch.randn(512, 512, generator=gen, dtype=torch.float64)
+    delta *= ratio * torch.linalg.vector_norm(lam * w) / torch.linalg.vector_norm(delta)
+    w, g = w.to(dtype), (-lam * w + delta).to(dtype)
+    core = lwrs.lars(1.0, eta=1e-3, weight_decay=lam, weight_decay_form="norm_of_sum")
+    _, _, expected = core.step([w], [g], core.init([w]))
+    p = torch.nn.Parameter(w.clone())
+    p.grad = g.clone()
+    opt = LARS([p], lr=1.0, eta=1e-3, weight_decay=lam, weight_decay_form="norm_of_sum", **IMPLS[impl])
+    opt.step()
+    rates = opt.diagnostics[0].rates
+    torch.testing.assert_close(rates, expected.rates, rtol=1e-5 if dtype == torch.float64 else 5e-5, atol=0)
+    direction = (g + lam * w).double()  # the core's rounding of the direction, then exact sums
+    exact = 1e-3 * torch.linalg.vector_norm(w.double()) / torch.linalg.vector_norm(direction)
+    torch.testing.assert_close(rates.double(), exact.reshape(1), rtol=1e-5, atol=0)
+
+
+# ---- 6. CLARS statistics: shapes on every path, impossible values refused -------------------------------------
+
+
+def clars_case(impl, **kw):
+    m = model()
+    opt = CLARS(m.parameters(), lr=0.5, **IMPLS[impl], **kw)
+    backward(m, 0)
+    norms = torch.stack([p.grad.norm() for p in m.parameters()])
+    return m, opt, norms
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_clars_statistics_of_the_wrong_length_are_refused(impl):
+    m, opt, norms = clars_case(impl)
+    snap = snapshot(opt, m)
+    for k in (2, 6):
+        stats = lwrs.NormStatistics(torch.ones(k, dtype=torch.float64) * 9, torch.ones(k, dtype=torch.float64), 1)
+        with pytest.raises(ValueError, match=rf"norm_stats.sum_norms has shape \({k},\), expected \(4,\)"):
+            opt.step(norm_stats=stats)
+    assert_unchanged(opt, m, snap)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("case", ["zero", "below", "negative", "count-inf", "count-zero"])
+def test_impossible_clars_statistics_are_refused(impl, case):
+    m, opt, norms = clars_case(impl)
+    s1, s2, count = 2 * norms, 4 * norms**2, 1
+    if case == "zero":
+        s1, s2 = torch.zeros_like(s1), torch.zeros_like(s2)
+    elif case == "below":
+        s1 = s1.clone()
+        s1[2] = 0.5 * norms[2]
+    elif case == "negative":
+        s1 = -s1
+    elif case == "count-inf":
+        count = float("inf")
+    else:
+        count = 0
+    snap = snapshot(opt, m)
+    message = "count must be a positive finite number" if case.startswith("count") else "cannot come from its gradient"
+    with pytest.raises(ValueError, match=message):
+        opt.step(norm_stats=lwrs.NormStatistics(s1, s2, count))
+    assert_unchanged(opt, m, snap)
+    opt.step(norm_stats=lwrs.NormStatistics(2 * norms, 4 * norms**2, 1))  # possible statistics are taken
+    assert (opt.diagnostics[0].clars_factors <= 1).all()
+
+
+# ---- 7. non-finite results and states -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, impl", [c for c in CASES if c[0] != "tvlars"])
+def test_a_step_that_would_overflow_is_refused_then_skipped(name, impl):
+    m = model()
+    opt = FACTORIES[name](m.parameters(), **IMPLS[impl])
+    backward(m, 0)
+    opt.step()
+    for group in opt.param_groups:
+        group["lr"] = 1e308
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(100)
+    backward(m, 1)
+    for p in m.parameters():
+        p.grad *= 1e3
+    snap = snapshot(opt, m)
+    with pytest.raises(lwrs.NonFiniteError, match="would overflow"):
+        opt.step()
+    assert_unchanged(opt, m, snap)
+    for group in opt.param_groups:
+        group["on_nonfinite"] = "skip"
+    opt.step()
+    assert opt.diagnostics[0].skipped
+    assert_unchanged(opt, m, snap)
+    for group in opt.param_groups:  # a sane rate: the next step goes ahead, the count moves on
+        group["lr"] = 0.01
+    opt.step()
+    assert not opt.diagnostics[0].skipped
+    assert int(opt.state[m[0].weight]["step"]) == 2
+
+
+def test_float16_overflow_is_detected():
+    m = model(dtype=torch.float32).half()
+    opt = LARS(m.parameters(), lr=1e4, eta=1.0, exclude_1d=False)
+    backward(m, 0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(6e4)
+    with pytest.raises(lwrs.NonFiniteError, match="would overflow"):
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name, impl", CASES)
+def test_a_nan_in_the_state_is_detected(name, impl):
+    m = model()
+    opt = FACTORIES[name](m.parameters(), **IMPLS[impl])
+    backward(m, 0)
+    opt.step()
+    key = "exp_avg" if name == "lamb" else "momentum_buffer"
+    opt.state[m[2].weight][key][0, 0] = float("nan")  # a corrupted checkpoint
+    backward(m, 1)
+    snap = snapshot(opt, m)
+    with pytest.raises(lwrs.NonFiniteError, match=r"parameter 2 of group 0: (momentum buffer|first moment) norm"):
+        opt.step()
+    assert_unchanged(opt, m, snap)
+
+
+def test_named_parameters_name_the_parameter_in_every_message():
+    m = model()
+    opt = LARS(m.named_parameters(), lr=0.1)
+    backward(m, 0)
+    m[0].bias.grad[0] = float("inf")
+    with pytest.raises(lwrs.NonFiniteError, match=r"parameter '0.bias' \(group 0\)"):
+        opt.step()
+    assert np.isfinite(m[0].bias.detach().numpy()).all()
