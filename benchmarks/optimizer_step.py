@@ -62,10 +62,14 @@ def methods() -> dict[str, Callable[[list[torch.Tensor]], Callable[[], None]]]:
 
     out["lwrs LARS (foreach)"] = torch_opt(LARS, eta=1e-3, **settings)
 
+    def possible_statistics(params):
+        """Statistics that can come from the gradients: mean per-sample norm twice the gradient's norm."""
+        norms = torch.stack([p.grad.norm() for p in params])
+        return lwrs.NormStatistics(2 * norms, 4 * norms**2, 1)
+
     def clars(params):
         opt = CLARS(params, eta=1e-3, **settings)
-        k = len(params)
-        stats = lwrs.NormStatistics(torch.full((k,), 10.0), torch.full((k,), 100.0), 1)
+        stats = possible_statistics(params)
         return lambda: opt.step(norm_stats=stats)
 
     out["lwrs CLARS (foreach)"] = clars
@@ -73,8 +77,7 @@ def methods() -> dict[str, Callable[[list[torch.Tensor]], Callable[[], None]]]:
 
     def clars_fused(params):
         opt = CLARS(params, eta=1e-3, fused=True, **settings)
-        k = len(params)
-        stats = lwrs.NormStatistics(torch.full((k,), 10.0), torch.full((k,), 100.0), 1)
+        stats = possible_statistics(params)
         return lambda: opt.step(norm_stats=stats)
 
     out["lwrs CLARS (fused=True)"] = clars_fused

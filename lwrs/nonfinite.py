@@ -12,7 +12,10 @@ naming the first bad layer (this reads one flag on the host). With
     \qquad
     x_{t+1} = \begin{cases} x_{t+1}^{\text{new}} & \text{ok} \\ x_t & \text{otherwise} \end{cases}
 
-for the weights, every state array and the step count. Under tracing
+for the weights, every state array and the step count. The checks cover the
+inputs (weights, gradients, statistics), the state (momentum buffer, Adam's
+moments) and the step's size: a step whose result would overflow the dtype
+(:func:`step_size_check`) counts as non-finite too. Under tracing
 (``jax.jit``, ``torch.compile``) or with an array step count, the selection is
 ``where(ok, new, old)`` on the device: no host synchronisation. These functions
 are the policy's one implementation; the fast backends use or are tested
@@ -28,7 +31,19 @@ from array_api_compat import array_namespace, device, is_array_api_obj
 
 from .diagnostics import LayerDiagnostics
 
-__all__ = ["all_finite", "first_nonfinite", "select", "skipped_diagnostics", "where_skipped_diagnostics"]
+__all__ = [
+    "all_finite",
+    "first_nonfinite",
+    "select",
+    "skipped_diagnostics",
+    "where_skipped_diagnostics",
+    "momentum_step_bounds",
+    "step_size_check",
+    "STEP_SIZE",
+]
+
+STEP_SIZE = "step size (the update would overflow)"
+"""The name of the check that a step's result stays inside its dtype (see :func:`step_size_check`)."""
 
 
 def all_finite(values: Sequence[Any], *, xp: Any = None) -> Any:
@@ -53,11 +68,12 @@ def all_finite(values: Sequence[Any], *, xp: Any = None) -> Any:
     return ok
 
 
-def first_nonfinite(checks: Sequence[tuple[str, Any]], *, xp: Any = None) -> str | None:
+def first_nonfinite(checks: Sequence[tuple[str, Any]], *, xp: Any = None, names: Sequence[str] | None = None) -> str | None:
     r"""Name the first layer whose value is not finite, or ``None`` (eager only: reads values on the host).
 
     ``checks`` is a sequence of ``(what, per_layer_values)``; the message is
-    ``"layer k: <what> is not finite (value v)"``. When every value is finite
+    ``"layer k: <what> is not finite (value v)"`` (``"layer k (path): ..."``
+    with ``names``, the layers' pytree paths). When every value is finite
     this costs one host synchronisation.
 
     .. math:: k^\ast = \min\{k : \neg\operatorname{isfinite}(x_k)\}
@@ -77,7 +93,8 @@ def first_nonfinite(checks: Sequence[tuple[str, Any]], *, xp: Any = None) -> str
         if not bool(ok):
             for k in range(values.shape[0]):
                 if not bool(xp.isfinite(values[k])):
-                    return f"layer {k}: {what} is not finite (value {float(values[k])!r})"
+                    label = f"layer {k}" if names is None else f"layer {k} ({names[k]})"
+                    return f"{label}: {what} is not finite (value {float(values[k])!r})"
     return "a value is not finite"  # pragma: no cover - unreachable: some flag was False
 
 
@@ -139,6 +156,62 @@ def where_skipped_diagnostics(ok: Any, diagnostics: LayerDiagnostics) -> LayerDi
     ratios, factors, rates = select(ok, [diagnostics.trust_ratios, diagnostics.clars_factors, diagnostics.rates],
                                     [1.0, 1.0, 0.0], xp=xp)
     return diagnostics._replace(trust_ratios=ratios, clars_factors=factors, rates=rates, skipped=~ok)
+
+
+def momentum_step_bounds(weight_norms: Any, rates: Any, direction_bounds: Any, trace_norms: Any, *, beta: float,
+                         nesterov: bool = True) -> Any:
+    r"""Per layer, an upper bound on every entry of the new weights and trace of an mNAG step.
+
+    With :math:`s_k = \gamma_k (\|\bar g_k\| + \lambda_k \|w_k\|) \ge \|\gamma_k(\bar g_k + \lambda_k w_k)\|`,
+    the triangle inequality on CLARS eq. (4) gives
+
+    .. math::
+
+        \|d_{t,k}\| \le \beta\|d_{t-1,k}\| + s_k, \qquad
+        \|w_{t+1,k}\| \le \|w_{t,k}\| + s_k + \beta\|d_{t,k}\| \ \text{(Nesterov)}, \quad
+        \|w_{t,k}\| + \|d_{t,k}\| \ \text{(heavy ball)}.
+
+    A step whose bound stays below the dtype's largest number cannot overflow;
+    this is checked from norms, without a pass over the new weights.
+    ``direction_bounds`` is :math:`\|\bar g_k\| + \lambda_k\|w_k\|`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> momentum_step_bounds(np.array([1.0]), np.array([0.5]), np.array([2.0]), np.array([0.0]), beta=0.5)
+    array([2.5])
+    """
+    step = rates * direction_bounds
+    if not beta:  # mGD: no trace term (and no 0 * inf)
+        return weight_norms + step
+    trace = beta * trace_norms + step
+    return weight_norms + step + beta * trace if nesterov else weight_norms + trace
+
+
+def step_size_check(rates: Any, bounds: Any, dtypes: Sequence[Any], *, xp: Any = None) -> Any:
+    r"""The rates where a step fits its layer's dtype, :math:`+\infty` where it would overflow.
+
+    .. math::
+
+        c_k = \begin{cases} \gamma_k & b_k \text{ finite and } b_k \le \max(\text{dtype}_k) \\
+        +\infty & \text{otherwise} \end{cases}
+
+    with :math:`b_k` a bound on the new values (:func:`momentum_step_bounds`,
+    or :math:`\|w_k\| + \gamma_k\|u_k\|` for LAMB). The non-finite policy
+    checks it under the name :data:`STEP_SIZE`, so a step that would overflow
+    raises or is skipped like one with a non-finite gradient.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> step_size_check(np.array([0.1, 0.1]), np.array([1.0, 1e39]), [np.float32, np.float32])
+    array([0.1, inf])
+    """
+    if xp is None:
+        xp = array_namespace(rates)
+    limit = xp.asarray([float(xp.finfo(dt).max) for dt in dtypes], dtype=bounds.dtype, device=device(bounds))
+    fits = xp.isfinite(bounds) & (bounds <= limit)
+    return xp.where(fits, rates, xp.full_like(rates, float("inf")))
 
 
 def step_after(ok: Any, step: Any, *, xp: Any) -> Any:

@@ -42,6 +42,7 @@ from .base import (
     StepResult,
     Transition,
     check_state,
+    check_step_size,
     finish,
     functional,
     prepare,
@@ -51,7 +52,7 @@ from .base import (
 from .diagnostics import LayerDiagnostics
 from .moments import lamb_directions, lamb_moments
 from .momentum import mnag_increments
-from .nonfinite import first_nonfinite
+from .nonfinite import first_nonfinite, momentum_step_bounds
 from .norm_statistics import NormStatistics
 from .rates import (
     TrustOptions,
@@ -90,9 +91,9 @@ def _momentum_family(name: str, common: Common, trust: TrustOptions, beta: float
     def init_arrays(xp, leaves, step) -> MomentumState:
         return MomentumState(step, zeros(xp, leaves))
 
-    def transition(params, grads, state, norm_stats) -> Transition:
+    def transition(params, grads, state, norm_stats, names=None) -> Transition:
         check_state(state, MomentumState)
-        c = prepare(common, params, grads, state, norm_stats, {"trace": state.trace}, needs_stats)
+        c = prepare(common, params, grads, state, norm_stats, {"trace": state.trace}, needs_stats, names)
         if c.skip_now:
             return skipped_now(c, state)
         directions = decayed_directions(params, grads, c.decays)
@@ -102,6 +103,11 @@ def _momentum_family(name: str, common: Common, trust: TrustOptions, beta: float
         lars_r, factors, rates = layer_rates(c.w_norms, c.g_norms, learning_rate=c.lr, options=trust, adapt=c.adapt,
                                              weight_decays=c.decays, direction_norms=direction_norms,
                                              mean_norms=c.mean_norms)
+        bounds = momentum_step_bounds(c.w_norms, rates, lars_denominators(c.w_norms, c.g_norms, weight_decay=list(c.decays)),
+                                      c.state_norms["trace"], beta=beta, nesterov=nesterov)
+        c = check_step_size(c, rates, bounds, [w.dtype for w in params])
+        if c.skip_now:
+            return skipped_now(c, state)
         increments, trace = mnag_increments(directions, state.trace, rates, beta=beta, nesterov=nesterov, xp=c.xp)
         diag = LayerDiagnostics(c.w_norms, c.g_norms, lars_r, factors, rates, c.lr, c.step)
         return finish(c, increments, [trace], [state.trace], MomentumState, diag)
@@ -476,10 +482,10 @@ def lamb(
     def init_arrays(xp, leaves, step) -> LambState:
         return LambState(step, zeros(xp, leaves), zeros(xp, leaves))
 
-    def transition(params, grads, state, norm_stats) -> Transition:
+    def transition(params, grads, state, norm_stats, names=None) -> Transition:
         check_state(state, LambState)
         arrays = {"first_moment": state.first_moment, "second_moment": state.second_moment}
-        c = prepare(common, params, grads, state, norm_stats, arrays)
+        c = prepare(common, params, grads, state, norm_stats, arrays, "", names)
         if c.skip_now:
             return skipped_now(c, state)
         xp = c.xp
@@ -492,8 +498,13 @@ def lamb(
         m, v = lamb_moments(grads, state.first_moment, state.second_moment, beta1=b1, beta2=b2, xp=xp)
         t1 = xp.astype(c.step, c.w_norms.dtype) + 1 if is_array_api_obj(c.step) else c.step + 1
         u = lamb_directions(m, v, params, step=t1, beta1=b1, beta2=b2, eps=eps, weight_decays=c.decays, xp=xp)
-        ratios = layer_trust_ratios(c.w_norms, _layer_norms(xp, u), eta=1.0, adapt=c.adapt, grad_norms=c.g_norms)
+        u_norms = _layer_norms(xp, u)
+        ratios = layer_trust_ratios(c.w_norms, u_norms, eta=1.0, adapt=c.adapt, grad_norms=c.g_norms)
         rates = c.lr * ratios
+        c = check_step_size(c, rates, c.w_norms + rates * u_norms, [w.dtype for w in params],
+                            [("direction norm", u_norms)])
+        if c.skip_now:
+            return skipped_now(c, state)
         increments = tuple(-(xp.astype(rates[k], w.dtype) * uk) for k, (w, uk) in enumerate(zip(params, u)))
         diag = LayerDiagnostics(c.w_norms, c.g_norms, ratios, factors, rates, c.lr, c.step)
         return finish(c, increments, [m, v], [state.first_moment, state.second_moment], LambState, diag)

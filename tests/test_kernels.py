@@ -140,3 +140,45 @@ def test_layer_norms_of_a_large_float32_layer_are_exact_to_rounding(lib):
     assert abs(got - exact) / exact < 2e-7
     stats = lwrs.per_sample_norm_statistics([arr[None, ...] if lib != "array-api-strict" else xs.expand_dims(arr, axis=0)])
     assert abs(float(np.asarray(stats.sum_norms[0])) - exact) / exact < 2e-7
+
+
+@pytest.mark.parametrize("name", lwrs.table.names())
+def test_a_nonfinite_state_raises_or_skips(name):
+    """A corrupted checkpoint: NaN in the momentum buffer or Adam's moments (issue 13, item 7, in the core)."""
+    w, g = [np.ones((2, 2)), np.ones(2)], [np.full((2, 2), 0.1), np.full(2, 0.1)]
+    required = {"decay_coefficient": 1e-3, "delay_steps": 10} if name == "tvlars" else {}
+    stats = lwrs.NormStatistics(np.ones(2), np.ones(2), 3)
+    opt = getattr(lwrs, name)(0.1, **required)
+    state = opt.init(w)
+    field = 2 if name == "lamb" else 1
+    bad = list(state[field])
+    bad[1] = np.array([0.0, np.nan])
+    state = state._replace(**{state._fields[field]: tuple(bad)})
+    what = {1: "momentum buffer norm", 2: "second moment norm"}[field] if name != "lamb" else "second moment norm"
+    with raises(lwrs.NonFiniteError, f"layer 1: {what} is not finite (value nan) at step 0"):
+        opt.step(w, g, state, norm_stats=stats)
+    skip = getattr(lwrs, name)(0.1, on_nonfinite="skip", **required)
+    new, new_state, diag = skip.step(w, g, state, norm_stats=stats)
+    assert diag.skipped and new_state is state and all(np.array_equal(a, b) for a, b in zip(new, w))
+
+
+@pytest.mark.parametrize("name", lwrs.table.names())
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_a_step_that_would_overflow_raises_or_skips(name, dtype):
+    """A result beyond the dtype's range (float16 with lr 1e5; float32 with lr 1e38) is not a silent inf."""
+    gval, lr = (1.0, 1e5) if dtype == np.float16 else (10.0, 1e38)  # every new weight is about 10 - 1.9 lr g
+    w = [np.full((2, 2), 10.0, dtype=dtype), np.full(2, 10.0, dtype=dtype)]
+    g = [np.full((2, 2), gval, dtype=dtype), np.full(2, gval, dtype=dtype)]
+    required = {"decay_coefficient": 1e-9, "delay_steps": 0, "alpha": 0.5} if name == "tvlars" else {}
+    kw = {"adapt_mask": [False, False]} if name in ("lars", "clars", "tvlars") else {}
+    stats = lwrs.per_sample_norm_statistics([np.stack([x, x]) for x in g])
+    opt = getattr(lwrs, name)(lr, **required, **kw)
+    with np.errstate(over="ignore"):  # float32 bounds beyond the range: NumPy would warn before lwrs raises
+        with raises(lwrs.NonFiniteError, "step size (the update would overflow) is not finite (value inf) at step 0"):
+            opt.step(w, g, opt.init(w), norm_stats=stats)
+        skip = getattr(lwrs, name)(lr, on_nonfinite="skip", **required, **kw)
+        state = skip.init(w)
+        new, new_state, diag = skip.step(w, g, state, norm_stats=stats)
+    assert diag.skipped and new_state.step == 0 and all(np.array_equal(a, b) for a, b in zip(new, w))
+    fine = getattr(lwrs, name)(1e-3, **required, **kw).step(w, g, opt.init(w), norm_stats=stats)
+    assert not fine.diagnostics.skipped and all(np.all(np.isfinite(a)) for a in fine.params)

@@ -204,3 +204,18 @@ def test_lwrs_jax_lars_conforms_with_the_cores_defaults():
     report = jax_assert_implements("lars", lwrs_jax.lars, weight_decay_form="sum_of_norms", nesterov=True,
                                    adapt="ndim>1", decay="all", eps=0.0, larc_clip=False)
     assert len(report.matching) == 1
+
+
+def test_lamb_kind_identifies_optax_and_lwrs_own_lamb():
+    from lwrs.backends.torch import LAMB
+
+    ours = torch_assert_implements("lamb", LAMB, adapt="ndim>1", decay="all", eps=1e-6)
+    assert len(ours.matching) == 1
+    optax = pytest.importorskip("optax")
+    from lwrs.backends.jax.conformance import check as jax_check
+
+    report = jax_check(optax.lamb, "lamb", name="optax.lamb")
+    assert report.best.convention == dict(adapt="all", decay="all", eps=1e-6)
+    div = unmatched(report)
+    assert set(div) == {"zero_gradient"}  # |w| / |lambda w| = 1/lambda = 25 there; the core's ratio is 1
+    assert "implied trust ratio 25" in div["zero_gradient"].note

@@ -25,7 +25,7 @@ Examples
 """
 
 from .per_sample import grad_and_norm_statistics, psum_statistics
-from .transforms import LambState, MomentumState, clars, lamb, lars, mnag, tvlars, tvlars_factor
+from .transforms import LambState, MomentumState, clars, lamb, lars, mnag, tvlars
 
 __all__ = [
     "LambState",
@@ -37,5 +37,4 @@ __all__ = [
     "mnag",
     "psum_statistics",
     "tvlars",
-    "tvlars_factor",
 ]

@@ -11,7 +11,7 @@ Each factory takes the options of the core factory of the same name
 
 ``params + updates`` is the core's step: the per-layer rates come from
 :func:`lwrs.rates.layer_rates`, the mNAG increment from
-:func:`lwrs.momentum.apply_momentum` (eq. 4), so every formula is the core's.
+:func:`lwrs.momentum.mnag_increments` (eq. 4), so every formula is the core's.
 Layer :math:`k` is leaf :math:`k` of the params pytree in JAX's flattening
 order. The update is traceable: ``jax.jit``, ``optax.chain``,
 ``optax.MultiSteps``, ``optax.masked`` and ``optax.inject_hyperparams`` work.
@@ -30,14 +30,17 @@ import optax
 import lwrs
 from lwrs._validation import NonFiniteError
 from lwrs.diagnostics import LayerDiagnostics
-from lwrs.momentum import apply_momentum
 from lwrs.masks import adapt_default, weight_decay_default
-from lwrs.rates import TrustOptions, _layer_norms, clars_denominators, clars_factors, lars_denominators
+from lwrs.moments import lamb_directions, lamb_moments
+from lwrs.momentum import mnag_increments
+from lwrs.nonfinite import all_finite, select, step_after, where_skipped_diagnostics
+from lwrs.rates import TrustOptions, clars_denominators, clars_factors, lars_denominators, layer_norms
 from lwrs.rates import layer_rates, layer_trust_ratios, statistics_dtype
+from lwrs.schedules import tvlars_factor
 
 from ._tree import Layers, flatten_params, is_traced, leaves_like, resolve_mask
 
-__all__ = ["MomentumState", "LambState", "mnag", "lars", "clars", "tvlars", "lamb", "tvlars_factor"]
+__all__ = ["MomentumState", "LambState", "mnag", "lars", "clars", "tvlars", "lamb"]
 
 
 class MomentumState(NamedTuple):
@@ -68,15 +71,6 @@ class LambState(NamedTuple):
     diagnostics: LayerDiagnostics
 
 
-def _static(name: str, value: Any) -> Any:
-    """A hyperparameter the core's trust ratio needs as a number (not traceable there yet)."""
-    if is_traced(value):
-        raise TypeError(f"{name} is traced (e.g. injected by optax.inject_hyperparams); the trust ratio needs eta, "
-                        "eps and max_ratio as numbers: pass static_args=('eta', 'eps', 'max_ratio') to "
-                        "optax.inject_hyperparams")
-    return None if value is None else float(value)
-
-
 def _schedule(value: Any) -> Callable[[Any], Any]:
     """A learning rate as a function of the step count: an optax schedule, or a constant."""
     if callable(value):
@@ -84,28 +78,6 @@ def _schedule(value: Any) -> Callable[[Any], Any]:
     if not is_traced(value):
         value = float(value)  # a Python float keeps larc_clip's branch static
     return lambda count: value
-
-
-def tvlars_factor(count: Any, *, decay_coefficient: Any, delay_steps: Any, alpha: Any = 1.0, gamma_min: Any = 0.0) -> Any:
-    r"""The TVLARS factor :math:`\phi_t` on a traced step count, without overflow.
-
-    .. math:: \phi_t = \frac{1}{\alpha + e^{\lambda (t - d_e)}} + \gamma_{\min}
-
-    The array form of :func:`lwrs.schedules.tvlars_factor` (tested against it);
-    for :math:`x = \lambda(t - d_e) > 0` it is evaluated as
-    :math:`e^{-x} / (\alpha e^{-x} + 1)`.
-
-    References: TVLARS (2023), Algorithm 1 and eq. (8)-(9).
-
-    Examples
-    --------
-    >>> import jax.numpy as jnp
-    >>> float(tvlars_factor(jnp.int32(100), decay_coefficient=0.01, delay_steps=100))
-    0.5
-    """
-    x = decay_coefficient * (jnp.asarray(count, jnp.result_type(float)) - delay_steps)
-    e = jnp.exp(-jnp.abs(x))
-    return jnp.where(x > 0, e / (alpha * e + 1.0), 1.0 / (alpha + e)) + gamma_min
 
 
 @dataclass(frozen=True)
@@ -119,7 +91,7 @@ class _Config:
     weight_decay_mask: Any = None
     on_nonfinite: str = "raise"
     trust: TrustOptions = TrustOptions("none")
-    tvlars: dict | None = None
+    tvlars: Callable[[Any], Any] | None = None
 
 
 def _layer_setup(cfg: _Config, params: Any, updates: Any, norm_stats: Any):
@@ -139,14 +111,14 @@ def _layer_setup(cfg: _Config, params: Any, updates: Any, norm_stats: Any):
 
 def _rate(cfg: _Config, count: Any, dtype: Any) -> Any:
     lr = cfg.learning_rate(count)
-    if cfg.tvlars is not None:
-        lr = lr * jnp.asarray(tvlars_factor(count, **cfg.tvlars), dtype)
+    if cfg.tvlars is not None:  # TVLARS: gamma_target(t) * phi_t, with the core's phi_t
+        lr = lr * jnp.asarray(cfg.tvlars(count), dtype)
     return lr
 
 
 def _nonfinite(cfg: _Config, layers: Layers, count: Any, checks: list[tuple[str, Any]]) -> Any:
     """The step's finiteness flag; with ``"raise"``, raise (eagerly, or from the compiled step) naming the layer."""
-    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for _, v in checks]))
+    ok = all_finite([v for _, v in checks], xp=jnp)
     if cfg.on_nonfinite == "skip":
         return ok
 
@@ -167,19 +139,19 @@ def _nonfinite(cfg: _Config, layers: Layers, count: Any, checks: list[tuple[str,
     return None
 
 
-def _skip(ok: Any, new: Any, old: Any) -> Any:
-    if ok is None:
-        return new
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+def _skip(ok: Any, new: Any, old: Any) -> list[Any]:
+    """The skip policy's selection (the core's), or ``new`` when there is no skip flag."""
+    return list(new) if ok is None else list(select(ok, new, old, xp=jnp))
+
+
+def _count_after(ok: Any, count: Any) -> Any:
+    return count + 1 if ok is None else step_after(ok, count, xp=jnp)
 
 
 def _diagnostics(ok, w_norms, g_norms, ratios, factors, rates, lr, count) -> LayerDiagnostics:
-    lr = jnp.asarray(lr, w_norms.dtype)
-    skipped = jnp.asarray(False) if ok is None else ~ok
-    ones, zeros = jnp.ones_like(w_norms), jnp.zeros_like(w_norms)
-    if ok is not None:
-        ratios, factors, rates = (jnp.where(ok, ratios, ones), jnp.where(ok, factors, ones), jnp.where(ok, rates, zeros))
-    return LayerDiagnostics(w_norms, g_norms, ratios, factors, rates, lr, jnp.asarray(count, jnp.int32), skipped)
+    diag = LayerDiagnostics(w_norms, g_norms, ratios, factors, rates, jnp.asarray(lr, w_norms.dtype),
+                            jnp.asarray(count, jnp.int32), jnp.asarray(False))
+    return diag if ok is None else where_skipped_diagnostics(ok, diag)
 
 
 def _initial_diagnostics(params: Any) -> LayerDiagnostics:
@@ -194,13 +166,10 @@ def _is_zero(value: Any) -> bool:
     return not is_traced(value) and float(value) == 0.0
 
 
-def _zero_like_scalar(w: Any) -> Any:
-    return jnp.zeros((), w.dtype)
-
-
 def _momentum_transform(cfg: _Config) -> optax.GradientTransformationExtraArgs:
     def init(params: Any) -> MomentumState:
-        return MomentumState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params), _initial_diagnostics(params))
+        trace = jax.tree.map(jnp.zeros_like, params)
+        return MomentumState(jnp.zeros([], jnp.int32), trace, _initial_diagnostics(params))
 
     def update(updates, state, params=None, *, norm_stats=None, **extra_args):
         del extra_args
@@ -210,7 +179,7 @@ def _momentum_transform(cfg: _Config) -> optax.GradientTransformationExtraArgs:
                              "(see lwrs.backends.jax.grad_and_norm_statistics)")
         trace = leaves_like(layers, state.trace, "state.trace")
         params_ = layers.leaves
-        w_norms, g_norms = _layer_norms(jnp, params_), _layer_norms(jnp, grads)
+        w_norms, g_norms = layer_norms(params_, xp=jnp), layer_norms(grads, xp=jnp)
         checks = [("parameter norm", w_norms), ("gradient norm", g_norms)]
         mean_norms = None
         if norm_stats is not None:
@@ -225,23 +194,19 @@ def _momentum_transform(cfg: _Config) -> optax.GradientTransformationExtraArgs:
         directions = tuple(g + wd * w if d else g for w, g, d in zip(params_, grads, decay))
         direction_norms = None
         if cfg.trust.weight_decay_form == "norm_of_sum" and any(decay):
-            direction_norms = _layer_norms(jnp, directions)
+            direction_norms = layer_norms(directions, xp=jnp)
         lr = _rate(cfg, state.count, w_norms.dtype)
         ratios, factors, rates = layer_rates(w_norms, g_norms, learning_rate=lr, options=cfg.trust, adapt=adapt,
                                              weight_decays=decays, direction_norms=direction_norms,
                                              mean_norms=mean_norms)
-        # eq. (4) is w_{t+1} = w_t + (increment), so the core's update at w = 0 is the increment itself
-        zeros = tuple(_zero_like_scalar(w) for w in params_)
-        increments, new_trace = apply_momentum(jnp, zeros, directions, trace, rates, cfg.beta, cfg.nesterov)
-        increments = tuple(jnp.broadcast_to(x, w.shape) for x, w in zip(increments, params_))
-        if ok is not None:
-            increments = tuple(jnp.where(ok, x, jnp.zeros_like(x)) for x in increments)
+        increments, new_trace = mnag_increments(directions, trace, rates, beta=cfg.beta, nesterov=cfg.nesterov, xp=jnp)
+        increments = _skip(ok, increments, [0.0] * len(increments))
         new_state = MomentumState(
-            state.count + (1 if ok is None else ok.astype(jnp.int32)),
-            layers.treedef.unflatten(_skip(ok, list(new_trace), list(trace))),
+            _count_after(ok, state.count),
+            layers.treedef.unflatten(_skip(ok, new_trace, trace)),
             _diagnostics(ok, w_norms, g_norms, ratios, factors, rates, lr, state.count),
         )
-        return layers.treedef.unflatten(list(increments)), new_state
+        return layers.treedef.unflatten(increments), new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -282,8 +247,7 @@ def mnag(learning_rate, *, beta=0.9, nesterov=True, weight_decay=0.0, weight_dec
 
 
 def _trust_options(kind, eta, eps, max_ratio, larc_clip, weight_decay_form) -> TrustOptions:
-    return TrustOptions(kind, _static("eta", eta), _static("eps", eps), _static("max_ratio", max_ratio),
-                        bool(larc_clip), weight_decay_form)
+    return TrustOptions(kind, eta, eps, max_ratio, bool(larc_clip), weight_decay_form)
 
 
 def lars(learning_rate, *, beta=0.9, eta=0.001, weight_decay=0.0, weight_decay_form="sum_of_norms", eps=0.0,
@@ -322,7 +286,8 @@ def lars(learning_rate, *, beta=0.9, eta=0.001, weight_decay=0.0, weight_decay_f
 
 
 def clars(learning_rate, *, beta=0.9, eta=0.01, weight_decay=0.0, weight_decay_form="sum_of_norms", eps=0.0,
-          max_ratio=None, larc_clip=False, adapt_mask=None, weight_decay_mask=None, nesterov=True, on_nonfinite="raise"):
+          max_ratio=None, larc_clip=False, adapt_mask=None, weight_decay_mask=None, nesterov=True,
+          on_nonfinite="raise"):
     r"""CLARS on mNAG as an optax transformation; ``update`` needs ``norm_stats=``.
 
     .. math:: \gamma_k = \gamma_t\,\eta\,\frac{\|w_k\|}{\frac1B\sum_i\|g_{ik}\| + \lambda\|w_k\| + \epsilon}
@@ -356,16 +321,16 @@ def clars(learning_rate, *, beta=0.9, eta=0.01, weight_decay=0.0, weight_decay_f
                                        weight_decay_mask, on_nonfinite, trust))
 
 
-def tvlars(learning_rate, *, decay_coefficient, delay_steps, alpha=1.0, gamma_min=0.0, beta=0.9, eta=0.001, weight_decay=0.0,
-           weight_decay_form="sum_of_norms", eps=0.0, adapt_mask=None, weight_decay_mask=None, nesterov=True,
-           on_nonfinite="raise"):
+def tvlars(learning_rate, *, decay_coefficient, delay_steps, alpha=1.0, gamma_min=0.0, beta=0.9, eta=0.001,
+           weight_decay=0.0, weight_decay_form="sum_of_norms", eps=0.0, adapt_mask=None, weight_decay_mask=None,
+           nesterov=True, on_nonfinite="raise"):
     r"""TVLARS as an optax transformation: LARS with the global rate :math:`\gamma_{target}\,\phi_t`.
 
     .. math:: \phi_t = \frac{1}{\alpha + e^{\lambda (t - d_e)}} + \gamma_{\min}, \qquad
               \gamma_k = \gamma_{target}\,\phi_t\,\eta\,\frac{\|w_k\|}{\|\bar g_k\| + \lambda_{wd}\|w_k\|}
 
     Options as in :func:`lwrs.tvlars` (``decay_coefficient`` is :math:`\lambda`,
-    ``delay_steps`` is :math:`d_e`); :math:`\phi_t` is :func:`tvlars_factor`.
+    ``delay_steps`` is :math:`d_e`); :math:`\phi_t` is :func:`lwrs.schedules.tvlars_factor`.
 
     References: TVLARS (2023), Algorithm 1 and eq. (8)-(9).
 
@@ -379,12 +344,12 @@ def tvlars(learning_rate, *, decay_coefficient, delay_steps, alpha=1.0, gamma_mi
     >>> print(state.diagnostics.learning_rate)       # phi_0 = 1 / (1 + e^0)
     0.5
     """
-    options = dict(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min, beta=beta, eta=eta,
-                   weight_decay=weight_decay, weight_decay_form=weight_decay_form, eps=eps, nesterov=nesterov,
-                   on_nonfinite=on_nonfinite)
+    options = dict(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min,
+                   beta=beta, eta=eta, weight_decay=weight_decay, weight_decay_form=weight_decay_form, eps=eps,
+                   nesterov=nesterov, on_nonfinite=on_nonfinite)
     _validated(lwrs.tvlars, learning_rate, **options)
     trust = _trust_options("lars", eta, eps, None, False, weight_decay_form)
-    phi = dict(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)
+    phi = tvlars_factor(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)
     return _momentum_transform(_Config("tvlars", _schedule(learning_rate), beta, nesterov, weight_decay, adapt_mask,
                                        weight_decay_mask, on_nonfinite, trust, phi))
 
@@ -417,7 +382,8 @@ def lamb(learning_rate, *, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, a
     """
     options = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, on_nonfinite=on_nonfinite)
     _validated(lwrs.lamb, learning_rate, **options)
-    cfg = _Config("lamb", _schedule(learning_rate), 0.0, True, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
+    cfg = _Config("lamb", _schedule(learning_rate), 0.0, True, weight_decay, adapt_mask, weight_decay_mask,
+                  on_nonfinite)
 
     def init(params: Any) -> LambState:
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -429,34 +395,30 @@ def lamb(learning_rate, *, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, a
         m_old = leaves_like(layers, state.first_moment, "state.first_moment")
         v_old = leaves_like(layers, state.second_moment, "state.second_moment")
         params_ = layers.leaves
-        w_norms, g_norms = _layer_norms(jnp, params_), _layer_norms(jnp, grads)
+        w_norms, g_norms = layer_norms(params_, xp=jnp), layer_norms(grads, xp=jnp)
         checks = [("parameter norm", w_norms), ("gradient norm", g_norms)]
         factors = jnp.ones_like(w_norms)
+        decays = [weight_decay if d else 0.0 for d in decay]
         if norm_stats is not None:  # reported, not used: LAMB has no per-sample term
             mean_norms = jnp.asarray(norm_stats.mean_norms(), w_norms.dtype)
             checks.append(("mean per-sample gradient norm", mean_norms))
-            decays = [weight_decay if d else 0.0 for d in decay]
             factors = clars_factors(lars_denominators(w_norms, g_norms, weight_decay=decays),
                                     clars_denominators(w_norms, mean_norms, weight_decay=decays))
         ok = _nonfinite(cfg, layers, state.count, checks)
-        t1 = (state.count + 1).astype(w_norms.dtype)
-        c1, c2 = 1.0 - beta1 ** t1, 1.0 - beta2 ** t1
-        m = tuple(beta1 * mk + (1.0 - beta1) * g for mk, g in zip(m_old, grads))
-        v = tuple(beta2 * vk + (1.0 - beta2) * (g * g) for vk, g in zip(v_old, grads))
-        u = tuple((mk / c1.astype(w.dtype)) / (jnp.sqrt(vk / c2.astype(w.dtype)) + eps) + (weight_decay * w if d and not _is_zero(weight_decay) else 0.0)
-                  for mk, vk, w, d in zip(m, v, params_, decay))
-        ratios = layer_trust_ratios(w_norms, _layer_norms(jnp, u), eta=1.0, adapt=adapt, grad_norms=g_norms)
+        m, v = lamb_moments(grads, m_old, v_old, beta1=beta1, beta2=beta2, xp=jnp)
+        u = lamb_directions(m, v, params_, step=(state.count + 1).astype(w_norms.dtype), beta1=beta1, beta2=beta2,
+                            eps=eps, weight_decays=decays, xp=jnp)
+        ratios = layer_trust_ratios(w_norms, layer_norms(u, xp=jnp), eta=1.0, adapt=adapt, grad_norms=g_norms)
         lr = cfg.learning_rate(state.count)
         rates = lr * ratios
-        increments = tuple(-rates[k].astype(w.dtype) * uk for k, (w, uk) in enumerate(zip(params_, u)))
-        if ok is not None:
-            increments = tuple(jnp.where(ok, x, jnp.zeros_like(x)) for x in increments)
+        increments = [-rates[k].astype(w.dtype) * uk for k, (w, uk) in enumerate(zip(params_, u))]
+        increments = _skip(ok, increments, [0.0] * len(increments))
         new_state = LambState(
-            state.count + (1 if ok is None else ok.astype(jnp.int32)),
-            layers.treedef.unflatten(_skip(ok, list(m), list(m_old))),
-            layers.treedef.unflatten(_skip(ok, list(v), list(v_old))),
+            _count_after(ok, state.count),
+            layers.treedef.unflatten(_skip(ok, m, m_old)),
+            layers.treedef.unflatten(_skip(ok, v, v_old)),
             _diagnostics(ok, w_norms, g_norms, ratios, factors, rates, lr, state.count),
         )
-        return layers.treedef.unflatten(list(increments)), new_state
+        return layers.treedef.unflatten(increments), new_state
 
     return optax.GradientTransformationExtraArgs(init, update)

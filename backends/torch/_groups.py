@@ -8,9 +8,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lwrs._validation import check_hyperparameter
 from lwrs.norm_statistics import NormStatistics
 
-__all__ = ["Gathered", "gather", "group_statistics", "check_statistics_values", "load_checked"]
+__all__ = ["Gathered", "gather", "group_statistics", "check_statistics_values", "load_checked", "check_lr",
+           "COMMON_DOC", "TRUST_DOC"]
 
 
 class Gathered(NamedTuple):
@@ -160,3 +162,51 @@ def load_checked(opt: Any, state_dict: dict[str, Any]) -> None:
     for st in opt.state.values():  # step counts as 0-d tensors (older states kept ints)
         if "step" in st and not isinstance(st["step"], torch.Tensor):
             st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
+
+
+def check_lr(where: str, lr: Any) -> None:
+    """``lr`` is a finite number >= 0, or a 0-d floating tensor (value checked where it is on the host)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.ndim != 0 or not lr.is_floating_point():
+            raise ValueError(f"{where}lr must be a number or a 0-d floating tensor, got shape {tuple(lr.shape)}, "
+                             f"{lr.dtype}")
+        if _compiling() or lr.device.type != "cpu":
+            return  # no host synchronisation for a tensor learning rate on a device
+        lr = float(lr)
+    check_hyperparameter(f"{where}lr", lr, low=0.0)
+
+
+COMMON_DOC = """
+    lr : float or 0-d tensor
+        The global rate :math:`\\gamma_t` (a tensor keeps ``torch.compile`` from recompiling when a
+        scheduler changes it).
+    momentum : float
+        :math:`\\beta \\in [0, 1)` of mNAG (CLARS eq. 4).
+    weight_decay : float
+        :math:`\\lambda \\ge 0`, added to the gradient.
+    nesterov : bool
+        Nesterov momentum (the paper's mNAG); ``False`` gives heavy ball.
+    decay_1d : bool
+        Whether 1-D tensors (biases, norm parameters) get weight decay.
+    on_nonfinite : {"raise", "skip"}
+        What a non-finite gradient, state, statistic or step does: raise
+        :class:`lwrs.NonFiniteError` naming the group and parameter, or skip the whole step
+        (under ``torch.compile``, "skip" needs no host synchronisation).
+    foreach : bool or None
+        ``False`` runs the reference (the core's functions); ``None``/``True`` the in-place kernels.
+    fused : bool
+        The compiled CPU kernels (float32/float64, contiguous tensors)."""
+
+TRUST_DOC = """
+    eta : float
+        The trust coefficient :math:`\\eta > 0`.
+    weight_decay_form : {"sum_of_norms", "norm_of_sum"}
+        Where weight decay enters the denominator: :math:`\\|g\\| + \\lambda\\|w\\|` or :math:`\\|g + \\lambda w\\|`.
+    eps : float
+        Added to the denominator (0 reproduces the papers).
+    max_ratio : float or None
+        Upper clip of the trust ratio (the CLARS code uses 0.1).
+    larc_clip : bool
+        apex LARC's clipping: the layer rate is :math:`\\min(\\eta\\|w\\|/D, \\gamma_t)`.
+    exclude_1d : bool
+        Keep 1-D tensors at ratio 1."""

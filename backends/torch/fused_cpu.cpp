@@ -2,7 +2,7 @@
 //
 // Two passes over the parameters, the minimum the algorithm allows:
 //   1. layer_sums: for every layer k, sum w^2, sum g^2, sum d^2 and, for the "norm_of_sum" form, sum (g + lambda w)^2
-//      (pairwise-summed dot products of the layer itself, never an expansion that cancels);
+//      (blocked dot products summed in float64, of the layer itself: never an expansion that cancels);
 //   2. mnag_update: for every element, with s = r_k (g + lambda_k w),
 //        d <- beta d - s;  w <- w - s + beta d   (Nesterov)   or   w <- w + d   (heavy ball),
 //      in one read of w, g, d and one write of w, d. This is CLARS eq. (4) in the order of the core.
@@ -46,10 +46,23 @@ void check(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>
   }
 }
 
-// sum(x^2) of one layer in float64, by torch's pairwise-summed dot product in the layer's dtype.
+// sum(x^2) of one layer in float64: blocks of kBlock entries dotted in one batched BLAS product, their
+// sums added in float64 (a single dot product accumulates sequentially: 3e-5 relative at 2.4M floats).
+constexpr int64_t kBlock = 1 << 15;
+
 double sq(const torch::Tensor& x) {
   const auto f = x.reshape({-1});
-  return at::linalg_vecdot(f, f).item<double>();
+  const int64_t n = f.numel(), m = n / kBlock;
+  double total = 0.0;
+  if (m > 0) {
+    const auto blocks = f.narrow(0, 0, m * kBlock).view({m, 1, kBlock});
+    total = at::bmm(blocks, blocks.transpose(1, 2)).sum(torch::kFloat64).item<double>();
+  }
+  if (n > m * kBlock) {
+    const auto rest = f.narrow(0, m * kBlock, n - m * kBlock);
+    total += rest.dot(rest).item<double>();
+  }
+  return total;
 }
 
 // sum((g + lambda w)^2) of one layer: g + lambda w is formed a chunk at a time in a small buffer, with the
@@ -65,7 +78,7 @@ double decayed_sq(const torch::Tensor& w, const torch::Tensor& g, double lam) {
     auto part = buf.narrow(0, 0, m);
     at::mul_out(part, wf.narrow(0, s, m), lam);
     part.add_(gf.narrow(0, s, m));
-    total += at::linalg_vecdot(part, part).item<double>();
+    total += sq(part);
   }
   return total;
 }

@@ -43,7 +43,16 @@ from lwrs.rates import TrustOptions
 from . import distributed
 from . import functional as F
 from .distributed import local as _local
-from ._groups import Gathered, check_statistics_values, gather, group_statistics, load_checked
+from ._groups import (
+    COMMON_DOC,
+    TRUST_DOC,
+    Gathered,
+    check_lr,
+    check_statistics_values,
+    gather,
+    group_statistics,
+    load_checked,
+)
 
 __all__ = ["MNAG", "LARS", "CLARS", "TVLARS", "LAMB"]
 
@@ -57,16 +66,16 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _check_lr(where: str, lr: Any) -> None:
-    """``lr`` is a finite number >= 0, or a 0-d floating tensor (value checked where it is on the host)."""
-    if isinstance(lr, torch.Tensor):
-        if lr.ndim != 0 or not lr.is_floating_point():
-            raise ValueError(f"{where}lr must be a number or a 0-d floating tensor, got shape {tuple(lr.shape)}, "
-                             f"{lr.dtype}")
-        if _compiling() or lr.device.type != "cpu":
-            return  # no host synchronisation for a tensor learning rate on a device
-        lr = float(lr)
-    check_hyperparameter(f"{where}lr", lr, low=0.0)
+def _schedules_take_tensors() -> bool:
+    """Whether the core's schedules accept a 0-d tensor step (needed for TVLARS without a graph break)."""
+    try:
+        lwrs.schedules.tvlars_factor(decay_coefficient=0.1, delay_steps=0)(torch.zeros(()))
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+_TRACEABLE_SCHEDULES = _schedules_take_tensors()
 
 
 class _Layerwise(torch.optim.Optimizer):
@@ -80,8 +89,13 @@ class _Layerwise(torch.optim.Optimizer):
         self.fused = bool(fused)
         self.norm_source = norm_source
         self.grad_scaler = grad_scaler
-        self.diagnostics: list[LayerDiagnostics] = []
+        self._diagnostics: list[list[LayerDiagnostics]] = [[]]
         super().__init__(params, defaults)
+
+    @property
+    def diagnostics(self) -> list[LayerDiagnostics]:
+        """The last step's :class:`lwrs.LayerDiagnostics`, one per group that had gradients."""
+        return self._diagnostics[0]
 
     @property
     def implementation(self) -> str:
@@ -91,14 +105,20 @@ class _Layerwise(torch.optim.Optimizer):
     # ---- hyperparameters ------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group (as torch.optim does), checking its hyperparameters now."""
+        """Add a group (as torch.optim does), checking its hyperparameters now and creating its state.
+
+        The state (step counts and buffers) is created here rather than at the first step, so that
+        the first step does not change the state's structure: ``torch.compile(opt.step)`` then
+        compiles once.
+        """
         super().add_param_group(param_group)
         self._check_group(len(self.param_groups) - 1, self.param_groups[-1])
+        self._init_state(self.param_groups[-1])
 
     def _check_group(self, index: int, group: dict[str, Any]) -> None:
         """Check one group's hyperparameters on the host (no device synchronisation)."""
         where = f"group {index}: "
-        _check_lr(where, group["lr"])
+        check_lr(where, group["lr"])
         check_hyperparameter(f"{where}weight_decay", group["weight_decay"], low=0.0)
         if group["on_nonfinite"] not in ("raise", "skip"):
             raise ValueError(f'{where}on_nonfinite must be "raise" or "skip", got {group["on_nonfinite"]!r}')
@@ -127,18 +147,19 @@ class _Layerwise(torch.optim.Optimizer):
         load_checked(self, state_dict)
         for i, group in enumerate(self.param_groups):
             self._check_group(i, group)
+            self._init_state(group)  # entries a state saved before its first step lacks
 
     def _steps(self, gathered: Gathered) -> list[Any]:
-        zero = torch.zeros((), dtype=torch.float32)
-        return [self.state[p].get("step", zero) for p in gathered.params]
+        """Each parameter's step count before this step (compiled: a copy, as the count is then increased)."""
+        steps = [self.state[p]["step"] for p in gathered.params]
+        return [s.clone() for s in steps] if _compiling() else steps
 
-    def _init_state(self, gathered: Gathered) -> None:
-        for p in gathered.group["params"]:  # every parameter of the group gets a step count, gradient or not
+    def _init_state(self, group: dict[str, Any]) -> None:
+        for p in group["params"]:
             st = self.state[p]
             if "step" not in st:
                 st["step"] = torch.zeros((), dtype=torch.float32)
-        for p in gathered.params:
-            self._init_buffers(self.state[p], p)
+            self._init_buffers(st, p)
 
     def _init_buffers(self, st: dict[str, Any], p: torch.Tensor) -> None:
         if "momentum_buffer" not in st:
@@ -175,15 +196,16 @@ class _Layerwise(torch.optim.Optimizer):
                     check_statistics_values(g, s, plan.diagnostics, self._statistics_denominators(g, plan))
         ok = self._decide(gathered, plans)
         if ok is False:  # skipped on the host: nothing changes
-            self.diagnostics = [p.diagnostics._replace(skipped=True, rates=torch.zeros_like(p.diagnostics.rates))
-                                for p in plans]
+            self._diagnostics[0] = [p.diagnostics._replace(skipped=True, rates=torch.zeros_like(p.diagnostics.rates))
+                                    for p in plans]
             return loss
         for g, plan in zip(gathered, plans):
-            self._init_state(g)  # created only once the step is known to go ahead
             self._apply(g, plan, None if ok is True else ok)
             for st in (self.state[p] for p in g.params):
                 st["step"] += 1 if ok is True else ok.to(st["step"].dtype)
-        self.diagnostics = [p.diagnostics if ok is True else p.diagnostics._replace(skipped=~ok) for p in plans]
+        # kept in a one-item box: torch.compile keeps this mutation (not an optimizer attribute's rebinding),
+        # and guards only on the box's length, so a new list each step does not recompile
+        self._diagnostics[0] = [p.diagnostics if ok is True else p.diagnostics._replace(skipped=~ok) for p in plans]
         return loss
 
     _uses_statistics = False
@@ -233,7 +255,7 @@ class _Layerwise(torch.optim.Optimizer):
         if options.kind == "clars" and stats is None:
             raise ValueError(f"group {g.index}: CLARS needs per-sample norm statistics: pass norm_source= or "
                              "step(norm_stats=...)")
-        bufs = [self.state[p].get("momentum_buffer") for p in g.params]
+        bufs = [self.state[p]["momentum_buffer"] for p in g.params]
         dtype = F._stat_dtype(g.params)
         mean = None if stats is None else (stats.sum_norms / stats.count).to(dtype)
         steps = self._steps(g)
@@ -273,42 +295,6 @@ def _momentum_defaults(lr, momentum, weight_decay, nesterov, exclude_1d, decay_1
     return out
 
 
-_COMMON_DOC = """
-    lr : float or 0-d tensor
-        The global rate :math:`\\gamma_t` (a tensor keeps ``torch.compile`` from recompiling when a
-        scheduler changes it).
-    momentum : float
-        :math:`\\beta \\in [0, 1)` of mNAG (CLARS eq. 4).
-    weight_decay : float
-        :math:`\\lambda \\ge 0`, added to the gradient.
-    nesterov : bool
-        Nesterov momentum (the paper's mNAG); ``False`` gives heavy ball.
-    decay_1d : bool
-        Whether 1-D tensors (biases, norm parameters) get weight decay.
-    on_nonfinite : {"raise", "skip"}
-        What a non-finite gradient, state, statistic or step does: raise
-        :class:`lwrs.NonFiniteError` naming the group and parameter, or skip the whole step
-        (under ``torch.compile``, "skip" needs no host synchronisation).
-    foreach : bool or None
-        ``False`` runs the reference (the core's functions); ``None``/``True`` the in-place kernels.
-    fused : bool
-        The compiled CPU kernels (float32/float64, contiguous tensors)."""
-
-_TRUST_DOC = """
-    eta : float
-        The trust coefficient :math:`\\eta > 0`.
-    weight_decay_form : {"sum_of_norms", "norm_of_sum"}
-        Where weight decay enters the denominator: :math:`\\|g\\| + \\lambda\\|w\\|` or :math:`\\|g + \\lambda w\\|`.
-    eps : float
-        Added to the denominator (0 reproduces the papers).
-    max_ratio : float or None
-        Upper clip of the trust ratio (the CLARS code uses 0.1).
-    larc_clip : bool
-        apex LARC's clipping: the layer rate is :math:`\\min(\\eta\\|w\\|/D, \\gamma_t)`.
-    exclude_1d : bool
-        Keep 1-D tensors at ratio 1."""
-
-
 class MNAG(_Layerwise):
     __doc__ = r"""mNAG (CLARS eq. 2/4) as a torch optimizer: one rate for every layer, the rate inside the buffer.
 
@@ -320,7 +306,7 @@ class MNAG(_Layerwise):
     Parameters
     ----------
     params : iterable
-        Parameters, ``named_parameters()`` or dicts of groups.""" + _COMMON_DOC + r"""
+        Parameters, ``named_parameters()`` or dicts of groups.""" + COMMON_DOC + r"""
 
     Examples
     --------
@@ -354,7 +340,7 @@ class LARS(MNAG):
     Parameters
     ----------
     params : iterable
-        Parameters, ``named_parameters()`` or dicts of groups.""" + _COMMON_DOC + _TRUST_DOC + r"""
+        Parameters, ``named_parameters()`` or dicts of groups.""" + COMMON_DOC + TRUST_DOC + r"""
     norm_source, grad_scaler
         Only for CLARS.
 
@@ -400,7 +386,7 @@ class CLARS(LARS):
     Parameters
     ----------
     params : iterable
-        Parameters, ``named_parameters()`` or dicts of groups.""" + _COMMON_DOC + _TRUST_DOC + r"""
+        Parameters, ``named_parameters()`` or dicts of groups.""" + COMMON_DOC + TRUST_DOC + r"""
     norm_source : object, optional
         Has ``norm_statistics(params, scale=...)``, and ``reset()`` (called by ``zero_grad``).
     grad_scaler : torch.amp.GradScaler, optional
@@ -463,7 +449,7 @@ class TVLARS(LARS):
     alpha : float
         :math:`\alpha > 0` (the paper uses 1).
     gamma_min : float
-        :math:`\gamma_{\min} \ge 0`, the floor of :math:`\phi_t`.""" + _COMMON_DOC + _TRUST_DOC.split(
+        :math:`\gamma_{\min} \ge 0`, the floor of :math:`\phi_t`.""" + COMMON_DOC + TRUST_DOC.split(
         "    max_ratio")[0] + r"""    exclude_1d : bool
         Keep 1-D tensors at ratio 1.
 
@@ -507,7 +493,8 @@ class TVLARS(LARS):
     def _lr(self, g):
         phi = self._phi(g.group)
         steps = self._steps(g)
-        factors = [phi(s if _compiling() else int(s)) for s in steps]
+        # compiled, a step count stays a tensor where the core's schedule takes one (else a graph break here)
+        factors = [phi(s if _compiling() and _TRACEABLE_SCHEDULES else int(s)) for s in steps]
         dtype = F._stat_dtype(g.params)
         if not _compiling() and len(set(factors)) == 1:  # the usual case: one step count, one global rate
             return g.group["lr"] * factors[0]
@@ -586,8 +573,8 @@ class LAMB(_Layerwise):
         steps = self._steps(g)
         steps = steps if _compiling() else [int(s) for s in steps]
         mean = None if stats is None else (stats.sum_norms / stats.count).to(F._stat_dtype(g.params))
-        m = [self.state[p]["exp_avg"] if "exp_avg" in self.state[p] else torch.zeros_like(p) for p in g.params]
-        v = [self.state[p]["exp_avg_sq"] if "exp_avg_sq" in self.state[p] else torch.zeros_like(p) for p in g.params]
+        m = [self.state[p]["exp_avg"] for p in g.params]
+        v = [self.state[p]["exp_avg_sq"] for p in g.params]
         L = _local  # DTensors: local shards, whole-layer norms
         return F.plan_lamb(L(g.params), L(g.grads), L(m), L(v), lr=group["lr"],
                                betas=tuple(group["betas"]), eps=group["eps"], adapt=adapt, decays=decays,

@@ -94,6 +94,9 @@ def _add_train_parser(sub) -> None:
                        choices=choices.get(f.name))
     t.add_argument("--out", type=pathlib.Path, default=pathlib.Path("lwrs-out/train"),
                    help="folder for train.json and train.png (default ./lwrs-out/train)")
+    t.add_argument("--engine", default="auto", choices=("auto", "single", "ddp", "fsdp"),
+                   help="several processes (launch with torchrun --nproc_per_node N -m lwrs train ...): "
+                        "DistributedDataParallel or FSDP2; auto: ddp under torchrun, else single (default auto)")
 
 
 def _plot(path: pathlib.Path, runs: list[Run], theory_criteria: list[float], bound: float, limits: list[float]) -> None:
@@ -271,14 +274,24 @@ def train_command(args: argparse.Namespace) -> int:
         print(missing, file=sys.stderr)
         return 2
     from .train.data import load_dataset
+    from .train.engine import start
     from .train.loop import train
 
-    data = load_dataset(config.dataset)
     try:
-        record = train(config, data, progress=True)
+        engine = start(args.engine)
     except ValueError as e:
         print(f"lwrs train: {e}", file=sys.stderr)
         return 2
+    try:
+        data = engine.first(lambda: load_dataset(config.dataset))  # rank 0 may write the dataset's cache
+        record = train(config, data, progress=True, engine=engine)
+    except ValueError as e:
+        print(f"lwrs train: {e}", file=sys.stderr)
+        return 2
+    finally:
+        engine.close()
+    if engine.rank != 0:  # rank 0 reports and writes the record
+        return 1 if record["diverged_epoch"] is not None else 0
     record = {"command": _command_line("train", args), "environment": _environment("torch", _TRAIN_DISTS), **record}
     print(f"{config.optimizer} on {config.model} / {data.name} (checksum {data.checksum[:12]}), B = "
           f"{config.batch_size}, peak rate {record['learning_rate']:.4g}, {record['steps_per_epoch']} steps per epoch, "

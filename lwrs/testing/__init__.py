@@ -4,7 +4,7 @@ r"""The conformance kit: which paper equations does an optimizer implement, and 
 seeded float64 problems (:func:`~lwrs.testing.battery.battery`: layers with
 biases, a zero-initialised layer, a zero-gradient layer, a varying learning
 rate, weight decay near its equilibrium, 1-D parameters, a learning rate above
-1), runs the core (:func:`lwrs.lars`, CLARS eq. 3; or :func:`lwrs.mnag`, eq. 2/4)
+1), runs the core (:func:`lwrs.lars`, CLARS eq. 3; :func:`lwrs.mnag`, eq. 2/4; or :func:`lwrs.lamb`)
 on the same problems under every convention the core supports
 (:mod:`lwrs.testing.conventions`), and reports which conventions match, to
 what tolerance, and the first step and layer where the closest one diverges.
@@ -79,8 +79,8 @@ def check(driver: Driver, kind: str = "lars", *, problems: Sequence[Problem] | N
     ----------
     driver : Driver
         The implementation under test (:class:`FunctionalDriver`, or a backend's driver).
-    kind : {"lars", "mnag"}
-        The core optimizer to compare with.
+    kind : {"lars", "mnag", "lamb"}
+        The core optimizer to compare with (:func:`lwrs.lars`, :func:`lwrs.mnag`, :func:`lwrs.lamb`).
     problems : sequence of Problem, optional
         Default: :func:`~lwrs.testing.battery.battery` (7 problems, 20 steps).
     tolerance : float
@@ -93,7 +93,7 @@ def check(driver: Driver, kind: str = "lars", *, problems: Sequence[Problem] | N
     Report
         ``print(report)`` gives the text report; ``report.best``, ``report.matching``.
     """
-    problems = tuple(battery() if problems is None else problems)
+    problems = tuple(p.for_kind(kind) for p in (battery() if problems is None else problems))
     trajectories = {p.name: driver.trajectory(p) for p in problems}
     return compare(kind, driver.name, trajectories, problems, xp=_reference_xp(driver), tolerance=tolerance,
                    fixed=fixed)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from array_api_compat import array_namespace
@@ -81,6 +81,23 @@ class Problem:
     def learning_rate(self, step: Any) -> float:
         """:math:`\\gamma_t`, as a schedule of the step (an int or a 0-d integer array)."""
         return self.learning_rates[int(step)]
+
+    def for_kind(self, kind: str) -> Problem:
+        r"""The problem as posed to an optimizer of ``kind``.
+
+        LAMB's step has norm :math:`\gamma_t \|w_k\|` on adapted layers, so it runs at
+        :math:`\gamma_t \eta` (the relative step size LARS takes here) with :math:`\eta = 1`;
+        the other kinds take the problem as it is.
+
+        Examples
+        --------
+        >>> p = battery()[0]
+        >>> p.for_kind("lamb").learning_rates[0], p.for_kind("lamb").eta
+        (0.05, 1.0)
+        """
+        if kind != "lamb":
+            return self
+        return replace(self, learning_rates=tuple(lr * self.eta for lr in self.learning_rates), eta=1.0)
 
     def initial_params(self, xp: Any, dtype: Any = None) -> list[Any]:
         """The initial weights as arrays of namespace ``xp`` (float64 unless ``dtype`` is given)."""

@@ -17,7 +17,9 @@ eps                    :math:`\epsilon` added to :math:`D_k`: 0, 1e-8 or 1e-6
 larc_clip              apex LARC's clip, :math:`\gamma_k = \min(\eta\|w_k\|/D_k, \gamma_t)`
 =====================  ==================================================================
 
-For mNAG (CLARS eq. 2/4, ``kind="mnag"``) the factors are ``nesterov`` and ``decay``.
+For mNAG (CLARS eq. 2/4, ``kind="mnag"``) the factors are ``nesterov`` and ``decay``; for LAMB
+(You et al. 2019, ``kind="lamb"``, with :math:`\beta_2 = 0.999`) they are ``adapt``, ``decay``
+and Adam's ``eps`` (1e-6 or 1e-8).
 
 Conventions the core does **not** express are never imitated here: the kit
 names them when a trajectory diverges (see :mod:`lwrs.testing.report`). They are
@@ -37,7 +39,7 @@ from typing import Any
 from ..table import spec
 from .battery import Problem
 
-__all__ = ["FACTORS", "KINDS", "conventions", "reference_optimizer", "reference_run"]
+__all__ = ["FACTORS", "KINDS", "LAMB_BETA2", "conventions", "reference_optimizer", "reference_run"]
 
 FACTORS: dict[str, dict[str, tuple[Any, ...]]] = {
     "lars": {
@@ -52,11 +54,19 @@ FACTORS: dict[str, dict[str, tuple[Any, ...]]] = {
         "nesterov": (True, False),
         "decay": ("all", "ndim>1"),
     },
+    "lamb": {
+        "adapt": ("ndim>1", "all"),
+        "decay": ("all", "ndim>1"),
+        "eps": (1e-6, 1e-8),
+    },
 }
 """Per optimizer kind, every factor and the values the core supports for it."""
 
 KINDS = tuple(FACTORS)
 """The optimizer kinds the kit checks."""
+
+LAMB_BETA2 = 0.999
+"""LAMB's :math:`\beta_2` on every problem (:math:`\beta_1` is the problem's momentum)."""
 
 
 def _check_kind(kind: str) -> None:
@@ -110,6 +120,9 @@ def reference_optimizer(kind: str, problem: Problem, convention: Mapping[str, An
     adapt, decay = _masks(problem, convention)
     lr = problem.learning_rates[0] if problem.constant_rate else problem.learning_rate
     factory = spec(kind).factory  # lwrs.mnag or lwrs.lars, from the optimizer table
+    if kind == "lamb":
+        return factory(lr, beta1=problem.beta, beta2=LAMB_BETA2, eps=convention["eps"],
+                       weight_decay=problem.weight_decay, adapt_mask=adapt, weight_decay_mask=decay)
     if kind == "mnag":
         return factory(lr, beta=problem.beta, nesterov=convention["nesterov"], weight_decay=problem.weight_decay,
                        weight_decay_mask=decay)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from ..table import spec
 from .battery import Problem
+from .conventions import LAMB_BETA2
 from .report import to_floats
 
 __all__ = ["Driver", "FunctionalDriver", "ALIASES", "hyperparameter_kwargs"]
@@ -28,16 +29,17 @@ _PEER_NAMES: dict[str, tuple[str, ...]] = {
     "beta": ("momentum",),
     "eta": ("trust_coefficient", "trust_coeff"),  # optax and pytorch_optimizer; timm
     "weight_decay": ("wd",),
+    "beta1": ("b1",),  # optax; torch classes take betas=(beta1, beta2)
+    "beta2": ("b2",),
 }
 
 
 def _aliases() -> dict[str, tuple[str, ...]]:
     """The core's name, then the torch classes' name from :mod:`lwrs.table`, then the peers' names."""
-    lars = spec("lars")
     out = {}
     for core_name, peer_names in _PEER_NAMES.items():
-        torch_name = lars.hyperparameter(core_name).torch_name
-        names = [core_name] + ([torch_name] if torch_name else []) + list(peer_names)
+        torch_name = spec("lamb" if core_name in ("beta1", "beta2") else "lars").hyperparameter(core_name).torch_name
+        names = [core_name] + ([torch_name] if torch_name and "[" not in torch_name else []) + list(peer_names)
         out[core_name] = tuple(dict.fromkeys(names))
     return out
 
@@ -46,7 +48,8 @@ ALIASES: dict[str, tuple[str, ...]] = _aliases()
 """Keyword names under which implementations take each hyperparameter: the core's name, the torch
 classes' name (both from :mod:`lwrs.table`), then the names peers use (``trust_coeff``, ...)."""
 
-_NEEDED = {"lars": ("learning_rate", "beta", "eta", "weight_decay"), "mnag": ("learning_rate", "beta", "weight_decay")}
+_NEEDED = {"lars": ("learning_rate", "beta", "eta", "weight_decay"), "mnag": ("learning_rate", "beta", "weight_decay"),
+           "lamb": ("learning_rate", "beta1", "beta2", "weight_decay")}
 
 
 class Driver(Protocol):
@@ -79,10 +82,13 @@ def hyperparameter_kwargs(factory: Callable[..., Any], kind: str, problem: Probl
         params = {}
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     values = {"learning_rate": learning_rate, "beta": problem.beta, "eta": problem.eta,
-              "weight_decay": problem.weight_decay}
+              "weight_decay": problem.weight_decay, "beta1": problem.beta, "beta2": LAMB_BETA2}
     out = {}
     for core_name in _NEEDED[kind]:
         if core_name in skip:
+            continue
+        if core_name in ("beta1", "beta2") and "betas" in params and not names.get(core_name):
+            out["betas"] = (problem.beta, LAMB_BETA2)  # torch's Adam-style pair
             continue
         key = names.get(core_name)
         if key is None:

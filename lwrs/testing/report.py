@@ -134,7 +134,7 @@ def _implied_ratio_note(problem: Problem, k: int, initial: Sequence[float], got:
     implied = rho * core_ratio
     named = {"1": 1.0, "0 (the layer is not updated)": 0.0, "1/lr": 1.0 / problem.learning_rates[0]}
     if problem.weight_decay:
-        named["eta/lambda"] = problem.eta / problem.weight_decay
+        named["eta/lambda" if problem.eta != 1 else "1/lambda"] = problem.eta / problem.weight_decay
     names = [n for n, v in named.items() if abs(implied - v) <= 1e-6 * max(abs(v), 1.0)]
     where = f" (= {names[0]})" if names else ""
     return f"the step is {rho:.6g} times the core's: implied trust ratio {implied:.6g}{where}, core's {core_ratio:.6g}"
@@ -263,10 +263,11 @@ def _diagnoses(report: Report) -> list[str]:
         if d is None or not d.note:
             continue
         role = by_name[d.problem].layers[d.layer].role
-        if "eta/lambda" in d.note and role == "zero_gradient":
-            out.append(f"{d.problem}: at a layer with a zero gradient the ratio is eta/lambda "
-                       "(eta ‖w‖ / (0 + lambda ‖w‖): the formula applied to a zero gradient); the core uses 1 "
-                       "there (timm's convention) and has no option for eta/lambda.")
+        ratio = "eta/lambda" if by_name[d.problem].eta != 1 else "1/lambda"
+        if f"(= {ratio})" in d.note and role == "zero_gradient":
+            out.append(f"{d.problem}: at a layer with a zero gradient the ratio is {ratio} (the formula applied where "
+                       "only the weight-decay term is left); the core uses 1 there (timm's convention) and has no "
+                       f"option for {ratio}.")
         elif "1/lr" in d.note and role == "zero_init":
             out.append(f"{d.problem}: at a zero-norm layer the ratio 1 is divided by the learning rate and clipped "
                        "(timm's trust_clip with lr > 1); the core's LARC clip leaves the zero-norm ratio at 1.")

@@ -41,10 +41,12 @@ import torch.nn.functional as F
 import lwrs
 import lwrs.backends.torch
 from lwrs.backends.torch import PerSampleNorms
+from lwrs.backends.torch.distributed import gather
 
 from ..progress import progress_bar
 from .config import OPTIMIZERS, TrainConfig, factor_schedule
 from .data import Dataset
+from .engine import Engine
 from .models import build_model, layer_names
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "train", "gradient_statistics", "evaluate"]
@@ -90,8 +92,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, chunk:
     return loss / len(y), correct / len(y)
 
 
-def gradient_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                        chunk: int = 4096) -> dict[str, list[float]]:
+def gradient_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, chunk: int = 4096,
+                        recorder: PerSampleNorms | None = None) -> dict[str, list[float]]:
     r"""CLARS Figure 2's gradient-variance ratio and the CLARS factor, per weight tensor, on ``(x, y)``.
 
     With :math:`g_{ik}` the gradient of sample :math:`i`'s loss at layer :math:`k`
@@ -104,7 +106,9 @@ def gradient_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     :math:`\rho_k - 1` is the observed :math:`M_k` of CLARS Assumption 2
     (with :math:`M = 0`); :math:`c_k` is the CLARS factor at batch :math:`n`.
     Computed exactly with :class:`~lwrs.backends.torch.PerSampleNorms` in one
-    backward pass; ``p.grad`` is left as it was. Reference: CLARS, Figure 2.
+    backward pass; ``p.grad`` is left as it was. ``recorder``: a recorder already
+    on ``model`` (e.g. CLARS's) to use, reset before and after, instead of a
+    recorder of its own. Reference: CLARS, Figure 2.
 
     Examples
     --------
@@ -119,7 +123,11 @@ def gradient_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     saved = [p.grad for p in model.parameters()]
     for p in model.parameters():
         p.grad = None
-    recorder = PerSampleNorms(model, fused=False)  # hooks only: the model's forward stays untouched
+    own = recorder is None
+    if own:
+        recorder = PerSampleNorms(model, fused=False)  # hooks only: the model's forward stays untouched
+    else:
+        recorder.reset()
     try:
         n = len(y)
         for i in range(0, n, chunk):
@@ -129,11 +137,14 @@ def gradient_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
         ratio, factor = [], []
         for p in params:
             s1, s2 = (float(v) for v in sums[p])
-            g2 = float(torch.linalg.vector_norm(p.grad.double())) ** 2
+            g2 = float(torch.linalg.vector_norm(gather(p.grad).double())) ** 2
             ratio.append(n * s2 / g2 if g2 > 0 else math.inf)
             factor.append(math.sqrt(g2) / s1 if s1 > 0 else 1.0)
     finally:
-        recorder.remove()
+        if own:
+            recorder.remove()
+        else:
+            recorder.reset()
         for p, g in zip(model.parameters(), saved):
             p.grad = g
     return {"variance_ratio": ratio, "clars_factor": factor}
@@ -158,7 +169,7 @@ def _diagnostics_by_layer(opt, model, names: list[str]) -> dict[str, list[float]
     return {key: [seen.get(id(named[n]), nothing)[key] for n in names] for key in fields}
 
 
-def train(config: TrainConfig, data: Dataset, *, progress: bool = False) -> dict[str, Any]:
+def train(config: TrainConfig, data: Dataset, *, progress: bool = False, engine: Engine | None = None) -> dict[str, Any]:
     r"""Train ``config.model`` on ``data`` with ``config.optimizer``; return the per-epoch record.
 
     The record holds ``config``, ``dataset`` (name and checksum), ``layers``
@@ -172,6 +183,9 @@ def train(config: TrainConfig, data: Dataset, *, progress: bool = False) -> dict
     (if ``stats_samples``) ``variance_ratio`` and ``batch_clars_factor`` from
     :func:`gradient_statistics`. References: CLARS Algorithm 1 and Figure 2;
     TVLARS Algorithm 1.
+
+    ``engine`` (:mod:`lwrs.apps.train.engine`) spreads each batch over DDP or FSDP2
+    processes; the record then says so under ``distributed``.
 
     Examples
     --------
@@ -187,8 +201,10 @@ def train(config: TrainConfig, data: Dataset, *, progress: bool = False) -> dict
         raise ValueError(f"batch_size {config.batch_size} exceeds the {n_train} training samples of {data.name}")
     steps_per_epoch = n_train // config.batch_size
     total = steps_per_epoch * config.epochs
+    engine = engine or Engine()
     model = build_model(config.model, data.length, data.classes, seed=config.seed)
     names = layer_names(model)
+    forward = engine.wrap(model)  # DDP's wrapper, or the model sharded in place by FSDP2
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
     gen = torch.Generator().manual_seed(config.seed)
@@ -206,9 +222,10 @@ def train(config: TrainConfig, data: Dataset, *, progress: bool = False) -> dict
             cols = zip(*(s[key] for s in per_step))
             layers[key] = [_none_if_nonfinite(_nanmean(c)) for c in cols]
         named = dict(model.named_parameters())
-        layers["weight_norm"] = [float(torch.linalg.vector_norm(named[n].detach().double())) for n in names]
+        layers["weight_norm"] = [float(torch.linalg.vector_norm(gather(named[n].detach()).double())) for n in names]
         if config.stats_samples:
-            s = gradient_statistics(model, x_train[stats_idx], y_train[stats_idx])
+            # CLARS's recorder serves here too: a second recorder on the model would be one more set of hooks
+            s = gradient_statistics(model, x_train[stats_idx], y_train[stats_idx], recorder=recorder)
             layers["variance_ratio"] = [_none_if_nonfinite(v) for v in s["variance_ratio"]]
             layers["batch_clars_factor"] = s["clars_factor"]
         return {"epoch": epoch, "train_loss": _none_if_nonfinite(train_loss), "test_loss": test_loss,
@@ -220,7 +237,10 @@ def train(config: TrainConfig, data: Dataset, *, progress: bool = False) -> dict
         "layers": names, "learning_rate": config.learning_rate(), "steps_per_epoch": steps_per_epoch,
         "epochs": [epoch_record(0, math.nan, [])], "diverged_epoch": None,
     }
-    bar = progress_bar(config.epochs, f"{config.optimizer} B={config.batch_size}", "epoch", enabled=progress)
+    if engine.world > 1:
+        record["distributed"] = {"engine": engine.kind, "processes": engine.world}
+    bar = progress_bar(config.epochs, f"{config.optimizer} B={config.batch_size}", "epoch",
+                       enabled=progress and engine.rank == 0)
     step = 0
     model.train()
     for epoch in range(1, config.epochs + 1):
@@ -228,14 +248,15 @@ def train(config: TrainConfig, data: Dataset, *, progress: bool = False) -> dict
         losses, per_step = [], []
         try:
             for b in range(steps_per_epoch):
-                idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+                idx = engine.local(order[b * config.batch_size:(b + 1) * config.batch_size])  # this rank's part
                 opt.zero_grad()
                 loss = 0.0
-                for m in range(0, config.batch_size, config.micro_batch):
+                for m in range(0, len(idx), config.micro_batch):
                     part = idx[m:m + config.micro_batch]
-                    micro = F.cross_entropy(model(x_train[part]), y_train[part]) * (len(part) / config.batch_size)
+                    micro = F.cross_entropy(forward(x_train[part]), y_train[part]) * (len(part) / len(idx))
                     micro.backward()
                     loss += float(micro.detach())
+                loss = engine.mean(loss)  # the global batch's loss (the engine averages the gradients alike)
                 if not math.isfinite(loss):
                     raise lwrs.NonFiniteError(f"the training loss is not finite ({loss}) at step {step}")
                 if step < freeze_steps:
