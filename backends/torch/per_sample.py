@@ -52,7 +52,9 @@ of the backward pass (costing a ``(B, *p.shape)`` tensor per use), so the
 norms stay exact. A forward pass whose graph is dropped without backward (a
 logging forward) does not count; under ``torch.no_grad()`` it costs nothing.
 Non-reentrant activation checkpointing (``use_reentrant=False``) is supported: the
-recomputation in backward is not recorded.
+recomputation in backward is not recorded. (Layers measured by hooks keep their
+input until their backward, so for them checkpointing saves no memory; the fused
+layers' inputs are recomputed like the others.)
 
 **The sample axis** is dim ``batch_dim`` (0, or 1 for sequence-first inputs
 ``(T, B, ...)``) of every recorded layer's input. The batch size is read from the
