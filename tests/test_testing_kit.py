@@ -118,6 +118,8 @@ class NumpyLars:
                 ratio = self.eta * wn / (gn + self.wd * wn)
                 if self.bug == "ratio" and k == 2 and t >= 3:
                     ratio = self.eta * wn / gn  # forgets the weight-decay term, on fc2.weight from step 3
+            if self.bug == "crash" and t == 3 and wn < 2.0:
+                raise FloatingPointError(f"planted crash in layer {k}")
             step = self.beta * d - lr * ratio * u
             new_trace.append(step)
             new_params.append(w + (d if self.bug == "momentum_lag" and t >= 2 else step))
@@ -140,6 +142,7 @@ def test_the_independent_numpy_lars_without_a_bug_conforms():
     ("ratio", "step 3, layer 2 'fc2.weight'"),
     ("decay_twice", "step 0, layer 0 'fc1.weight'"),
     ("momentum_lag", "step 2, layer 0 'fc1.weight'"),
+    ("crash", "problem 'mlp', step 3: the implementation raised FloatingPointError: planted crash in layer 2"),
 ])
 def test_planted_bugs_are_caught_at_their_step_and_layer(bug, where):
     with pytest.raises(ConformanceError) as info:
@@ -147,7 +150,8 @@ def test_planted_bugs_are_caught_at_their_step_and_layer(bug, where):
     message = str(info.value)
     assert f"NumpyLars(bug={bug}) does not implement lars with nesterov=False" in message
     assert where in message, message
-    assert "expected [" in message and "got [" in message
+    if bug != "crash":  # a crash is reported with the step it happened at and the exception, values for the others
+        assert "expected [" in message and "got [" in message
     assert "closest convention of the core overall" in message
 
 
@@ -157,6 +161,14 @@ def test_asking_for_a_convention_the_peer_does_not_follow_names_the_closest_one(
     message = str(info.value)
     assert "problem 'mlp', step 0" in message
     assert "weight_decay_form='sum_of_norms', nesterov=False, adapt='all_if_decay'" in message
+
+
+def test_an_optimizer_that_cannot_be_built_raises_instead_of_reporting():
+    def make(learning_rate, momentum):  # takes no trust coefficient: a configuration error, not a finding
+        return lwrs.lars(learning_rate, beta=momentum)
+
+    with pytest.raises(TypeError, match="takes none of .* for eta"):
+        check(FunctionalDriver(make, xp=np))
 
 
 def test_unknown_conventions_are_refused_before_running():

@@ -192,8 +192,8 @@ def page() -> str:
         best = report.best
         extra = ", ".join(f"{k}={_short(v)}" for k, v in options.items())
         name = f"``{label}({extra})``" if extra else f"``{label}``"
-        diverges = [f"``{r.problem}`` (step {r.divergence.step}, ``{r.divergence.layer_name}``)"
-                    for r in best.problems if not r.matched]
+        diverges = [f"``{r.problem}`` (step {r.divergence.step}" + (f", ``{r.divergence.layer_name}``)"
+                    if r.divergence.layer >= 0 else ", raises)") for r in best.problems if not r.matched]
         convention = "; ".join(f"{k}={_short(v)}" for k, v in best.convention.items())
         table += [f"   * - {name} ({report.kind})", f"     - {best.matched}/{len(report.problems)}",
                   f"     - {convention}", f"     - {', '.join(diverges) or 'nothing'}",
