@@ -20,7 +20,7 @@ OUT = HERE.parent / "docs" / "benchmarks" / "generated.rst"
 STEP_BOUND_TARGET = 1.5
 STEP_PEER = "torch SGD nesterov foreach"
 # exact CLARS training step: multiple of a plain step, per model (matched by the start of its name)
-CLARS_TARGETS = {"MLP": 1.05, "small CNN": 1.2, "token MLP": 1.15}
+CLARS_TARGETS = {"MLP": 1.05, "small CNN": 1.2, "token MLP": 1.15, "transformer": 1.25}
 CLARS_ROW = "lwrs CLARS, exact (default)"
 CLARS_PEER = "Opacus ghost-clipping norms + CLARS"
 # jitted JAX step: lwrs's LARS with optax's conventions within this multiple of optax.lars, on every parameter set
@@ -168,6 +168,7 @@ SECTIONS = {
                                                           "The same targets, with the steady allocator"),
     "sequence_linear.json": sequence_linear,
     "jax_step.json": jax_step,
+    "transformer_step.json": lambda r: clars_step(r, "Exact CLARS on a transformer"),
     "compiled_step.json": compiled_step,
 }
 

@@ -6,8 +6,6 @@ torch.optim.SGD); the expected conventions are read off their source, independen
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import torch
@@ -17,12 +15,11 @@ from lwrs.backends.torch.conformance import assert_implements as torch_assert_im
 from lwrs.backends.torch.conformance import check as torch_check
 from lwrs.backends.torch.conformance import load_timm_lars
 from lwrs.testing import ConformanceError, FunctionalDriver, assert_implements, battery, check, conventions
-from lwrs.testing.__main__ import main
+from lwrs.testing.__main__ import main, page_report
 
 
-@functools.lru_cache(maxsize=None)
 def timm_report(**options):
-    return torch_check(load_timm_lars(), options=options)
+    return page_report("timm.optim.Lars", "lars", **options)  # the docs page's run, shared with its test
 
 
 def unmatched(report):
@@ -49,9 +46,7 @@ def test_timm_trust_clip_at_zero_norm_layers_with_lr_above_one():
 
 
 def test_pytorch_optimizer_conventions():
-    from pytorch_optimizer import LARS
-
-    report = torch_check(LARS)
+    report = page_report("pytorch_optimizer.LARS", "lars")
     assert report.best.convention == dict(weight_decay_form="sum_of_norms", nesterov=False, adapt="ndim>1",
                                           decay="ndim>1", eps=0.0, larc_clip=False)
     div = unmatched(report)
@@ -63,10 +58,8 @@ def test_pytorch_optimizer_conventions():
 
 
 def test_optax_conventions():
-    optax = pytest.importorskip("optax")
-    from lwrs.backends.jax.conformance import check as jax_check
-
-    report = jax_check(optax.lars, name="optax.lars")
+    pytest.importorskip("optax")
+    report = page_report("optax.lars", "lars")
     assert report.best.convention == dict(weight_decay_form="norm_of_sum", nesterov=False, adapt="all",
                                           decay="all", eps=0.0, larc_clip=False)
     assert set(unmatched(report)) == {"zero_gradient"}  # lr inside the buffer: the varying rate matches
@@ -211,10 +204,8 @@ def test_lamb_kind_identifies_optax_and_lwrs_own_lamb():
 
     ours = torch_assert_implements("lamb", LAMB, adapt="ndim>1", decay="all", eps=1e-6)
     assert len(ours.matching) == 1
-    optax = pytest.importorskip("optax")
-    from lwrs.backends.jax.conformance import check as jax_check
-
-    report = jax_check(optax.lamb, "lamb", name="optax.lamb")
+    pytest.importorskip("optax")
+    report = page_report("optax.lamb", "lamb")
     assert report.best.convention == dict(adapt="all", decay="all", eps=1e-6)
     div = unmatched(report)
     assert set(div) == {"zero_gradient"}  # |w| / |lambda w| = 1/lambda = 25 there; the core's ratio is 1
