@@ -199,6 +199,9 @@ def test_command_line_prints_the_report_and_exits_by_conformance():
     lines.clear()
     assert main(["lwrs.lars", "--option", "nesterov=False", "--fix", "nesterov=False"], out=lines.append) == 0
     assert "CONFORMS" in lines[0]
+    lines.clear()
+    assert main(["lwrs.backends.torch.LAMB"], out=lines.append) == 0  # the kind follows the name
+    assert lines[0].startswith("lwrs.backends.torch.LAMB: conformance with lwrs.lamb")
 
 
 def test_lwrs_jax_lars_conforms_with_the_cores_defaults():

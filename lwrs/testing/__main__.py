@@ -60,6 +60,22 @@ def resolve(path: str) -> Any:
     raise SystemExit(f"cannot import any module of {path!r}")
 
 
+def guess_kind(path: str) -> str:
+    """The kind a dotted path's last name suggests: ``lamb``, ``mnag`` (SGD, mNAG) or ``lars``.
+
+    Examples
+    --------
+    >>> guess_kind("optax.lamb"), guess_kind("torch.optim.SGD"), guess_kind("timm.optim.Lars")
+    ('lamb', 'mnag', 'lars')
+    """
+    last = path.rsplit(".", 1)[-1].lower()
+    if "lamb" in last:
+        return "lamb"
+    if last in ("sgd", "mnag", "mgd", "nesterov"):
+        return "mnag"
+    return "lars"
+
+
 def framework(obj: Any) -> str:
     """Which driver runs ``obj``: ``"torch"``, ``"jax"`` or ``"functional"``."""
     module = getattr(obj, "__module__", "") or ""
@@ -227,7 +243,8 @@ def _pairs(items: Sequence[str], what: str) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None, out: Callable[[str], Any] = print) -> int:
     parser = argparse.ArgumentParser(prog="python -m lwrs.testing", description=__doc__.split("\n\n")[0])
     parser.add_argument("optimizer", nargs="?", help="dotted path, e.g. timm.optim.Lars or optax.lars")
-    parser.add_argument("--kind", choices=KINDS, default="lars", help="the core optimizer to compare with")
+    parser.add_argument("--kind", choices=KINDS, help="the core optimizer to compare with (default: from the name: "
+                        "lamb for a LAMB, mnag for SGD, else lars)")
     parser.add_argument("--driver", choices=("torch", "jax", "functional"), help="default: from the object's module")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="keyword argument for the optimizer itself, e.g. trust_clip=True")
@@ -243,7 +260,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], Any] = print) -
     if not args.optimizer:
         parser.error("name an optimizer (a dotted path) or pass --rst FILE")
     obj = resolve(args.optimizer)
-    report = run(obj, kind=args.kind, driver=args.driver, options=_pairs(args.option, "--option"),
+    report = run(obj, kind=args.kind or guess_kind(args.optimizer), driver=args.driver, options=_pairs(args.option, "--option"),
                  name=args.optimizer, **_pairs(args.fix, "--fix"))
     out(report.text())
     return 0 if report.conforms else 1
