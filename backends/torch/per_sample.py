@@ -52,7 +52,9 @@ of the backward pass (costing a ``(B, *p.shape)`` tensor per use), so the
 norms stay exact. A forward pass whose graph is dropped without backward (a
 logging forward) does not count; under ``torch.no_grad()`` it costs nothing.
 Non-reentrant activation checkpointing (``use_reentrant=False``) is supported: the
-recomputation in backward is not recorded.
+recomputation in backward is not recorded. (Layers measured by hooks keep their
+input until their backward, so for them checkpointing saves no memory; the fused
+layers' inputs are recomputed like the others.)
 
 **The sample axis** is dim ``batch_dim`` (0, or 1 for sequence-first inputs
 ``(T, B, ...)``) of every recorded layer's input. The batch size is read from the
@@ -287,6 +289,7 @@ class PerSampleNorms:
         self._n: dict[torch.nn.Parameter, int] = {}  # samples recorded per parameter (summed over passes)
         self._seen: dict[torch.nn.Parameter, Any] = {}  # p.grad after the last backward (a weak reference)
         self._pending: dict[int, int] = {}
+        self._tasks.clear()  # (a backward pass that raised never reached its end)
 
     def remove(self) -> None:
         """Detach the hooks from the model (and give fused and attention modules their own forward back)."""
@@ -326,7 +329,7 @@ class PerSampleNorms:
                 f"{label}: its input {tuple(shape)} has {samples} samples along dim {dim}, the model's input "
                 f"{self._batch}: per-sample norms need the samples along dim {dim} of every layer's input "
                 "(batch_dim=1 for sequence-first inputs; tokens folded into the batch, e.g. x.reshape(B * T, F), "
-                "cannot be measured)")
+                "cannot be measured, and an input without the batch axis, e.g. position ids, must be expanded to it)")
 
     def _start(self, module_id: int, label: str, x: torch.Tensor, dim: int) -> None:
         if _graph_task() == -1:
