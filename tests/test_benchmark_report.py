@@ -70,7 +70,7 @@ def test_optimizer_verdict_needs_the_bound_and_the_peer(report):
 
 
 @pytest.mark.parametrize("script", ["clars_step.py", "sequence_linear.py", "optimizer_step.py", "jax_step.py",
-                                    "transformer_step.py"])
+                                    "transformer_step.py", "compiled_step.py"])
 def test_benchmark_scripts_run_and_their_records_render(report, script, tmp_path):
     """Each benchmark's --quick smoke run writes a record that report.py can render (peers absent or not)."""
     pytest.importorskip("torch")

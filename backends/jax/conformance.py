@@ -75,10 +75,14 @@ class OptaxDriver:
             state = tx.init(params)
             update = jax.jit(tx.update) if self.jit else tx.update
             out = []
-            for t in range(problem.steps):
-                updates, state = update(problem.gradients(t, params), state, params)
-                params = optax.apply_updates(params, updates)
-                out.append([tuple(np.asarray(w, dtype=np.float64).reshape(-1).tolist()) for w in params])
+            try:
+                for t in range(problem.steps):
+                    updates, state = update(problem.gradients(t, params), state, params)
+                    params = optax.apply_updates(params, updates)
+                    out.append([tuple(np.asarray(w, dtype=np.float64).reshape(-1).tolist()) for w in params])
+            except Exception as exc:  # keep the steps that ran, for the report
+                exc.partial_trajectory = out
+                raise
         return out
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -163,12 +164,20 @@ def _short(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+@functools.lru_cache(maxsize=None)
+def page_report(label: str, kind: str, **options: Any) -> Report:
+    """The report of one row of the docs page (computed once per process; the tests reuse it)."""
+    obj = next(o for row_label, row_kind, o, row_options in subjects()
+               if (row_label, row_kind, row_options) == (label, kind, options))
+    return run(obj, kind=kind, options=options, name=label)
+
+
 def page() -> str:
     """The docs page: one row per installed implementation, then each closest convention's divergence."""
     from lwrs.testing import battery
 
     rows = subjects()
-    reports = [(label, options, run(obj, kind=kind, options=options, name=label)) for label, kind, obj, options in rows]
+    reports = [(label, options, page_report(label, kind, **options)) for label, kind, obj, options in rows]
     problems = battery()
     labels = {label for label, *_ in rows}
     missing = [name for name in ("timm.optim.Lars", "pytorch_optimizer.LARS", "optax.lars", "apex.parallel.LARC")
@@ -183,8 +192,8 @@ def page() -> str:
         best = report.best
         extra = ", ".join(f"{k}={_short(v)}" for k, v in options.items())
         name = f"``{label}({extra})``" if extra else f"``{label}``"
-        diverges = [f"``{r.problem}`` (step {r.divergence.step}, ``{r.divergence.layer_name}``)"
-                    for r in best.problems if not r.matched]
+        diverges = [f"``{r.problem}`` (step {r.divergence.step}" + (f", ``{r.divergence.layer_name}``)"
+                    if r.divergence.layer >= 0 else ", raises)") for r in best.problems if not r.matched]
         convention = "; ".join(f"{k}={_short(v)}" for k, v in best.convention.items())
         table += [f"   * - {name} ({report.kind})", f"     - {best.matched}/{len(report.problems)}",
                   f"     - {convention}", f"     - {', '.join(diverges) or 'nothing'}",
