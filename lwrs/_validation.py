@@ -91,7 +91,12 @@ def same_device(a: Any, b: Any) -> bool:
     return a is None or b is None or a == b
 
 
-def check_layers(params: Any, **others: Any) -> tuple[Any, Any]:
+def layer_label(k: int, names: Sequence[str] | None) -> str:
+    """``"layer k"``, with the layer's pytree path when params are nested: ``"layer 1 (a.bias)"``."""
+    return f"layer {k}" if names is None else f"layer {k} ({names[k]})"
+
+
+def check_layers(params: Any, _names: Sequence[str] | None = None, **others: Any) -> tuple[Any, Any]:
     """Check that ``params`` and every other per-layer sequence agree.
 
     Checks, for every layer and every sequence: it is an array, it comes from
@@ -116,39 +121,40 @@ def check_layers(params: Any, **others: Any) -> tuple[Any, Any]:
     dev = device(first)
     lib = library_name(first)
     for k, w in enumerate(params):
-        _check_one("params", k, w, None, xp, lib, dev)
+        _check_one("params", k, w, None, xp, lib, dev, _names)
         if not xp.isdtype(w.dtype, "real floating"):
-            raise TypeError(f"layer {k} of params has dtype {w.dtype}; a real floating dtype is needed")
+            raise TypeError(f"{layer_label(k, _names)} of params has dtype {w.dtype}; a real floating dtype is needed")
     for name, layers in others.items():
         layers = _as_layer_sequence(name, layers)
         if len(layers) != len(params):
             raise ValueError(f"{name} has {len(layers)} layers but params has {len(params)}")
         for k, (a, w) in enumerate(zip(layers, params)):
-            _check_one(name, k, a, w, xp, lib, dev)
+            _check_one(name, k, a, w, xp, lib, dev, _names)
     return xp, dev
 
 
-def _check_one(name: str, k: int, a: Any, w: Any, xp: Any, lib: str, dev: Any) -> None:
+def _check_one(name: str, k: int, a: Any, w: Any, xp: Any, lib: str, dev: Any, names: Any = None) -> None:
+    label = layer_label(k, names)
     if not is_array_api_obj(a):
-        raise TypeError(f"layer {k} of {name} is a {type(a).__name__}, not an array")
+        raise TypeError(f"{label} of {name} is a {type(a).__name__}, not an array")
     if array_namespace(a) is not xp:
         raise TypeError(
-            f"layer {k} of {name} is a {library_name(a)} array but layer 0 of params "
+            f"{label} of {name} is a {library_name(a)} array but layer 0 of params "
             f"is a {lib} array; mixed array libraries are not supported"
         )
     if not same_device(device(a), dev):
         raise ValueError(
-            f"layer {k} of {name} is on device {device(a)!r} but layer 0 of params "
+            f"{label} of {name} is on device {device(a)!r} but layer 0 of params "
             f"is on {dev!r}; move every array to one device"
         )
     if w is None:
         return
     if tuple(a.shape) != tuple(w.shape):
         raise ValueError(
-            f"layer {k}: {name} has shape {tuple(a.shape)} but params has shape {tuple(w.shape)}"
+            f"{label}: {name} has shape {tuple(a.shape)} but params has shape {tuple(w.shape)}"
         )
     if a.dtype != w.dtype:
-        raise ValueError(f"layer {k}: {name} has dtype {a.dtype} but params has dtype {w.dtype}")
+        raise ValueError(f"{label}: {name} has dtype {a.dtype} but params has dtype {w.dtype}")
 
 
 def is_bool(value: Any) -> bool:

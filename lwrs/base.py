@@ -46,7 +46,7 @@ from .nonfinite import (
     where_skipped_diagnostics,
 )
 from .norm_statistics import NormStatistics, check_statistics
-from .pytree import Structure, unflatten
+from .pytree import Structure, leaf_names, unflatten
 from .rates import _layer_norms
 from .schedules import Schedule, as_schedule
 
@@ -198,6 +198,7 @@ class Checked(NamedTuple):
     skip_now: bool  # skipped eagerly: return the inputs
     state_norms: dict[str, Any]  # per-layer norms of each state sequence
     on_nonfinite: str
+    names: Any  # the layers' pytree paths, or None for a flat list
 
 
 def check_state(state: Any, cls: type) -> Any:
@@ -210,10 +211,11 @@ STATE_CHECKS = {"trace": "momentum buffer norm", "first_moment": "first moment n
                 "second_moment": "second moment norm"}
 
 
-def prepare(common: Common, params, grads, state, norm_stats, arrays: dict[str, Any], needs_stats: str = "") -> Checked:
+def prepare(common: Common, params, grads, state, norm_stats, arrays: dict[str, Any], needs_stats: str = "",
+            names: Any = None) -> Checked:
     """Checks, masks, norms, the global rate and the non-finite policy on the inputs and the state (private)."""
     t = state.step
-    xp, dev = check_layers(params, grads=grads, **arrays)
+    xp, dev = check_layers(params, names, grads=grads, **arrays)
     if needs_stats and norm_stats is None:
         raise ValueError(f"{needs_stats} needs norm_stats, the per-sample gradient-norm statistics of this batch")
     if norm_stats is not None:
@@ -229,15 +231,15 @@ def prepare(common: Common, params, grads, state, norm_stats, arrays: dict[str, 
         checks.append(("mean per-sample gradient norm", mean_norms))
     state_norms = {name: _layer_norms(xp, a) for name, a in arrays.items()}
     checks += [(STATE_CHECKS[name], n) for name, n in state_norms.items()]
-    ok, skip_now = nonfinite_policy(common.on_nonfinite, xp, checks, t)
+    ok, skip_now = nonfinite_policy(common.on_nonfinite, xp, checks, t, names)
     return Checked(xp, t, adapt, common.layer_decays(decay), lr, w_norms, g_norms, mean_norms, ok, skip_now,
-                   state_norms, common.on_nonfinite)
+                   state_norms, common.on_nonfinite, names)
 
 
 def check_step_size(c: Checked, rates: Any, bounds: Any, dtypes: Sequence[Any], extra: Sequence[Any] = ()) -> Checked:
     """The policy again, on the step's size (a step that would overflow its dtype); combines the flags (private)."""
     checks = [*extra, (STEP_SIZE, step_size_check(rates, bounds, dtypes, xp=c.xp))]
-    ok, skip_now = nonfinite_policy(c.on_nonfinite, c.xp, checks, c.step)
+    ok, skip_now = nonfinite_policy(c.on_nonfinite, c.xp, checks, c.step, c.names)
     if c.ok is not None and ok is not None:
         ok = c.ok & ok
     elif c.ok is not None:
@@ -245,7 +247,8 @@ def check_step_size(c: Checked, rates: Any, bounds: Any, dtypes: Sequence[Any], 
     return c._replace(ok=ok, skip_now=skip_now)
 
 
-def nonfinite_policy(on_nonfinite: str, xp: Any, checks: list[tuple[str, Any]], step: Any) -> tuple[Any, bool]:
+def nonfinite_policy(on_nonfinite: str, xp: Any, checks: list[tuple[str, Any]], step: Any,
+                     names: Any = None) -> tuple[Any, bool]:
     """``(ok, skip_now)``: raise, skip eagerly (one host sync), or a device flag for a where-based skip."""
     values = [v for _, v in checks]
     traced = any(is_traced(v) for v in values)
@@ -256,7 +259,7 @@ def nonfinite_policy(on_nonfinite: str, xp: Any, checks: list[tuple[str, Any]], 
                 'needs the values on the host. Pass on_nonfinite="skip", which skips a non-finite step with '
                 "where() and needs no host synchronisation"
             )
-        problem = first_nonfinite(checks, xp=xp)
+        problem = first_nonfinite(checks, xp=xp, names=names)
         if problem is not None:
             raise NonFiniteError(f"{problem} at step {step}; pass on_nonfinite='skip' to skip such steps")
         return None, False
@@ -299,7 +302,7 @@ def functional(name: str, init_arrays: Callable[[Any, list[Any], Any], Any],
             state = type(state)(state[0], *[tuple(detached(f)) for f in state[1:]])
         if isinstance(norm_stats, NormStatistics) and any(getattr(a, "requires_grad", False) for a in norm_stats):
             norm_stats = NormStatistics(*detached(norm_stats))
-        return leaves, structure, transition(leaves, grad_leaves, state, norm_stats)
+        return leaves, structure, transition(leaves, grad_leaves, state, norm_stats, leaf_names(structure))
 
     def step(params: Any, grads: Any, state: Any, *, norm_stats: Any = None) -> StepResult:
         leaves, structure, tr = _run(params, grads, state, norm_stats)

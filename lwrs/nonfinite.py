@@ -68,11 +68,12 @@ def all_finite(values: Sequence[Any], *, xp: Any = None) -> Any:
     return ok
 
 
-def first_nonfinite(checks: Sequence[tuple[str, Any]], *, xp: Any = None) -> str | None:
+def first_nonfinite(checks: Sequence[tuple[str, Any]], *, xp: Any = None, names: Sequence[str] | None = None) -> str | None:
     r"""Name the first layer whose value is not finite, or ``None`` (eager only: reads values on the host).
 
     ``checks`` is a sequence of ``(what, per_layer_values)``; the message is
-    ``"layer k: <what> is not finite (value v)"``. When every value is finite
+    ``"layer k: <what> is not finite (value v)"`` (``"layer k (path): ..."``
+    with ``names``, the layers' pytree paths). When every value is finite
     this costs one host synchronisation.
 
     .. math:: k^\ast = \min\{k : \neg\operatorname{isfinite}(x_k)\}
@@ -92,7 +93,8 @@ def first_nonfinite(checks: Sequence[tuple[str, Any]], *, xp: Any = None) -> str
         if not bool(ok):
             for k in range(values.shape[0]):
                 if not bool(xp.isfinite(values[k])):
-                    return f"layer {k}: {what} is not finite (value {float(values[k])!r})"
+                    label = f"layer {k}" if names is None else f"layer {k} ({names[k]})"
+                    return f"{label}: {what} is not finite (value {float(values[k])!r})"
     return "a value is not finite"  # pragma: no cover - unreachable: some flag was False
 
 

@@ -91,9 +91,9 @@ def _momentum_family(name: str, common: Common, trust: TrustOptions, beta: float
     def init_arrays(xp, leaves, step) -> MomentumState:
         return MomentumState(step, zeros(xp, leaves))
 
-    def transition(params, grads, state, norm_stats) -> Transition:
+    def transition(params, grads, state, norm_stats, names=None) -> Transition:
         check_state(state, MomentumState)
-        c = prepare(common, params, grads, state, norm_stats, {"trace": state.trace}, needs_stats)
+        c = prepare(common, params, grads, state, norm_stats, {"trace": state.trace}, needs_stats, names)
         if c.skip_now:
             return skipped_now(c, state)
         directions = decayed_directions(params, grads, c.decays)
@@ -482,10 +482,10 @@ def lamb(
     def init_arrays(xp, leaves, step) -> LambState:
         return LambState(step, zeros(xp, leaves), zeros(xp, leaves))
 
-    def transition(params, grads, state, norm_stats) -> Transition:
+    def transition(params, grads, state, norm_stats, names=None) -> Transition:
         check_state(state, LambState)
         arrays = {"first_moment": state.first_moment, "second_moment": state.second_moment}
-        c = prepare(common, params, grads, state, norm_stats, arrays)
+        c = prepare(common, params, grads, state, norm_stats, arrays, "", names)
         if c.skip_now:
             return skipped_now(c, state)
         xp = c.xp

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Structure", "flatten", "unflatten", "is_leaf_structure"]
+__all__ = ["Structure", "flatten", "unflatten", "is_leaf_structure", "leaf_names"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,39 @@ def is_leaf_structure(structure: Structure) -> bool:
     (True, False)
     """
     return structure.kind == "leaf"
+
+
+def leaf_names(structure: Structure) -> list[str] | None:
+    """A readable path for every leaf (``"a.weight"``, ``"b[0]"``), or ``None`` for a flat list or tuple of layers.
+
+    Error messages name a layer by its path when params are nested.
+
+    Examples
+    --------
+    >>> leaf_names(flatten({"b": [1.0], "a": {"w": 2.0}})[1])
+    ['a.w', 'b[0]']
+    >>> leaf_names(flatten([1.0, 2.0])[1]) is None
+    True
+    """
+    if structure.kind in ("list", "tuple") and all(c.kind == "leaf" for c in structure.children):
+        return None
+    names: list[str] = []
+    _names(structure, "", names)
+    return names
+
+
+def _names(s: Structure, prefix: str, out: list[str]) -> None:
+    if s.kind == "leaf":
+        out.append(prefix or "<root>")
+    elif s.kind == "dict":
+        for key, child in zip(s.node, s.children):
+            _names(child, f"{prefix}.{key}" if prefix else str(key), out)
+    elif s.kind == "namedtuple":
+        for field, child in zip(s.node._fields, s.children):
+            _names(child, f"{prefix}.{field}" if prefix else field, out)
+    elif s.kind in ("list", "tuple"):
+        for i, child in enumerate(s.children):
+            _names(child, f"{prefix}[{i}]", out)
 
 
 def map_structure(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:

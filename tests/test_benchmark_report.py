@@ -77,7 +77,8 @@ def test_optimizer_verdict_needs_the_bound_and_the_peer(report):
     assert "**not met**" not in "\n".join(report.optimizer_step(fast))
 
 
-@pytest.mark.parametrize("script", ["clars_step.py", "sequence_linear.py", "optimizer_step.py", "jax_step.py"])
+@pytest.mark.parametrize("script", ["clars_step.py", "sequence_linear.py", "optimizer_step.py", "jax_step.py",
+                                    "transformer_step.py", "compiled_step.py"])
 def test_benchmark_scripts_run_and_their_records_render(report, script, tmp_path):
     """Each benchmark's --quick smoke run writes a record that report.py can render (peers absent or not)."""
     pytest.importorskip("torch")
@@ -93,7 +94,7 @@ def test_benchmark_scripts_run_and_their_records_render(report, script, tmp_path
     assert record["command"].startswith(f"python benchmarks/{script} --quick")
     section = report.SECTIONS[out.name](record)
     assert any("list-table" in line for line in section)
-    if script == "clars_step.py":
+    if script in ("clars_step.py", "transformer_step.py"):
         for res in record["results"].values():
             assert res["ratio_to_plain"]["plain SGD step"] == 1.0
             assert all(r > 0 for r in res["ratio_to_plain"].values())

@@ -70,3 +70,11 @@ def test_record_comparison_tells_numbers_from_strings():
         assert_same_record({"a": 1.0, "s": "y"}, {"a": 1.0, "s": "x"})
     with pytest.raises(AssertionError):
         assert_same_record({"a": 1.1, "s": "x"}, {"a": 1.0, "s": "x"})
+
+
+def test_the_quadratic_compares_every_optimizer_of_the_table():
+    from lwrs import table
+
+    names = [e.name for e in ROSTER]
+    assert [n for n in names if n != "lars+warmup"] == list(table.names())
+    assert names.index("lars+warmup") == names.index("lars") + 1

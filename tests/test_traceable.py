@@ -298,3 +298,14 @@ def test_jit_skips_a_step_that_would_overflow_float32():
     new, state, diag = step(w, [jnp.full((2, 2), 10.0, jnp.float32)], opt.init(w, step=jnp.asarray(0)))
     assert bool(diag.skipped) and int(state.step) == 0
     np.testing.assert_array_equal(np.asarray(new[0]), np.asarray(w[0]))
+
+
+def test_errors_name_a_nested_layer_by_its_path():
+    params = {"encoder": Linear(np.ones((2, 2)), np.ones(2)), "head": [np.ones((3, 2))]}
+    grads = {"encoder": Linear(np.ones((2, 2)), np.array([0.1, np.nan])), "head": [np.ones((3, 2))]}
+    opt = lwrs.lars(0.1)
+    with pytest.raises(lwrs.NonFiniteError, match=r"layer 1 \(encoder\.bias\): gradient norm is not finite"):
+        opt.step(params, grads, opt.init(params))
+    grads["head"] = [np.ones((2, 3))]
+    with pytest.raises(ValueError, match=r"layer 2 \(head\[0\]\): grads has shape \(2, 3\) but params has shape \(3, 2\)"):
+        opt.step(params, grads, opt.init(params))

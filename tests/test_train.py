@@ -78,7 +78,7 @@ def test_unknown_dataset_size_is_refused():
 
 # ---- models ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, layers", [("fcn", 5), ("cnn", 5), ("mlp", 3)])
+@pytest.mark.parametrize("name, layers", [("fcn", 5), ("cnn", 5), ("mlp", 3), ("transformer", 10)])
 def test_models_are_fully_supported_by_per_sample_norms(name, layers):
     model = build_model(name, 40, 10, seed=0)
     assert len(layer_names(model)) == layers
@@ -223,7 +223,7 @@ def test_training_is_reproducible_from_its_seed(digits):
 
 # ---- gradient statistics ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["fcn", "cnn", "mlp"])
+@pytest.mark.parametrize("name", ["fcn", "cnn", "mlp", "transformer"])
 def test_gradient_statistics_match_torch_func(name):
     """CLARS Figure 2's ratio and the CLARS factor against per-sample gradients from torch.func, float64."""
     from torch.func import functional_call, grad, vmap

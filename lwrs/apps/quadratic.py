@@ -231,15 +231,34 @@ class Entry:
     beta: float | None = 0.9
 
 
-ROSTER = (
-    Entry("mgd", lambda lr, T: opt.mgd(lr), 1.0 / 64, beta=0.0),
-    Entry("mnag", lambda lr, T: opt.mnag(lr, beta=0.9), 1.0 / 64),
-    Entry("lars", lambda lr, T: opt.lars(lr, eta=1e-3, adapt_mask=ALL_LAYERS), 10.0),
-    Entry("lars+warmup", lambda lr, T: opt.lars(warmup_polynomial(lr, T // 10, T), eta=1e-3, adapt_mask=ALL_LAYERS), 10.0),
-    Entry("clars", lambda lr, T: opt.clars(lr, eta=1e-3, adapt_mask=ALL_LAYERS), 10.0),
-    Entry("tvlars", lambda lr, T: opt.tvlars(lr, decay_coefficient=10.0 / T, delay_steps=T // 10, eta=1e-3, adapt_mask=ALL_LAYERS), 10.0),
-    Entry("lamb", lambda lr, T: opt.lamb(lr, adapt_mask=ALL_LAYERS), 0.03, beta=None),
-)
+#: Per optimizer of :mod:`lwrs.table`: its base rate here, its keywords beyond the rate (given the
+#: horizon T) and its momentum for Theorem 2. Every optimizer of the table must have an entry (a test checks).
+SETTINGS: dict[str, tuple[float, Callable[[int], dict[str, Any]], float | None]] = {
+    "mgd": (1.0 / 64, lambda T: {}, 0.0),
+    "mnag": (1.0 / 64, lambda T: {"beta": 0.9}, 0.9),
+    "lars": (10.0, lambda T: {"eta": 1e-3, "adapt_mask": ALL_LAYERS}, 0.9),
+    "clars": (10.0, lambda T: {"eta": 1e-3, "adapt_mask": ALL_LAYERS}, 0.9),
+    "tvlars": (10.0, lambda T: {"decay_coefficient": 10.0 / T, "delay_steps": T // 10, "eta": 1e-3,
+                                "adapt_mask": ALL_LAYERS}, 0.9),
+    "lamb": (0.03, lambda T: {"adapt_mask": ALL_LAYERS}, None),
+}
+
+
+def _entry(name: str, factory: Callable[..., opt.Optimizer]) -> Entry:
+    base, keywords, beta = SETTINGS[name]
+    return Entry(name, lambda lr, T: factory(lr, **keywords(T)), base, beta)
+
+
+def _lars_warmup() -> Entry:
+    """LARS with a polynomial warm-up over the first tenth of the run (the comparison's recipe)."""
+    base, keywords, beta = SETTINGS["lars"]
+    return Entry("lars+warmup", lambda lr, T: opt.lars(warmup_polynomial(lr, T // 10, T), **keywords(T)), base, beta)
+
+
+#: The comparison: every optimizer of :mod:`lwrs.table` (in its order) that :data:`SETTINGS` knows,
+#: plus LARS with warm-up right after LARS.
+ROSTER = tuple(entry for spec in opt.table.OPTIMIZERS if spec.name in SETTINGS
+               for entry in ([_entry(spec.name, spec.factory)] + ([_lars_warmup()] if spec.name == "lars" else [])))
 GRID = tuple(3.0**j for j in range(-3, 4))  # 1/27 ... 27 times the base rate
 
 

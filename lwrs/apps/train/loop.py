@@ -92,8 +92,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, chunk:
     return loss / len(y), correct / len(y)
 
 
-def gradient_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                        chunk: int = 4096) -> dict[str, list[float]]:
+def gradient_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, chunk: int = 4096,
+                        recorder: PerSampleNorms | None = None) -> dict[str, list[float]]:
     r"""CLARS Figure 2's gradient-variance ratio and the CLARS factor, per weight tensor, on ``(x, y)``.
 
     With :math:`g_{ik}` the gradient of sample :math:`i`'s loss at layer :math:`k`
@@ -106,7 +106,9 @@ def gradient_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     :math:`\rho_k - 1` is the observed :math:`M_k` of CLARS Assumption 2
     (with :math:`M = 0`); :math:`c_k` is the CLARS factor at batch :math:`n`.
     Computed exactly with :class:`~lwrs.backends.torch.PerSampleNorms` in one
-    backward pass; ``p.grad`` is left as it was. Reference: CLARS, Figure 2.
+    backward pass; ``p.grad`` is left as it was. ``recorder``: a recorder already
+    on ``model`` (e.g. CLARS's) to use, reset before and after, instead of a
+    recorder of its own. Reference: CLARS, Figure 2.
 
     Examples
     --------
@@ -121,7 +123,11 @@ def gradient_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     saved = [p.grad for p in model.parameters()]
     for p in model.parameters():
         p.grad = None
-    recorder = PerSampleNorms(model, fused=False)  # hooks only: the model's forward stays untouched
+    own = recorder is None
+    if own:
+        recorder = PerSampleNorms(model, fused=False)  # hooks only: the model's forward stays untouched
+    else:
+        recorder.reset()
     try:
         n = len(y)
         for i in range(0, n, chunk):
@@ -135,7 +141,10 @@ def gradient_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
             ratio.append(n * s2 / g2 if g2 > 0 else math.inf)
             factor.append(math.sqrt(g2) / s1 if s1 > 0 else 1.0)
     finally:
-        recorder.remove()
+        if own:
+            recorder.remove()
+        else:
+            recorder.reset()
         for p, g in zip(model.parameters(), saved):
             p.grad = g
     return {"variance_ratio": ratio, "clars_factor": factor}
@@ -215,7 +224,8 @@ def train(config: TrainConfig, data: Dataset, *, progress: bool = False, engine:
         named = dict(model.named_parameters())
         layers["weight_norm"] = [float(torch.linalg.vector_norm(gather(named[n].detach()).double())) for n in names]
         if config.stats_samples:
-            s = gradient_statistics(model, x_train[stats_idx], y_train[stats_idx])
+            # CLARS's recorder serves here too: a second recorder on the model would be one more set of hooks
+            s = gradient_statistics(model, x_train[stats_idx], y_train[stats_idx], recorder=recorder)
             layers["variance_ratio"] = [_none_if_nonfinite(v) for v in s["variance_ratio"]]
             layers["batch_clars_factor"] = s["clars_factor"]
         return {"epoch": epoch, "train_loss": _none_if_nonfinite(train_loss), "test_loss": test_loss,
