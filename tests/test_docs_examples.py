@@ -134,3 +134,17 @@ def test_a_bare_literal_block_is_python_and_runs(tmp_path):
         example.evaluate()
 
 
+
+
+# 88 characters of furo's code font fit the text column (about 736 px); longer lines wrap.
+MAX_CODE_LINE = 88
+
+
+@pytest.mark.parametrize("path", PAGES, ids=_id)
+def test_code_lines_fit_the_page(path):
+    """Code in the docs fits the column without wrapping (the CSS wraps what is longer, less readably)."""
+    document = Document.parse(str(path), *_parsers(path))
+    for example in document.examples():
+        source = getattr(example.parsed, "source", str(example.parsed))
+        for offset, line in enumerate(source.splitlines()):
+            assert len(line) <= MAX_CODE_LINE, f"{_id(path)} line {example.line + offset}: {len(line)} characters"

@@ -290,3 +290,49 @@ def test_option_names_and_defaults_are_the_tables(name):
     for h in spec.hyperparameters:
         want = inspect.Parameter.empty if h.default is lwrs.table.REQUIRED else h.default
         assert ours[h.core_name].default == want, h.core_name
+
+
+def test_bfloat16_params_keep_their_dtype_and_float32_norms():
+    with jax.enable_x64(False):
+        params = {"w": jnp.linspace(-1.0, 1.0, 6, dtype=jnp.bfloat16).reshape(3, 2), "b": jnp.ones(2, jnp.bfloat16)}
+        grads = jax.tree.map(lambda w: jnp.full_like(w, 0.5), params)
+        opt = lj.lars(0.1, weight_decay=1e-4)
+        updates, state = jax.jit(opt.update)(grads, opt.init(params), params)
+        assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+        assert state.diagnostics.rates.dtype == jnp.float32
+        full = lj.lars(0.1, weight_decay=1e-4)
+        p32 = jax.tree.map(lambda w: w.astype(jnp.float32), params)
+        want, _ = full.update(jax.tree.map(lambda g: g.astype(jnp.float32), grads), full.init(p32), p32)
+        for x, y in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y), rtol=2e-2)
+
+
+def test_vmap_over_an_ensemble_equals_each_member():
+    with jax.enable_x64(True):
+        members = [_params(jnp.float64, seed) for seed in range(3)]
+        grads = [_grads(p, 10 + i) for i, p in enumerate(members)]
+        stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
+        opt = lj.lars(0.1, eta=0.05, on_nonfinite="skip")
+        updates, _ = jax.jit(jax.vmap(opt.update))(stack(grads), jax.vmap(opt.init)(stack(members)), stack(members))
+        for i, (p, g) in enumerate(zip(members, grads)):
+            want, _ = opt.update(g, opt.init(p), p)
+            for x, y in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
+                np.testing.assert_allclose(np.asarray(x[i]), np.asarray(y), rtol=1e-12, atol=1e-15)
+
+
+def test_grad_through_a_step_matches_finite_differences():
+    with jax.enable_x64(True):
+        opt = lj.lars(0.3, eta=0.1, weight_decay=1e-2)
+        params, batch = _params(jnp.float64), _batch(jnp.float64)
+        loss = lambda p: jnp.mean(jax.vmap(_loss, in_axes=(None, 0))(p, batch))  # noqa: E731
+
+        def after_one_step(p):
+            updates, _ = opt.update(jax.grad(loss)(p), opt.init(p), p)
+            return loss(optax.apply_updates(p, updates))
+
+        grad = jax.jit(jax.grad(after_one_step))(params)
+        w = params["out"].kernel
+        e = jnp.zeros_like(w).at[1, 2].set(1e-6)
+        shifted = lambda s: {**params, "out": Dense(w + s * e, params["out"].bias)}  # noqa: E731
+        fd = (after_one_step(shifted(1.0)) - after_one_step(shifted(-1.0))) / 2e-6
+        np.testing.assert_allclose(float(grad["out"].kernel[1, 2]), float(fd), rtol=1e-6)

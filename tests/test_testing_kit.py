@@ -6,8 +6,6 @@ torch.optim.SGD); the expected conventions are read off their source, independen
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import torch
@@ -17,12 +15,11 @@ from lwrs.backends.torch.conformance import assert_implements as torch_assert_im
 from lwrs.backends.torch.conformance import check as torch_check
 from lwrs.backends.torch.conformance import load_timm_lars
 from lwrs.testing import ConformanceError, FunctionalDriver, assert_implements, battery, check, conventions
-from lwrs.testing.__main__ import main
+from lwrs.testing.__main__ import main, page_report
 
 
-@functools.lru_cache(maxsize=None)
 def timm_report(**options):
-    return torch_check(load_timm_lars(), options=options)
+    return page_report("timm.optim.Lars", "lars", **options)  # the docs page's run, shared with its test
 
 
 def unmatched(report):
@@ -49,9 +46,7 @@ def test_timm_trust_clip_at_zero_norm_layers_with_lr_above_one():
 
 
 def test_pytorch_optimizer_conventions():
-    from pytorch_optimizer import LARS
-
-    report = torch_check(LARS)
+    report = page_report("pytorch_optimizer.LARS", "lars")
     assert report.best.convention == dict(weight_decay_form="sum_of_norms", nesterov=False, adapt="ndim>1",
                                           decay="ndim>1", eps=0.0, larc_clip=False)
     div = unmatched(report)
@@ -63,10 +58,8 @@ def test_pytorch_optimizer_conventions():
 
 
 def test_optax_conventions():
-    optax = pytest.importorskip("optax")
-    from lwrs.backends.jax.conformance import check as jax_check
-
-    report = jax_check(optax.lars, name="optax.lars")
+    pytest.importorskip("optax")
+    report = page_report("optax.lars", "lars")
     assert report.best.convention == dict(weight_decay_form="norm_of_sum", nesterov=False, adapt="all",
                                           decay="all", eps=0.0, larc_clip=False)
     assert set(unmatched(report)) == {"zero_gradient"}  # lr inside the buffer: the varying rate matches
@@ -125,6 +118,8 @@ class NumpyLars:
                 ratio = self.eta * wn / (gn + self.wd * wn)
                 if self.bug == "ratio" and k == 2 and t >= 3:
                     ratio = self.eta * wn / gn  # forgets the weight-decay term, on fc2.weight from step 3
+            if self.bug == "crash" and t == 3 and wn < 2.0:
+                raise FloatingPointError(f"planted crash in layer {k}")
             step = self.beta * d - lr * ratio * u
             new_trace.append(step)
             new_params.append(w + (d if self.bug == "momentum_lag" and t >= 2 else step))
@@ -147,6 +142,7 @@ def test_the_independent_numpy_lars_without_a_bug_conforms():
     ("ratio", "step 3, layer 2 'fc2.weight'"),
     ("decay_twice", "step 0, layer 0 'fc1.weight'"),
     ("momentum_lag", "step 2, layer 0 'fc1.weight'"),
+    ("crash", "problem 'mlp', step 3: the implementation raised FloatingPointError: planted crash in layer 2"),
 ])
 def test_planted_bugs_are_caught_at_their_step_and_layer(bug, where):
     with pytest.raises(ConformanceError) as info:
@@ -154,7 +150,8 @@ def test_planted_bugs_are_caught_at_their_step_and_layer(bug, where):
     message = str(info.value)
     assert f"NumpyLars(bug={bug}) does not implement lars with nesterov=False" in message
     assert where in message, message
-    assert "expected [" in message and "got [" in message
+    if bug != "crash":  # a crash is reported with the step it happened at and the exception, values for the others
+        assert "expected [" in message and "got [" in message
     assert "closest convention of the core overall" in message
 
 
@@ -164,6 +161,14 @@ def test_asking_for_a_convention_the_peer_does_not_follow_names_the_closest_one(
     message = str(info.value)
     assert "problem 'mlp', step 0" in message
     assert "weight_decay_form='sum_of_norms', nesterov=False, adapt='all_if_decay'" in message
+
+
+def test_an_optimizer_that_cannot_be_built_raises_instead_of_reporting():
+    def make(learning_rate, momentum):  # takes no trust coefficient: a configuration error, not a finding
+        return lwrs.lars(learning_rate, beta=momentum)
+
+    with pytest.raises(TypeError, match="takes none of .* for eta"):
+        check(FunctionalDriver(make, xp=np))
 
 
 def test_unknown_conventions_are_refused_before_running():
@@ -194,6 +199,9 @@ def test_command_line_prints_the_report_and_exits_by_conformance():
     lines.clear()
     assert main(["lwrs.lars", "--option", "nesterov=False", "--fix", "nesterov=False"], out=lines.append) == 0
     assert "CONFORMS" in lines[0]
+    lines.clear()
+    assert main(["lwrs.backends.torch.LAMB"], out=lines.append) == 0  # the kind follows the name
+    assert lines[0].startswith("lwrs.backends.torch.LAMB: conformance with lwrs.lamb")
 
 
 def test_lwrs_jax_lars_conforms_with_the_cores_defaults():
@@ -211,10 +219,8 @@ def test_lamb_kind_identifies_optax_and_lwrs_own_lamb():
 
     ours = torch_assert_implements("lamb", LAMB, adapt="ndim>1", decay="all", eps=1e-6)
     assert len(ours.matching) == 1
-    optax = pytest.importorskip("optax")
-    from lwrs.backends.jax.conformance import check as jax_check
-
-    report = jax_check(optax.lamb, "lamb", name="optax.lamb")
+    pytest.importorskip("optax")
+    report = page_report("optax.lamb", "lamb")
     assert report.best.convention == dict(adapt="all", decay="all", eps=1e-6)
     div = unmatched(report)
     assert set(div) == {"zero_gradient"}  # |w| / |lambda w| = 1/lambda = 25 there; the core's ratio is 1

@@ -389,3 +389,54 @@ def test_a_logging_forward_before_the_training_step_is_harmless(keep_output):
         del logged
     _loss(model(ids), y).backward()
     assert_exact(model, norms, vmap_oracle(model, lambda f, i, t: _loss(f(i), t), (ids, y), (0, 0)), "logging")
+
+
+def test_clars_on_a_transformer_layer_equals_clars_with_torch_func_statistics():
+    """Three CLARS steps on an encoder layer: the recorder's statistics against torch.func's give the same weights."""
+    from lwrs.backends.torch import CLARS
+
+    g = torch.Generator().manual_seed(0)
+    x, kpm, y = rand(B, T, E, g=g), padding_mask(g), rand(B, T, E, g=g)
+    runs = []
+    for use_recorder in (True, False):
+        torch.manual_seed(1)
+        model = encoder(norm_first=True).double()
+        norms = PerSampleNorms(model) if use_recorder else None
+        opt = CLARS(model.parameters(), lr=0.05, eta=0.01, weight_decay=1e-4, norm_source=norms)
+        for t in range(3):
+            opt.zero_grad()
+            (_loss(model(x + 0.1 * t, src_key_padding_mask=kpm), y) / B).backward()
+            stats = None
+            if not use_recorder:
+                want = vmap_oracle(model, lambda f, a, m, target: _loss(f(a, src_key_padding_mask=m), target) / B,
+                                   (x + 0.1 * t, kpm, y), (0, 0, 0))
+                stats = {p: want[name] for name, p in model.named_parameters()}
+            opt.step(norm_stats=stats)
+        runs.append((model, opt.diagnostics[0].clars_factors))
+    for (name, a), b in zip(runs[0][0].named_parameters(), runs[1][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)  # (the key bias has no gradient)
+    assert torch.all(runs[0][1] <= 1 + 1e-12) and torch.all(runs[0][1] < 1 - 1e-3)  # the factors do something
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["hooks", "fused"])
+def test_two_recorders_on_one_attention_model_both_exact_and_removal_keeps_the_other(fused):
+    g = torch.Generator().manual_seed(0)
+    x, kpm, y = rand(B, 16, E, g=g), padding_mask(g, length=16), rand(B, 16, E, g=g)
+    torch.manual_seed(1)
+    model = encoder(norm_first=False).double()
+
+    def loss_one(f, a, m, target):
+        return _loss(f(a, src_key_padding_mask=m), target)
+
+    want = vmap_oracle(model, loss_one, (x, kpm, y), (0, 0, 0))
+    first, second = PerSampleNorms(model, fused=fused), PerSampleNorms(model, fused=fused)
+    _loss(model(x, src_key_padding_mask=kpm), y).backward()
+    assert_exact(model, first, want, "first")
+    assert_exact(model, second, want, "second")
+    second.remove()
+    first.reset()
+    model.zero_grad()
+    _loss(model(x, src_key_padding_mask=kpm), y).backward()
+    assert_exact(model, first, want, "first, after the second's removal")
+    first.remove()
+    assert not any("forward" in m.__dict__ for m in model.modules())

@@ -43,15 +43,17 @@ class OptaxDriver:
     Hyperparameters go under ``names[core_name]`` or the first of
     :data:`lwrs.testing.drivers.ALIASES` that ``make`` takes (``learning_rate``,
     ``momentum``, ``trust_coefficient``, ``weight_decay``); ``fixed`` keyword
-    arguments are passed unchanged.
+    arguments are passed unchanged. ``update`` runs eagerly (each problem has its own
+    hyperparameters, so a compiled update would be compiled once per problem); ``jit=True``
+    runs it under ``jax.jit``.
     """
 
     xp = jnp
     reference_xp = np
 
     def __init__(self, make: Callable[..., Any], *, kind: str = "lars", name: str | None = None,
-                 names: Mapping[str, str] | None = None, **fixed: Any):
-        self.make, self.kind, self.names, self.fixed = make, kind, dict(names or {}), fixed
+                 names: Mapping[str, str] | None = None, jit: bool = False, **fixed: Any):
+        self.make, self.kind, self.names, self.fixed, self.jit = make, kind, dict(names or {}), fixed, jit
         base = name or f"{getattr(make, '__module__', '')}.{getattr(make, '__qualname__', repr(make))}"
         extra = ", ".join(f"{k}={v!r}" for k, v in fixed.items())
         self.name = f"{base}({extra})" if extra else base
@@ -71,11 +73,16 @@ class OptaxDriver:
             tx = self.make(**hyperparameter_kwargs(self.make, self.kind, problem, lr, self.names), **self.fixed)
             params = problem.initial_params(jnp)
             state = tx.init(params)
+            update = jax.jit(tx.update) if self.jit else tx.update
             out = []
-            for t in range(problem.steps):
-                updates, state = tx.update(problem.gradients(t, params), state, params)
-                params = optax.apply_updates(params, updates)
-                out.append([tuple(np.asarray(w, dtype=np.float64).reshape(-1).tolist()) for w in params])
+            try:
+                for t in range(problem.steps):
+                    updates, state = update(problem.gradients(t, params), state, params)
+                    params = optax.apply_updates(params, updates)
+                    out.append([tuple(np.asarray(w, dtype=np.float64).reshape(-1).tolist()) for w in params])
+            except Exception as exc:  # keep the steps that ran, for the report
+                exc.partial_trajectory = out
+                raise
         return out
 
 

@@ -168,7 +168,8 @@ def _is_zero(value: Any) -> bool:
 
 def _momentum_transform(cfg: _Config) -> optax.GradientTransformationExtraArgs:
     def init(params: Any) -> MomentumState:
-        return MomentumState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params), _initial_diagnostics(params))
+        trace = jax.tree.map(jnp.zeros_like, params)
+        return MomentumState(jnp.zeros([], jnp.int32), trace, _initial_diagnostics(params))
 
     def update(updates, state, params=None, *, norm_stats=None, **extra_args):
         del extra_args
@@ -285,7 +286,8 @@ def lars(learning_rate, *, beta=0.9, eta=0.001, weight_decay=0.0, weight_decay_f
 
 
 def clars(learning_rate, *, beta=0.9, eta=0.01, weight_decay=0.0, weight_decay_form="sum_of_norms", eps=0.0,
-          max_ratio=None, larc_clip=False, adapt_mask=None, weight_decay_mask=None, nesterov=True, on_nonfinite="raise"):
+          max_ratio=None, larc_clip=False, adapt_mask=None, weight_decay_mask=None, nesterov=True,
+          on_nonfinite="raise"):
     r"""CLARS on mNAG as an optax transformation; ``update`` needs ``norm_stats=``.
 
     .. math:: \gamma_k = \gamma_t\,\eta\,\frac{\|w_k\|}{\frac1B\sum_i\|g_{ik}\| + \lambda\|w_k\| + \epsilon}
@@ -319,9 +321,9 @@ def clars(learning_rate, *, beta=0.9, eta=0.01, weight_decay=0.0, weight_decay_f
                                        weight_decay_mask, on_nonfinite, trust))
 
 
-def tvlars(learning_rate, *, decay_coefficient, delay_steps, alpha=1.0, gamma_min=0.0, beta=0.9, eta=0.001, weight_decay=0.0,
-           weight_decay_form="sum_of_norms", eps=0.0, adapt_mask=None, weight_decay_mask=None, nesterov=True,
-           on_nonfinite="raise"):
+def tvlars(learning_rate, *, decay_coefficient, delay_steps, alpha=1.0, gamma_min=0.0, beta=0.9, eta=0.001,
+           weight_decay=0.0, weight_decay_form="sum_of_norms", eps=0.0, adapt_mask=None, weight_decay_mask=None,
+           nesterov=True, on_nonfinite="raise"):
     r"""TVLARS as an optax transformation: LARS with the global rate :math:`\gamma_{target}\,\phi_t`.
 
     .. math:: \phi_t = \frac{1}{\alpha + e^{\lambda (t - d_e)}} + \gamma_{\min}, \qquad
@@ -342,9 +344,9 @@ def tvlars(learning_rate, *, decay_coefficient, delay_steps, alpha=1.0, gamma_mi
     >>> print(state.diagnostics.learning_rate)       # phi_0 = 1 / (1 + e^0)
     0.5
     """
-    options = dict(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min, beta=beta, eta=eta,
-                   weight_decay=weight_decay, weight_decay_form=weight_decay_form, eps=eps, nesterov=nesterov,
-                   on_nonfinite=on_nonfinite)
+    options = dict(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min,
+                   beta=beta, eta=eta, weight_decay=weight_decay, weight_decay_form=weight_decay_form, eps=eps,
+                   nesterov=nesterov, on_nonfinite=on_nonfinite)
     _validated(lwrs.tvlars, learning_rate, **options)
     trust = _trust_options("lars", eta, eps, None, False, weight_decay_form)
     phi = tvlars_factor(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min)
@@ -380,7 +382,8 @@ def lamb(learning_rate, *, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, a
     """
     options = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, on_nonfinite=on_nonfinite)
     _validated(lwrs.lamb, learning_rate, **options)
-    cfg = _Config("lamb", _schedule(learning_rate), 0.0, True, weight_decay, adapt_mask, weight_decay_mask, on_nonfinite)
+    cfg = _Config("lamb", _schedule(learning_rate), 0.0, True, weight_decay, adapt_mask, weight_decay_mask,
+                  on_nonfinite)
 
     def init(params: Any) -> LambState:
         zeros = jax.tree.map(jnp.zeros_like, params)

@@ -109,15 +109,19 @@ class TorchDriver:
         lr_key = self.names.get("learning_rate") or next(k for k in ("lr", "learning_rate") if k in kwargs)
         opt = self.make(params, **kwargs, **self.fixed)
         out = []
-        for t in range(problem.steps):
-            with torch.no_grad():
-                grads = problem.gradients(t, [p.detach() for p in params])
-            for p, g in zip(params, grads):
-                p.grad = g.clone()
-            for group in opt.param_groups:
-                group[lr_key] = problem.learning_rates[t]
-            opt.step()
-            out.append([tuple(p.detach().reshape(-1).tolist()) for p in params])
+        try:
+            for t in range(problem.steps):
+                with torch.no_grad():
+                    grads = problem.gradients(t, [p.detach() for p in params])
+                for p, g in zip(params, grads):
+                    p.grad = g.clone()
+                for group in opt.param_groups:
+                    group[lr_key] = problem.learning_rates[t]
+                opt.step()
+                out.append([tuple(p.detach().reshape(-1).tolist()) for p in params])
+        except Exception as exc:  # keep the steps that ran, for the report
+            exc.partial_trajectory = out
+            raise
         return out
 
 

@@ -52,7 +52,9 @@ of the backward pass (costing a ``(B, *p.shape)`` tensor per use), so the
 norms stay exact. A forward pass whose graph is dropped without backward (a
 logging forward) does not count; under ``torch.no_grad()`` it costs nothing.
 Non-reentrant activation checkpointing (``use_reentrant=False``) is supported: the
-recomputation in backward is not recorded.
+recomputation in backward is not recorded. (Layers measured by hooks keep their
+input until their backward, so for them checkpointing saves no memory; the fused
+layers' inputs are recomputed like the others.)
 
 **The sample axis** is dim ``batch_dim`` (0, or 1 for sequence-first inputs
 ``(T, B, ...)``) of every recorded layer's input. The batch size is read from the
@@ -224,7 +226,7 @@ class PerSampleNorms:
         self.fused = fused
         self._handles: list[Any] = []
         self._fused_modules: list[torch.nn.Module] = []
-        self._attention_modules: list[torch.nn.Module] = []
+        self._attention_modules: list[tuple[torch.nn.Module, Any]] = []
         self._workspace: dict = {}  # the fused layers' shared chunk buffer
         self._owner: dict[torch.nn.Parameter, str] = {}
         self._bn_params: set[torch.nn.Parameter] = set()
@@ -262,8 +264,9 @@ class PerSampleNorms:
             self._names[id(module)] = label
             self._owner.update((p, label) for p in own)
             if per_sample_attention.supported(module):
-                per_sample_attention.install(module, self._attention_linear(label), self._begin_attention(label))
-                self._attention_modules.append(module)
+                linear = self._attention_linear(label)
+                per_sample_attention.install(module, linear, self._begin_attention(label))
+                self._attention_modules.append((module, linear))
             elif fused and batch_dim == 0 and per_sample_fused.fusable(module) and "forward" not in module.__dict__:
                 per_sample_fused.install(module, self._begin_fused(module),
                                          lambda inputs, output, m=module: self._forward_hook(m, inputs, output),
@@ -287,6 +290,7 @@ class PerSampleNorms:
         self._n: dict[torch.nn.Parameter, int] = {}  # samples recorded per parameter (summed over passes)
         self._seen: dict[torch.nn.Parameter, Any] = {}  # p.grad after the last backward (a weak reference)
         self._pending: dict[int, int] = {}
+        self._tasks.clear()  # (a backward pass that raised never reached its end)
 
     def remove(self) -> None:
         """Detach the hooks from the model (and give fused and attention modules their own forward back)."""
@@ -295,8 +299,8 @@ class PerSampleNorms:
         self._handles = []
         for module in self._fused_modules:
             per_sample_fused.uninstall(module)
-        for module in self._attention_modules:
-            per_sample_attention.uninstall(module)
+        for module, linear in self._attention_modules:
+            per_sample_attention.uninstall(module, linear)
         self._fused_modules, self._attention_modules = [], []
         self._workspace.clear()
 
@@ -326,7 +330,7 @@ class PerSampleNorms:
                 f"{label}: its input {tuple(shape)} has {samples} samples along dim {dim}, the model's input "
                 f"{self._batch}: per-sample norms need the samples along dim {dim} of every layer's input "
                 "(batch_dim=1 for sequence-first inputs; tokens folded into the batch, e.g. x.reshape(B * T, F), "
-                "cannot be measured)")
+                "cannot be measured, and an input without the batch axis, e.g. position ids, must be expanded to it)")
 
     def _start(self, module_id: int, label: str, x: torch.Tensor, dim: int) -> None:
         if _graph_task() == -1:
@@ -354,21 +358,25 @@ class PerSampleNorms:
         return begin
 
     def _attention_linear(self, label: str):
-        """``linear(x, weight, bias, weight_rows, bias_rows)`` for the attention module ``label``, recorded."""
+        """``linear(x, weight, bias, weight_rows, bias_rows, y=None)`` for the attention module ``label``, recorded.
+
+        With ``y`` (the projection another recorder of the same module computed), only observe it.
+        """
 
         def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   w_rows: tuple[int, int] | None, b_rows: tuple[int, int] | None) -> torch.Tensor:
+                   w_rows: tuple[int, int] | None, b_rows: tuple[int, int] | None,
+                   y: torch.Tensor | None = None) -> torch.Tensor:
             w = weight if w_rows is None else weight[w_rows[0]:w_rows[1]]
             b = None if bias is None else (bias if b_rows is None else bias[b_rows[0]:b_rows[1]])
             roles = {r: v for r, v in (("weight", (weight, w_rows)), ("bias", (bias, b_rows)))
                      if v[0] is not None and v[0].requires_grad}
-            if not roles:
-                return F.linear(x, w, b)
+            if not roles or (y is not None and not y.requires_grad):
+                return F.linear(x, w, b) if y is None else y
             call = _Call(self, label, roles)
-            if (self.fused and "weight" in roles and (b is None or "bias" in roles)
+            if (y is None and self.fused and "weight" in roles and (b is None or "bias" in roles)
                     and not torch.is_autocast_enabled(x.device.type) and per_sample_fused.linear_applies(x, w)):
                 return per_sample_fused.fused_linear(x, w, b, call, self._workspace)
-            y = F.linear(x, w, b)
+            y = F.linear(x, w, b) if y is None else y
             a = x.detach()
 
             def on_grad(d: torch.Tensor) -> None:

@@ -162,14 +162,16 @@ def install(module: torch.nn.MultiheadAttention, linear: Callable[..., torch.Ten
     :math:`x W_{rows}^\top + b_{rows}` (``rows`` a ``(start, stop)`` range of the
     parameter's rows or None) with ``x``'s samples along dim 0, and records
     its per-sample norms (CLARS eq. 5's per-sample term); ``begin(module,
-    samples, shape, dim)`` is told each recorded call's batch.
-    :func:`uninstall` restores the module.
+    samples, shape, dim)`` is told each recorded call's batch. Several
+    recorders may be installed on one module: the first computes each
+    projection, the others receive it as ``linear(..., y=projection)`` and
+    only observe it. :func:`uninstall` removes one (or all).
 
     Examples
     --------
     >>> import torch
     >>> mha, calls = torch.nn.MultiheadAttention(4, 2), []
-    >>> def linear(x, w, b, rows, b_rows):
+    >>> def linear(x, w, b, rows, b_rows, y=None):
     ...     calls.append(rows)
     ...     return torch.nn.functional.linear(x, w if rows is None else w[rows[0]:rows[1]],
     ...                                       b if b_rows is None else b[b_rows[0]:b_rows[1]])
@@ -178,7 +180,21 @@ def install(module: torch.nn.MultiheadAttention, linear: Callable[..., torch.Ten
     >>> _ = mha(q, kv, kv); uninstall(mha); calls
     [(0, 4), (4, 12), None]
     """
+    recorders = module.__dict__.get(_RECORDERS)
+    if recorders is not None:
+        recorders.append((linear, begin))
+        return
+    if "forward" in module.__dict__:
+        raise RuntimeError(f"{module} already has an instance-level forward; cannot record its per-sample norms")
+    recorders = [(linear, begin)]
+    module.__dict__[_RECORDERS] = recorders
     ordinary = module.forward
+
+    def recorded(x, weight, bias, rows, bias_rows):
+        y = recorders[0][0](x, weight, bias, rows, bias_rows)
+        for other, _ in recorders[1:]:
+            other(x, weight, bias, rows, bias_rows, y=y)
+        return y
 
     def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
         params = [p for p in module.parameters() if p.requires_grad]
@@ -186,12 +202,20 @@ def install(module: torch.nn.MultiheadAttention, linear: Callable[..., torch.Ten
                 or query.dim() != 3 or query.is_nested):
             return ordinary(query, key, value, *args, **kwargs)
         dim = 0 if module.batch_first else 1
-        begin(module, query.shape[dim], tuple(query.shape), dim)
-        return attention_forward(module, linear, query, key, value, *args, **kwargs)
+        for _, begin_one in recorders:
+            begin_one(module, query.shape[dim], tuple(query.shape), dim)
+        return attention_forward(module, recorded, query, key, value, *args, **kwargs)
 
     module.forward = forward
 
 
-def uninstall(module: torch.nn.Module) -> None:
-    """Give ``module`` its class's forward back (see :func:`install`)."""
-    module.__dict__.pop("forward", None)
+_RECORDERS = "_lwrs_per_sample_recorders"
+
+
+def uninstall(module: torch.nn.Module, linear: Callable[..., torch.Tensor] | None = None) -> None:
+    """Remove the recorder ``linear`` from ``module`` (all with None); the last one gives the module its forward back."""
+    recorders = module.__dict__.get(_RECORDERS, [])
+    recorders[:] = [] if linear is None else [r for r in recorders if r[0] is not linear]
+    if not recorders:
+        module.__dict__.pop(_RECORDERS, None)
+        module.__dict__.pop("forward", None)

@@ -19,7 +19,7 @@ import argparse
 import json
 import pathlib
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from lwrs import theory
 

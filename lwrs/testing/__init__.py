@@ -94,9 +94,17 @@ def check(driver: Driver, kind: str = "lars", *, problems: Sequence[Problem] | N
         ``print(report)`` gives the text report; ``report.best``, ``report.matching``.
     """
     problems = tuple(p.for_kind(kind) for p in (battery() if problems is None else problems))
-    trajectories = {p.name: driver.trajectory(p) for p in problems}
+    trajectories, failures = {}, {}
+    for p in problems:
+        try:
+            trajectories[p.name] = driver.trajectory(p)
+        except Exception as exc:  # a crash while stepping is a finding: report where, go on with the other problems
+            if not hasattr(exc, "partial_trajectory"):  # not from the steps (e.g. the optimizer cannot be built)
+                raise
+            trajectories[p.name] = list(exc.partial_trajectory)
+            failures[p.name] = f"the implementation raised {type(exc).__name__}: {exc}"
     return compare(kind, driver.name, trajectories, problems, xp=_reference_xp(driver), tolerance=tolerance,
-                   fixed=fixed)
+                   fixed=fixed, failures=failures)
 
 
 def assert_implements(kind: str, driver: Driver, *, problems: Sequence[Problem] | None = None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -57,6 +58,22 @@ def resolve(path: str) -> Any:
             raise SystemExit(f"cannot find {path}: {exc}") from None
         return obj
     raise SystemExit(f"cannot import any module of {path!r}")
+
+
+def guess_kind(path: str) -> str:
+    """The kind a dotted path's last name suggests: ``lamb``, ``mnag`` (SGD, mNAG) or ``lars``.
+
+    Examples
+    --------
+    >>> guess_kind("optax.lamb"), guess_kind("torch.optim.SGD"), guess_kind("timm.optim.Lars")
+    ('lamb', 'mnag', 'lars')
+    """
+    last = path.rsplit(".", 1)[-1].lower()
+    if "lamb" in last:
+        return "lamb"
+    if last in ("sgd", "mnag", "mgd", "nesterov"):
+        return "mnag"
+    return "lars"
 
 
 def framework(obj: Any) -> str:
@@ -163,12 +180,20 @@ def _short(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+@functools.lru_cache(maxsize=None)
+def page_report(label: str, kind: str, **options: Any) -> Report:
+    """The report of one row of the docs page (computed once per process; the tests reuse it)."""
+    obj = next(o for row_label, row_kind, o, row_options in subjects()
+               if (row_label, row_kind, row_options) == (label, kind, options))
+    return run(obj, kind=kind, options=options, name=label)
+
+
 def page() -> str:
     """The docs page: one row per installed implementation, then each closest convention's divergence."""
     from lwrs.testing import battery
 
     rows = subjects()
-    reports = [(label, options, run(obj, kind=kind, options=options, name=label)) for label, kind, obj, options in rows]
+    reports = [(label, options, page_report(label, kind, **options)) for label, kind, obj, options in rows]
     problems = battery()
     labels = {label for label, *_ in rows}
     missing = [name for name in ("timm.optim.Lars", "pytorch_optimizer.LARS", "optax.lars", "apex.parallel.LARC")
@@ -183,8 +208,8 @@ def page() -> str:
         best = report.best
         extra = ", ".join(f"{k}={_short(v)}" for k, v in options.items())
         name = f"``{label}({extra})``" if extra else f"``{label}``"
-        diverges = [f"``{r.problem}`` (step {r.divergence.step}, ``{r.divergence.layer_name}``)"
-                    for r in best.problems if not r.matched]
+        diverges = [f"``{r.problem}`` (step {r.divergence.step}" + (f", ``{r.divergence.layer_name}``)"
+                    if r.divergence.layer >= 0 else ", raises)") for r in best.problems if not r.matched]
         convention = "; ".join(f"{k}={_short(v)}" for k, v in best.convention.items())
         table += [f"   * - {name} ({report.kind})", f"     - {best.matched}/{len(report.problems)}",
                   f"     - {convention}", f"     - {', '.join(diverges) or 'nothing'}",
@@ -218,7 +243,8 @@ def _pairs(items: Sequence[str], what: str) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None, out: Callable[[str], Any] = print) -> int:
     parser = argparse.ArgumentParser(prog="python -m lwrs.testing", description=__doc__.split("\n\n")[0])
     parser.add_argument("optimizer", nargs="?", help="dotted path, e.g. timm.optim.Lars or optax.lars")
-    parser.add_argument("--kind", choices=KINDS, default="lars", help="the core optimizer to compare with")
+    parser.add_argument("--kind", choices=KINDS, help="the core optimizer to compare with (default: from the name: "
+                        "lamb for a LAMB, mnag for SGD, else lars)")
     parser.add_argument("--driver", choices=("torch", "jax", "functional"), help="default: from the object's module")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="keyword argument for the optimizer itself, e.g. trust_clip=True")
@@ -234,7 +260,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], Any] = print) -
     if not args.optimizer:
         parser.error("name an optimizer (a dotted path) or pass --rst FILE")
     obj = resolve(args.optimizer)
-    report = run(obj, kind=args.kind, driver=args.driver, options=_pairs(args.option, "--option"),
+    report = run(obj, kind=args.kind or guess_kind(args.optimizer), driver=args.driver, options=_pairs(args.option, "--option"),
                  name=args.optimizer, **_pairs(args.fix, "--fix"))
     out(report.text())
     return 0 if report.conforms else 1

@@ -134,8 +134,12 @@ class FunctionalDriver:
         params = problem.initial_params(self.xp)
         state = init(params)
         out = []
-        for t in range(problem.steps):
-            result = step(params, problem.gradients(t, params), state)
-            params, state = list(result[0]), result[1]
-            out.append([to_floats(w) for w in params])
+        try:
+            for t in range(problem.steps):
+                result = step(params, problem.gradients(t, params), state)
+                params, state = list(result[0]), result[1]
+                out.append([to_floats(w) for w in params])
+        except Exception as exc:  # keep the steps that ran, for the report
+            exc.partial_trajectory = out
+            raise
         return out

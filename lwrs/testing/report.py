@@ -66,6 +66,8 @@ class Divergence:
 
     def describe(self) -> str:
         """One readable paragraph: where, how far, the values, and what the step implies."""
+        if self.layer < 0:  # the implementation raised: no layer to blame
+            return f"problem {self.problem!r}, step {self.step}: {self.note}"
         text = (f"problem {self.problem!r}, step {self.step}, layer {self.layer} {self.layer_name!r}: "
                 f"relative error {self.error:.3g}; expected {_fmt(self.expected)}, got {_fmt(self.got)}")
         return text + (f"; {self.note}" if self.note else "")
@@ -141,10 +143,14 @@ def _implied_ratio_note(problem: Problem, k: int, initial: Sequence[float], got:
 
 
 def _compare_one(kind: str, problem: Problem, convention: Mapping[str, Any], got: Trajectory, xp: Any,
-                 tolerance: float) -> ProblemResult:
+                 tolerance: float, failure: str = "") -> ProblemResult:
     worst = 0.0
     initial = None
     for t, (params, diag) in enumerate(reference_run(kind, problem, convention, xp)):
+        if t >= len(got):  # the implementation stopped: it raised at this step
+            note = failure or "the implementation returned no weights for this step"
+            div = Divergence(problem.name, t, -1, "", (), (), math.inf, note)
+            return ProblemResult(problem.name, False, t, math.inf, div)
         for k, layer in enumerate(problem.layers):
             expected = to_floats(params[k])
             error = _dist(got[t][k], expected) / max(_norm(expected), 1.0)
@@ -229,7 +235,8 @@ class Report:
         lines.append(f"  largest error on the matched problems: {self.best.max_error:.2g}")
         for r in self.best.problems:
             d = r.divergence
-            status = "match" if d is None else f"diverges at step {d.step}, layer {d.layer_name!r}"
+            status = ("match" if d is None else f"raises at step {d.step}" if d.layer < 0
+                      else f"diverges at step {d.step}, layer {d.layer_name!r}")
             lines.append(f"  {r.problem:<17} {status}")
         div = self.best.first_divergence
         if div is not None:
@@ -262,6 +269,9 @@ def _diagnoses(report: Report) -> list[str]:
         d = r.divergence
         if d is None or not d.note:
             continue
+        if d.layer < 0:
+            out.append(f"{d.problem}, step {d.step}: {d.note}.")
+            continue
         role = by_name[d.problem].layers[d.layer].role
         ratio = "eta/lambda" if by_name[d.problem].eta != 1 else "1/lambda"
         if f"(= {ratio})" in d.note and role == "zero_gradient":
@@ -280,16 +290,20 @@ def _diagnoses(report: Report) -> list[str]:
 
 
 def compare(kind: str, candidate: str, trajectories: Mapping[str, Trajectory], problems: Sequence[Problem], *,
-            xp: Any, tolerance: float = 1e-10, fixed: Mapping[str, Any] | None = None) -> Report:
+            xp: Any, tolerance: float = 1e-10, fixed: Mapping[str, Any] | None = None,
+            failures: Mapping[str, str] | None = None) -> Report:
     """Compare a candidate's trajectories with the core under every convention of ``kind``.
 
     ``trajectories[problem.name][t][k]`` holds layer ``k``'s values after step
     ``t``, flattened; ``xp`` is the namespace the core runs in; ``fixed`` holds
-    conventions that are not searched.
+    conventions that are not searched; ``failures[problem.name]`` says why a
+    trajectory stops early (the implementation raised).
     """
+    failures = dict(failures or {})
     results = []
     for convention in conventions(kind, **dict(fixed or {})):
-        per_problem = tuple(_compare_one(kind, p, convention, trajectories[p.name], xp, tolerance) for p in problems)
+        per_problem = tuple(_compare_one(kind, p, convention, trajectories[p.name], xp, tolerance,
+                                         failures.get(p.name, "")) for p in problems)
         results.append(ConventionResult(convention, per_problem))
     results.sort(key=lambda r: r.score, reverse=True)  # stable: ties keep the core's order of conventions
     report = Report(kind, candidate, tolerance, tuple(problems), results)
