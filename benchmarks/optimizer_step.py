@@ -126,7 +126,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats, small bandwidth buffer (smoke run)")
     parser.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "optimizer_step.json")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: steadier on a shared machine, and the same for every method)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 25
     bandwidth = inplace_bandwidth(2**22 if args.quick else 2**26, repeats)
     results = {}
@@ -142,9 +145,11 @@ def main(argv=None) -> int:
         print(f"\n{set_name}: {len(shapes)} tensors, {numel:,} parameters, bandwidth bound {bound_ms:.1f} ms")
         for name, ms in sorted(medians.items(), key=lambda kv: kv[1]):
             print(f"  {name:<38} {ms:8.2f} ms   {ms / bound_ms:5.2f} x bound")
-    write_record(args.out, "python benchmarks/optimizer_step.py" + (" --quick" if args.quick else ""),
+    write_record(args.out, "python benchmarks/optimizer_step.py" + (" --quick" if args.quick else "")
+                 + (f" --threads {args.threads}" if args.threads != 1 else ""),
                  ("timm", "pytorch_optimizer"),
-                 settings="float32; lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, trust coefficient 1e-3",
+                 settings=f"float32; lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, trust coefficient 1e-3; "
+                          f"{args.threads} torch thread(s)",
                  inplace_bandwidth_GBps=bandwidth / 1e9, repeats=repeats, results=results)
     print(f"\nin-place bandwidth {bandwidth / 1e9:.1f} GB/s; wrote {args.out.name}")
     return 0

@@ -104,6 +104,46 @@ def _sq(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return total.to(dtype)
 
 
+def _blockable(lists) -> bool:
+    """Whether every tensor is a CPU float32 (or every one a float64) tensor, eager: one batched pass."""
+    if _compiling():
+        return False
+    tensors = [x for row in lists for x in row if x is not None]
+    dtypes = {x.dtype for x in tensors}
+    return len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64} and all(x.is_cpu for x in tensors)
+
+
+def _sums_of_squares(lists, dtype) -> torch.Tensor:
+    """:func:`_sq` of every tensor of every list, as a ``(len(lists), K)`` tensor, with few ops.
+
+    Layers smaller than a block take one ``torch._foreach_norm`` for all of them; each larger layer
+    gives its block partial sums (one batched product), added per layer in float64 in one ``index_add_``.
+    """
+    tensors = [x for row in lists for x in row]
+    total = torch.zeros(len(tensors), dtype=torch.float64)
+    small = [i for i, x in enumerate(tensors) if x is not None and x.numel() < _SQ_BLOCK]
+    if small:
+        norms = torch.stack(torch._foreach_norm([tensors[i] for i in small])).double()
+        total[torch.tensor(small)] = norms * norms
+    parts, ids = [], []
+    for i, x in enumerate(tensors):
+        if x is None or x.numel() < _SQ_BLOCK:
+            continue
+        flat = x.reshape(-1)
+        n = flat.numel()
+        m = n // _SQ_BLOCK
+        blocks = flat[: m * _SQ_BLOCK].view(m, 1, _SQ_BLOCK)
+        parts.append(torch.bmm(blocks, blocks.transpose(1, 2)).reshape(m))
+        if n > m * _SQ_BLOCK:
+            rest = flat[m * _SQ_BLOCK:]
+            parts.append(torch.dot(rest, rest).reshape(1))
+            m += 1
+        ids += [i] * m
+    if parts:
+        total.index_add_(0, torch.tensor(ids), torch.cat(parts).double())
+    return total.to(dtype).reshape(len(lists), -1)
+
+
 def _decayed_sq(w: torch.Tensor, g: torch.Tensor, lam: float, dtype: torch.dtype, scratch: list) -> torch.Tensor:
     r""":math:`\|g + \lambda w\|^2` of one layer, summing squares of the sum itself (no cancellation).
 
@@ -159,20 +199,20 @@ def squared_norms(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         lam = torch.tensor([float(x) for x in decays] if decays is not None else [0.0] * k, dtype=torch.float64)
         bufs = [b if b is not None else torch.empty(0, dtype=p.dtype) for b, p in zip(buffers or [None] * k, params)]
         return fused.load().layer_sums(list(params), list(grads), bufs, lam).to(dtype).T.contiguous()
-    zero = torch.zeros((), dtype=dtype, device=params[0].device if k else None)
-    rows: list[list[torch.Tensor]] = [[], [], [], []]
-    scratch: list = []
-    for j in range(k):
-        w, g = params[j], grads[j]
-        rows[0].append(_sq(w, dtype))
-        rows[1].append(_sq(g, dtype))
-        b = buffers[j] if buffers is not None else None
-        rows[2].append(_sq(b, dtype) if b is not None else zero)
-        lam = float(decays[j]) if decays is not None else 0.0
-        rows[3].append(_decayed_sq(w, g, lam, dtype, scratch) if lam else zero)
     if k == 0:
         return torch.zeros((4, 0), dtype=dtype)
-    out = torch.stack([torch.stack(r) for r in rows])
+    zero = torch.zeros((), dtype=dtype, device=params[0].device)
+    bufs = list(buffers) if buffers is not None else [None] * k
+    lams = [float(x) for x in decays] if decays is not None else [0.0] * k
+    scratch: list = []
+    row3 = torch.stack([_decayed_sq(w, g, lam, dtype, scratch) if lam else zero
+                        for w, g, lam in zip(params, grads, lams)])
+    lists = [list(params), list(grads), bufs]
+    if _blockable(lists):
+        out = torch.cat([_sums_of_squares(lists, dtype), row3[None]])
+    else:
+        out = torch.stack([torch.stack([_sq(x, dtype) if x is not None else zero for x in row]) for row in lists]
+                          + [row3])
     if layouts is not None:  # local shards of DTensors: the whole layers' sums, one collective for all rows
         from .distributed import sum_over_shards
 
@@ -281,34 +321,60 @@ def _update_reference(params, grads, buffers, rates, decays, beta, nesterov) -> 
 
 
 def _update_foreach(params, grads, buffers, rates, decays, beta, nesterov, ok=None) -> None:
-    r"""CLARS eq. (4) in place: :math:`d \leftarrow \beta d - r g - r\lambda w`, then
-    :math:`w \leftarrow (1 - r\lambda) w - r g + \beta d` (or :math:`w + d`).
+    r"""CLARS eq. (4) in place, in five passes (Nesterov) over each layer.
 
-    On the CPU each line is one or two BLAS ``axpby`` passes with host scalars (reading a
-    CPU tensor is no device synchronisation); elsewhere, or compiled, 0-d tensor rates
-    (no host synchronisation) and, with ``ok``, ``where`` to skip a non-finite step.
+    With :math:`s = r(g + \lambda w)`, :math:`d' = \beta d - s` and :math:`w' = w - s + \beta d'
+    = (w - \beta d) + (1 + \beta) d'`, so: :math:`w \leftarrow w - \beta d`; then
+    :math:`d \leftarrow \beta(1 - r\lambda) d - r g - r\lambda w` (which equals :math:`d'`,
+    as the new :math:`w` holds :math:`w - \beta d`); then :math:`w \leftarrow w + (1 + \beta) d`.
+    Heavy ball: :math:`d \leftarrow \beta d - r g - r \lambda w`, :math:`w \leftarrow w + d`.
+
+    On the CPU the rates are read to the host (a CPU tensor: no device synchronisation) and each
+    pass is an in-place op with Python scalars, which allocates nothing; many small layers go
+    through ``torch._foreach_*`` calls instead. Elsewhere, or compiled, 0-d tensor rates (no host
+    synchronisation) and, with ``ok``, ``where`` to skip a non-finite step.
     """
-    cpu = all(p.device.type == "cpu" for p in params) and not _compiling() and ok is None
-    if cpu:
-        one = torch.ones(1, dtype=params[0].dtype)
+    if all(p.device.type == "cpu" for p in params) and not _compiling() and ok is None:
+        small = [k for k, p in enumerate(params) if p.numel() < _SQ_BLOCK]
+        if len(small) > 1:  # many small layers: one multi-tensor call per pass, not one Python call per layer
+            small_set = set(small)
+            pick = lambda xs: [xs[k] for k in small]  # noqa: E731
+            _update_multi(pick(params), pick(grads), pick(buffers), rates[small], pick(decays), beta, nesterov)
+            big = [k for k in range(len(params)) if k not in small_set]
+            params, grads, buffers = [params[k] for k in big], [grads[k] for k in big], [buffers[k] for k in big]
+            rates, decays = rates[big], [decays[k] for k in big]
         for p, g, d, r, lam in zip(params, grads, buffers, rates.tolist(), decays):
-            if p.dtype != one.dtype:
-                one = torch.ones(1, dtype=p.dtype)
-            w, gv, dv = p.view(-1), g.reshape(-1, 1), d.view(-1)
-            if not (w.is_contiguous() and dv.is_contiguous()) or p.dtype not in (torch.float32, torch.float64):
-                _update_tensor(p, g, d, torch.tensor(r, dtype=torch.float64), lam, beta, nesterov)
-                continue
-            dv.addmv_(gv, one, beta=beta, alpha=-r)
-            if lam:
-                dv.add_(w, alpha=-r * lam)
             if nesterov:
-                w.addmv_(gv, one, beta=1.0 - r * lam, alpha=-r)
-                w.add_(dv, alpha=beta)
+                p.add_(d, alpha=-beta)
+                d.mul_(beta * (1.0 - r * lam)).add_(g, alpha=-r)
+                if lam:
+                    d.add_(p, alpha=-r * lam)
+                p.add_(d, alpha=1.0 + beta)
             else:
-                w.add_(dv)
+                d.mul_(beta).add_(g, alpha=-r)
+                if lam:
+                    d.add_(p, alpha=-r * lam)
+                p.add_(d)
         return
     for k, (p, g, d, lam) in enumerate(zip(params, grads, buffers, decays)):
         _update_tensor(p, g, d, rates[k], lam, beta, nesterov, ok)
+
+
+def _update_multi(params, grads, buffers, rates: torch.Tensor, decays, beta, nesterov) -> None:
+    """The passes of :func:`_update_foreach` as ``torch._foreach_*`` calls (per-layer rates as 0-d views)."""
+    lam = torch.tensor([float(x) for x in decays], dtype=rates.dtype)
+    neg_r = list((-rates).unbind(0))
+    decayed = [k for k, x in enumerate(decays) if x]
+    if nesterov:
+        torch._foreach_add_(params, buffers, alpha=-beta)
+        torch._foreach_mul_(buffers, (beta * (1.0 - rates * lam)).tolist())
+    else:
+        torch._foreach_mul_(buffers, beta)
+    torch._foreach_addcmul_(buffers, grads, neg_r)
+    if decayed:
+        neg_r_lam = list((-(rates * lam)[decayed]).unbind(0))
+        torch._foreach_addcmul_([buffers[k] for k in decayed], [params[k] for k in decayed], neg_r_lam)
+    torch._foreach_add_(params, buffers, alpha=1.0 + beta if nesterov else 1.0)
 
 
 def _update_tensor(p, g, d, r, lam, beta, nesterov, ok=None) -> None:

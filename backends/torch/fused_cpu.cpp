@@ -1,8 +1,8 @@
 // Fused CPU kernels for the lwrs LARS / CLARS / TVLARS / mNAG step (float32 and float64).
 //
 // Two passes over the parameters, the minimum the algorithm allows:
-//   1. layer_sums: for every layer k, sum w^2, sum g^2, sum d^2 and, for the "norm_of_sum" form, sum (g + lambda w)^2
-//      (blocked dot products summed in float64, of the layer itself: never an expansion that cancels);
+//   1. layer_sums: for every layer k, sum w^2, sum g^2, sum d^2 and, for the "norm_of_sum" form, sum (g + lambda w)^2,
+//      in one pass over w, g and d (blocks summed in float64; never an expansion that cancels);
 //   2. mnag_update: for every element, with s = r_k (g + lambda_k w),
 //        d <- beta d - s;  w <- w - s + beta d   (Nesterov)   or   w <- w + d   (heavy ball),
 //      in one read of w, g, d and one write of w, d. This is CLARS eq. (4) in the order of the core.
@@ -46,61 +46,108 @@ void check(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>
   }
 }
 
-// sum(x^2) of one layer in float64: blocks of kBlock entries dotted in one batched BLAS product, their
-// sums added in float64 (a single dot product accumulates sequentially: 3e-5 relative at 2.4M floats).
-constexpr int64_t kBlock = 1 << 15;
+// The sums of squares of one range of a layer, in one pass over w, g (and d): 16 float lanes over blocks of
+// kSumBlock entries (256 terms per lane), each block's lanes added in float64. u = g + lambda w is rounded as the
+// core rounds it (lambda w, then + g; no fused multiply-add), and never expanded into terms that cancel.
+constexpr int64_t kSumBlock = 1 << 12;
+constexpr int kLanes = 16;
 
-double sq(const torch::Tensor& x) {
-  const auto f = x.reshape({-1});
-  const int64_t n = f.numel(), m = n / kBlock;
-  double total = 0.0;
-  if (m > 0) {
-    const auto blocks = f.narrow(0, 0, m * kBlock).view({m, 1, kBlock});
-    total = at::bmm(blocks, blocks.transpose(1, 2)).sum(torch::kFloat64).item<double>();
+template <typename scalar_t, bool with_d, bool with_u>
+void sums_range(const scalar_t* __restrict__ w, const scalar_t* __restrict__ g, const scalar_t* __restrict__ d,
+                int64_t begin, int64_t end, scalar_t lam, double* out) {
+  for (int64_t b = begin; b < end; b += kSumBlock) {
+    const int64_t e = std::min(end, b + kSumBlock);
+    scalar_t aw[kLanes] = {}, ag[kLanes] = {}, ad[kLanes] = {}, au[kLanes] = {};
+    int64_t i = b;
+    for (; i + kLanes <= e; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const scalar_t wv = w[i + j], gv = g[i + j];
+        aw[j] += wv * wv;
+        ag[j] += gv * gv;
+        if (with_d) ad[j] += d[i + j] * d[i + j];
+        if (with_u) {
+          const scalar_t lw = lam * wv;
+          const scalar_t u = gv + lw;
+          au[j] += u * u;
+        }
+      }
+    }
+    for (int j = 0; i < e; ++i, ++j) {
+      const scalar_t wv = w[i], gv = g[i];
+      aw[j] += wv * wv;
+      ag[j] += gv * gv;
+      if (with_d) ad[j] += d[i] * d[i];
+      if (with_u) {
+        const scalar_t lw = lam * wv;
+        const scalar_t u = gv + lw;
+        au[j] += u * u;
+      }
+    }
+    double sw = 0, sg = 0, sd = 0, su = 0;
+    for (int j = 0; j < kLanes; ++j) {
+      sw += aw[j];
+      sg += ag[j];
+      sd += ad[j];
+      su += au[j];
+    }
+    out[0] += sw;
+    out[1] += sg;
+    out[2] += sd;
+    out[3] += su;
   }
-  if (n > m * kBlock) {
-    const auto rest = f.narrow(0, m * kBlock, n - m * kBlock);
-    total += rest.dot(rest).item<double>();
-  }
-  return total;
 }
 
-// sum((g + lambda w)^2) of one layer: g + lambda w is formed a chunk at a time in a small buffer, with the
-// core's rounding (lambda w, then + g), and its squares summed; never |g|^2 + 2 lambda <g, w> + lambda^2 |w|^2,
-// which cancels near the weight-decay equilibrium g = -lambda w.
-double decayed_sq(const torch::Tensor& w, const torch::Tensor& g, double lam) {
-  const auto wf = w.reshape({-1}), gf = g.reshape({-1});
-  const int64_t n = wf.numel();
-  auto buf = torch::empty({std::min<int64_t>(n, kChunk)}, w.options());
-  double total = 0.0;
-  for (int64_t s = 0; s < n; s += kChunk) {
-    const int64_t m = std::min(kChunk, n - s);
-    auto part = buf.narrow(0, 0, m);
-    at::mul_out(part, wf.narrow(0, s, m), lam);
-    part.add_(gf.narrow(0, s, m));
-    total += sq(part);
-  }
-  return total;
+template <typename scalar_t>
+void sums_dispatch(const torch::Tensor& w, const torch::Tensor& g, const torch::Tensor& d, double lam, int64_t begin,
+                   int64_t end, double* out) {
+  const scalar_t* wp = w.data_ptr<scalar_t>();
+  const scalar_t* gp = g.data_ptr<scalar_t>();
+  const scalar_t* dp = d.numel() ? d.data_ptr<scalar_t>() : nullptr;
+  const scalar_t l = static_cast<scalar_t>(lam);
+  if (dp && lam != 0.0) sums_range<scalar_t, true, true>(wp, gp, dp, begin, end, l, out);
+  else if (dp) sums_range<scalar_t, true, false>(wp, gp, dp, begin, end, l, out);
+  else if (lam != 0.0) sums_range<scalar_t, false, true>(wp, gp, dp, begin, end, l, out);
+  else sums_range<scalar_t, false, false>(wp, gp, dp, begin, end, l, out);
 }
 
 }  // namespace
 
 // Returns a (K, 4) float64 tensor: for every layer sum w^2, sum g^2, sum d^2 (0 where d is empty) and
-// sum (g + lambda w)^2 (0 where lambda is 0), one read of w and g per layer (plus d, and the decayed sum).
+// sum (g + lambda w)^2 (0 where lambda is 0), in one pass over each layer's w, g and d, in chunks that run in
+// parallel; each chunk's sums are added in a fixed order, so the result does not depend on the thread count.
 torch::Tensor layer_sums(const std::vector<torch::Tensor>& ws, const std::vector<torch::Tensor>& gs,
                          const std::vector<torch::Tensor>& ds, const torch::Tensor& decays) {
   check(ws, gs, "layer_sums");
   const int64_t K = static_cast<int64_t>(ws.size());
   TORCH_CHECK(static_cast<int64_t>(ds.size()) == K && decays.numel() == K, "layer_sums: one buffer and decay per layer");
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK(ds[k].numel() == 0 || (ds[k].numel() == ws[k].numel() && ds[k].is_contiguous() &&
+                                       ds[k].scalar_type() == ws[k].scalar_type()), "layer_sums: buffer ", k);
+  }
   auto l64 = decays.to(torch::kFloat64).contiguous();
   const double* lam = l64.data_ptr<double>();
+  std::vector<int64_t> layer_of, start_of;
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t s = 0; s < ws[k].numel(); s += kChunk) {
+      layer_of.push_back(k);
+      start_of.push_back(s);
+    }
+  }
+  const int64_t T = static_cast<int64_t>(layer_of.size());
+  std::vector<double> part(4 * T, 0.0);
+  at::parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t k = layer_of[t];
+      const int64_t begin = start_of[t], end = std::min(ws[k].numel(), begin + kChunk);
+      AT_DISPATCH_FLOATING_TYPES(ws[k].scalar_type(), "layer_sums", [&] {
+        sums_dispatch<scalar_t>(ws[k], gs[k], ds[k], lam[k], begin, end, &part[4 * t]);
+      });
+    }
+  });
   auto out = torch::zeros({K, 4}, torch::kFloat64);
   auto acc = out.accessor<double, 2>();
-  for (int64_t k = 0; k < K; ++k) {
-    acc[k][0] = sq(ws[k]);
-    acc[k][1] = sq(gs[k]);
-    acc[k][2] = ds[k].numel() ? sq(ds[k]) : 0.0;
-    acc[k][3] = lam[k] != 0.0 ? decayed_sq(ws[k], gs[k], lam[k]) : 0.0;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int c = 0; c < 4; ++c) acc[layer_of[t]][c] += part[4 * t + c];
   }
   return out;
 }

@@ -201,8 +201,12 @@ class _Layerwise(torch.optim.Optimizer):
             return loss
         for g, plan in zip(gathered, plans):
             self._apply(g, plan, None if ok is True else ok)
-            for st in (self.state[p] for p in g.params):
-                st["step"] += 1 if ok is True else ok.to(st["step"].dtype)
+            counts = [self.state[p]["step"] for p in g.params]
+            if ok is True and not _compiling():
+                torch._foreach_add_(counts, 1.0)  # one call for the group's step counts
+            else:
+                for c in counts:
+                    c += 1 if ok is True else ok.to(c.dtype)
         # kept in a one-item box: torch.compile keeps this mutation (not an optimizer attribute's rebinding),
         # and guards only on the box's length, so a new list each step does not recompile
         self._diagnostics[0] = [p.diagnostics if ok is True else p.diagnostics._replace(skipped=~ok) for p in plans]
@@ -260,7 +264,8 @@ class _Layerwise(torch.optim.Optimizer):
         mean = None if stats is None else (stats.sum_norms / stats.count).to(dtype)
         steps = self._steps(g)
         step = steps[0] if _compiling() else int(steps[0])
-        L, layouts = _local, _layouts(g)  # DTensors: local shards, whole-layer norms (one collective)
+        layouts = _layouts(g)  # DTensors: local shards, whole-layer norms (one collective)
+        L = _local if layouts is not None else list
         return F.plan_momentum(L(g.params), L(g.grads), L(bufs), lr=self._lr(g), momentum=group["momentum"],
                                nesterov=group["nesterov"], options=options, adapt=adapt, decays=decays,
                                mean_norms=mean, step=step, implementation=self._impl(g), layouts=layouts)
@@ -277,7 +282,8 @@ class _Layerwise(torch.optim.Optimizer):
 
     def _apply(self, g: Gathered, plan: Any, ok: torch.Tensor | None) -> None:
         bufs = [self.state[p]["momentum_buffer"] for p in g.params]
-        F.apply_momentum(_local(g.params), _local(g.grads), _local(bufs), plan.diagnostics.rates, plan.decays,
+        L = _local if _layouts(g) is not None else list
+        F.apply_momentum(L(g.params), L(g.grads), L(bufs), plan.diagnostics.rates, plan.decays,
                          momentum=g.group["momentum"], nesterov=g.group["nesterov"], implementation=self._impl(g),
                          ok=ok)
 
