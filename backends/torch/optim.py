@@ -43,16 +43,8 @@ from lwrs.rates import TrustOptions
 from . import distributed
 from . import functional as F
 from .distributed import local as _local
-from ._groups import (
-    COMMON_DOC,
-    TRUST_DOC,
-    Gathered,
-    check_lr,
-    check_statistics_values,
-    gather,
-    group_statistics,
-    load_checked,
-)
+from ._groups import (COMMON_DOC, TRUST_DOC, Gathered, check_lr, check_statistics_values, from_grad_scaler, gather,
+                      group_statistics, load_checked)
 
 __all__ = ["MNAG", "LARS", "CLARS", "TVLARS", "LAMB"]
 
@@ -82,6 +74,7 @@ class _Layerwise(torch.optim.Optimizer):
     """Shared machinery: groups, checks, state, the all-or-nothing step and the diagnostics."""
 
     _state_keys: tuple[str, ...] = ("step", "momentum_buffer")
+    _state_kind = "none"  # in every group ("optimizer"): load_state_dict refuses another lwrs optimizer's state
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, foreach: bool | None,
                  fused: bool | None, norm_source: Any = None, grad_scaler: Any = None):
@@ -90,7 +83,7 @@ class _Layerwise(torch.optim.Optimizer):
         self.norm_source = norm_source
         self.grad_scaler = grad_scaler
         self._diagnostics: list[list[LayerDiagnostics]] = [[]]
-        super().__init__(params, defaults)
+        super().__init__(params, dict(defaults, optimizer=self._state_kind))
 
     @property
     def diagnostics(self) -> list[LayerDiagnostics]:
@@ -118,6 +111,8 @@ class _Layerwise(torch.optim.Optimizer):
     def _check_group(self, index: int, group: dict[str, Any]) -> None:
         """Check one group's hyperparameters on the host (no device synchronisation)."""
         where = f"group {index}: "
+        if group.get("optimizer", self._state_kind) != self._state_kind:
+            raise ValueError(f'{where}optimizer is {group["optimizer"]!r}, this optimizer is a {self._state_kind}')
         check_lr(where, group["lr"])
         check_hyperparameter(f"{where}weight_decay", group["weight_decay"], low=0.0)
         if group["on_nonfinite"] not in ("raise", "skip"):
@@ -181,6 +176,8 @@ class _Layerwise(torch.optim.Optimizer):
             ``param -> (S1, S2)``. CLARS reads its ``norm_source`` when this is not given.
         """
         loss = None
+        if not from_grad_scaler(self, norm_stats):  # GradScaler.step found an inf: skipped
+            return loss
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -325,6 +322,7 @@ class MNAG(_Layerwise):
     """
 
     kind = "none"
+    _state_kind = "MNAG"
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, momentum: float = _default("mnag", "beta"), *,
                  weight_decay: float = _default("mnag", "weight_decay"), nesterov: bool = _default("mnag", "nesterov"),
@@ -362,6 +360,7 @@ class LARS(MNAG):
     """
 
     kind = "lars"
+    _state_kind = "LARS"
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, momentum: float = _default("lars", "beta"), *,
                  eta: float = _default("lars", "eta"), weight_decay: float = _default("lars", "weight_decay"),
@@ -396,7 +395,9 @@ class CLARS(LARS):
     norm_source : object, optional
         Has ``norm_statistics(params, scale=...)``, and ``reset()`` (called by ``zero_grad``).
     grad_scaler : torch.amp.GradScaler, optional
-        With mixed precision: the statistics are unscaled by its current scale.
+        With mixed precision: the statistics are unscaled by its current scale. ``GradScaler.step``
+        hands its scale to CLARS, so it is needed only where ``GradScaler.unscale_`` runs before
+        (e.g. to clip gradients); without it that step is refused.
 
     Examples
     --------
@@ -411,7 +412,9 @@ class CLARS(LARS):
     """
 
     kind = "clars"
+    _state_kind = "CLARS"
     _uses_statistics = True
+    _step_supports_amp_scaling = True  # GradScaler.step passes its scale: see _groups.from_grad_scaler
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, momentum: float = _default("clars", "beta"), *,
                  eta: float = _default("clars", "eta"), weight_decay: float = _default("clars", "weight_decay"),
@@ -468,6 +471,8 @@ class TVLARS(LARS):
     >>> w.grad = torch.ones(2, 2); opt.step(); opt.diagnostics[0].learning_rate
     0.5
     """
+
+    _state_kind = "TVLARS"
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, momentum: float = _default("tvlars", "beta"), *,
                  decay_coefficient: float, delay_steps: float, alpha: float = _default("tvlars", "alpha"),
@@ -546,6 +551,7 @@ class LAMB(_Layerwise):
     1
     """
 
+    _state_kind = "LAMB"
     _state_keys = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor,

@@ -16,7 +16,7 @@ from lwrs import schedules, table
 __all__ = ["TrainConfig", "OPTIMIZERS", "RECIPES", "DATASETS", "MODELS", "DECAYS", "SCALINGS", "factor_schedule"]
 
 DATASETS = ("mnist1d", "digits")
-MODELS = ("fcn", "cnn", "mlp", "transformer")
+MODELS = ("fcn", "cnn", "cnn-relu", "mlp", "transformer")
 
 #: The recipes of ``lwrs train`` around an optimizer of the table: ``-warmup`` (linear warm-up,
 #: Goyal et al. 2017) and ``-freeze`` (the head frozen early, Gotmare et al. 2019; CLARS Figure 3).
@@ -53,7 +53,7 @@ class TrainConfig:
     Attributes
     ----------
     dataset, model, optimizer : str
-        ``"mnist1d"`` or ``"digits"``; ``"fcn"``, ``"cnn"``, ``"mlp"`` or ``"transformer"``; one of :data:`OPTIMIZERS`.
+        ``"mnist1d"`` or ``"digits"``; ``"fcn"``, ``"cnn"``, ``"cnn-relu"``, ``"mlp"`` or ``"transformer"``; one of :data:`OPTIMIZERS`.
     batch_size, micro_batch : int
         :math:`B`, and the largest batch run in one forward/backward pass.
     epochs : int
