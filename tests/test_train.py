@@ -130,6 +130,10 @@ def test_warmup_longer_than_the_run_is_refused(digits):
                           stats_samples=0), digits)
     with pytest.raises(ValueError, match="exceeds"):
         train(TrainConfig(dataset="digits", batch_size=4096, epochs=1, stats_samples=0), digits)
+    # a head freeze as long as the run would never train the head (review): refused like the warm-up
+    with pytest.raises(ValueError, match="head freeze .* must be shorter than the run"):
+        train(TrainConfig(dataset="digits", optimizer="mnag-freeze", batch_size=512, epochs=2, freeze_epochs=2,
+                          stats_samples=0), digits)
 
 
 # ---- the training loop ------------------------------------------------------------------------------
