@@ -59,6 +59,10 @@ def test_fig3_rule_skips_a_model_that_did_not_learn_and_needs_every_rival():
     assert v["verdict"] == "reproduced" and "cnn: no method learned" in v["evidence"]
     s["mlp/lars-warmup"]["early_by_seed"] = _seeds(0.60, 0.04)  # as good as CLARS, within the spread
     assert rules.fig3_verdict(s, ("mlp", "cnn"), rivals)["verdict"] == "partly reproduced"
+    few = {k.replace("mlp/", "tfm/"): {**v, "early_by_seed": v["early_by_seed"][:2], "by_seed": v["by_seed"][:2]}
+           for k, v in s.items() if k.startswith("mlp/")}
+    v = rules.fig3_verdict({**s, **few}, ("mlp", "tfm"), rivals)  # two seeds: reported, not judged
+    assert v["verdict"] == "partly reproduced" and "tfm: 2 seeds, reported but not judged" in v["evidence"]
     only_chance = {k: v for k, v in s.items() if k.startswith("cnn/")}
     assert rules.fig3_verdict(only_chance, ("cnn",), rivals)["verdict"] == "not reproduced"
 
@@ -88,7 +92,8 @@ def test_the_full_protocol_tunes_every_method_with_both_budgets_and_a_transforme
     assert len(clars) == 3 and clars[0].learning_rate() == pytest.approx(6.4)  # the paper's 0.1 * 8192 / 128 first
     assert clars[0].warmup_epochs == pytest.approx(0.1 * clars[0].epochs)  # the paper's 20 of 200 epochs
     table1 = dict(grids("table1", p, 60_000))
-    assert any(label.startswith("epochs/transformer/tvlars/") for label in table1)
+    assert [label for label in table1 if label.startswith("epochs/transformer/tvlars/")] == [
+        "epochs/transformer/tvlars/B4096"]
     assert len(table1["epochs/mlp/tvlars/B1024"]) == 9  # three target rates times three lambdas
 
 

@@ -22,7 +22,7 @@ reported on the test set, which the selection never sees. The grids:
   ``table1_lambdas``; warm-up then cosine decay for LARS and LAMB.
 
 Models in ``costly_models`` (the transformer) run only the papers' setting,
-with ``costly_seeds`` seeds. Budgets: ``"epochs"`` is the papers' fixed number
+with ``costly_seeds`` seeds, and in Table 1 only at ``costly_batches``. Budgets: ``"epochs"`` is the papers' fixed number
 of epochs (a large batch gets few steps: the papers' own comparison);
 ``"steps"`` gives every batch size ``Preset.steps`` optimizer steps (whole
 epochs, rounded up), so that a large batch is not starved of steps. Figure 3 uses
@@ -111,7 +111,7 @@ def grids(name: str, preset: Preset, train_samples: int) -> list[tuple[str, list
     elif name == "table1":
         for model in p.table1_models:
             costly = model in p.costly_models
-            for b in p.table1_batches:
+            for b in (p.costly_batches or p.table1_batches) if costly else p.table1_batches:
                 common = dict(model=model, batch_size=b, epochs=p.table1_epochs, stats_samples=0)
                 picks = (1,) if costly else p.table1_lr_picks
                 lams = p.table1_lambdas[:1] if costly else p.table1_lambdas

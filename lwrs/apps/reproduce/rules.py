@@ -22,7 +22,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["paired", "fig1_verdicts", "fig3_verdict", "table1_verdicts", "ALPHA", "MIN_EFFECT"]
+__all__ = ["paired", "fig1_verdicts", "fig3_verdict", "table1_verdicts", "ALPHA", "MIN_EFFECT", "MIN_SEEDS", "LEARNED"]
 
 #: The significance level of the one-sided paired t-test.
 ALPHA = 0.05
@@ -110,6 +110,9 @@ def _pct(entry: dict[str, Any]) -> str:
     return f"{100 * statistics.fmean(v):.1f} ± {100 * sd:.1f}"
 
 
+#: A model (or Table 1 cell) run with fewer seeds is reported, not judged: too few pairs for the paired rule.
+MIN_SEEDS = 3
+
 #: Below this final accuracy (ten classes: chance is 10%) a model did not learn, and its comparison says nothing.
 LEARNED = 0.2
 
@@ -119,7 +122,8 @@ def fig3_verdict(s: dict[str, Any], models: Sequence[str], rivals: Sequence[str]
 
     Reproduced if CLARS beats every rival by the paired rule in every model whose
     best method learned (final accuracy ≥ 20%); partly if it beats at least one
-    rival somewhere; a model where nothing learned is named and does not count.
+    rival somewhere; a model where nothing learned, or run with fewer than
+    :data:`MIN_SEEDS` seeds, is named and does not count.
 
     Examples
     --------
@@ -132,6 +136,9 @@ def fig3_verdict(s: dict[str, Any], models: Sequence[str], rivals: Sequence[str]
     for model in models:
         labels = [f"{model}/{m}" for m in ("clars", *rivals)]
         best = max(statistics.fmean(s[label]["by_seed"]) for label in labels)
+        if len(s[labels[0]]["by_seed"]) < MIN_SEEDS:
+            lines.append(f"{model}: {len(s[labels[0]]['by_seed'])} seeds, reported but not judged")
+            continue
         if best < LEARNED:
             lines.append(f"{model}: no method learned (best final accuracy {100 * best:.1f}%), not judged")
             continue
@@ -154,7 +161,8 @@ def table1_verdicts(s: dict[str, Any], batches: Sequence[int], budgets: Sequence
 
     ``s`` maps ``"{budget}/{model}/{method}/B{b}"`` to summaries with ``by_seed``.
     Reproduced if TVLARS beats the better rival (by mean) by the paired rule in at
-    least two thirds of the (model, B) cells; partly if in at least one.
+    least two thirds of the (model, B) cells run with at least :data:`MIN_SEEDS`
+    seeds; partly if in at least one.
 
     Examples
     --------
@@ -170,6 +178,9 @@ def table1_verdicts(s: dict[str, Any], batches: Sequence[int], budgets: Sequence
             for b in batches:
                 key = f"{budget}/{model}/{{}}/B{b}"
                 if key.format("tvlars") not in s:
+                    continue
+                if len(s[key.format("tvlars")]["by_seed"]) < MIN_SEEDS:
+                    lines.append(f"{model} B={b}: {len(s[key.format('tvlars')]['by_seed'])} seeds, not judged")
                     continue
                 rival = max(("lars-warmup", "lamb-warmup"), key=lambda m: statistics.fmean(s[key.format(m)]["by_seed"]))
                 r = paired(_by_seed(s, key.format("tvlars")), _by_seed(s, key.format(rival)))

@@ -72,6 +72,7 @@ def tuned_plots(results: dict[str, Any], preset: Preset, plt, save) -> None:
             what = f"{preset.fig1_epochs} epochs" if budget == "epochs" else f"{preset.steps} steps"
             ax.set(xscale="log", xlabel="batch size B", ylabel="final test accuracy (%)", title=f"MLP, {what}")
             ax.set_xticks(preset.fig1_batches, [str(b) for b in preset.fig1_batches])
+            ax.minorticks_off()
             ax.legend()
         save(fig, "fig1.png")
     if "fig3" in results:
@@ -99,5 +100,6 @@ def tuned_plots(results: dict[str, Any], preset: Preset, plt, save) -> None:
         ax.set(xscale="log", xlabel="batch size B", ylabel="final test accuracy (%)",
                title=f"TVLARS vs LARS/LAMB with warm-up, {preset.table1_epochs} epochs")
         ax.set_xticks(list(preset.table1_batches), [str(b) for b in preset.table1_batches])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
         save(fig, "table1.png")
