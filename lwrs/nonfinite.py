@@ -167,9 +167,11 @@ def momentum_step_bounds(weight_norms: Any, rates: Any, direction_bounds: Any, t
 
     .. math::
 
-        \|d_{t,k}\| \le \beta\|d_{t-1,k}\| + s_k, \qquad
-        \|w_{t+1,k}\| \le \|w_{t,k}\| + s_k + \beta\|d_{t,k}\| \ \text{(Nesterov)}, \quad
-        \|w_{t,k}\| + \|d_{t,k}\| \ \text{(heavy ball)}.
+        \|d_{t,k}\| \le \beta\|d_{t-1,k}\| + s_k,
+
+        \|w_{t+1,k}\| \le \|w_{t,k}\| + s_k + \beta\|d_{t,k}\| \quad \text{(Nesterov)},
+
+        \|w_{t+1,k}\| \le \|w_{t,k}\| + \|d_{t,k}\| \quad \text{(heavy ball)}.
 
     A step whose bound stays below the dtype's largest number cannot overflow;
     this is checked from norms, without a pass over the new weights.

@@ -318,7 +318,8 @@ def clars(
     .. math::
 
         \gamma_k = \gamma_t\, \eta\, \frac{\|w_k\|}{\frac1B \sum_{i \in I_t}\|g_{ik}\| + \lambda \|w_k\| + \epsilon}
-                 = \gamma^{\mathrm{LARS}}_k \cdot c_k, \qquad
+                 = \gamma^{\mathrm{LARS}}_k \cdot c_k,
+
         c_k = \frac{\|\bar g_k\| + \lambda\|w_k\|}{\frac1B \sum_i \|g_{ik}\| + \lambda\|w_k\|} \in [0, 1]
 
     (the second equality for :math:`\epsilon = 0`), then the mNAG step. Each

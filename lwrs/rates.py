@@ -134,7 +134,7 @@ def weight_decayed_norms(
     .. math::
 
         D_k = \|\bar g_k\| + \lambda_k \|w_k\| \quad (\texttt{sum\_of\_norms}),
-        \qquad
+
         D_k = \|\bar g_k + \lambda_k w_k\| \quad (\texttt{norm\_of\_sum}).
 
     The second form is the norm of the decayed direction itself. It is not
@@ -275,7 +275,7 @@ def lars_denominators(
     .. math::
 
         D_k = \|\bar g_k\| + \lambda_k \|w_k\| \quad (\texttt{sum\_of\_norms}),
-        \qquad
+
         D_k = \|\bar g_k + \lambda_k w_k\| \quad (\texttt{norm\_of\_sum}).
 
     References: CLARS eq. (3) (no weight decay); You, Gitman & Ginsburg (2017)
@@ -319,7 +319,7 @@ def clars_denominators(
 
         D_k = \frac{1}{B}\sum_{i \in I_t} \|g_{ik}\| + \lambda_k \|w_k\|
         \quad (\texttt{sum\_of\_norms}),
-        \qquad
+
         D_k = \frac{1}{B}\sum_{i \in I_t} \|g_{ik} + \lambda_k w_k\|
         \quad (\texttt{norm\_of\_sum}).
 

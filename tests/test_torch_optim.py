@@ -264,3 +264,34 @@ def test_fused_refuses_what_it_cannot_take():
     model(torch.randn(4, 6, dtype=torch.bfloat16)).sum().backward()
     with pytest.raises(ValueError, match="fused=True takes float32 or float64: parameter 0 of group 0 is torch.bfloat16"):
         opt.step()
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+def test_functional_layer_equals_the_core(foreach):
+    """``lwrs.backends.torch.functional`` on plain lists: LARS, MNAG (heavy ball) and LAMB against the core."""
+    from lwrs.backends.torch import functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    w = [torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)]
+    g = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in w]
+    cases = [
+        (lwrs.lars(0.5, eta=0.02, weight_decay=1e-2),
+         lambda ws, bufs: F.lars(ws, g, bufs, lr=0.5, eta=0.02, weight_decay=1e-2, foreach=foreach)),
+        (lwrs.mnag(0.1, beta=0.5, nesterov=False, weight_decay=1e-2),
+         lambda ws, bufs: F.mnag(ws, g, bufs, lr=0.1, momentum=0.5, nesterov=False, weight_decay=1e-2,
+                                 foreach=foreach)),
+    ]
+    for core, functional in cases:
+        new, state, diag = core.step(w, g, core.init(w))
+        ws, bufs = [x.clone() for x in w], [torch.zeros_like(x) for x in w]
+        ours = functional(ws, bufs)
+        for a, b in zip(ws + bufs, list(new) + list(state.trace)):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(ours.rates, diag.rates, rtol=1e-13, atol=0)
+    core = lwrs.lamb(0.01, weight_decay=1e-2)
+    new, state, diag = core.step(w, g, core.init(w))
+    ws, m, v = [x.clone() for x in w], [torch.zeros_like(x) for x in w], [torch.zeros_like(x) for x in w]
+    ours = F.lamb(ws, g, m, v, step=0, lr=0.01, weight_decay=1e-2, foreach=foreach)
+    for a, b in zip(ws + m + v, list(new) + list(state.first_moment) + list(state.second_moment)):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(ours.trust_ratios, diag.trust_ratios, rtol=1e-13, atol=0)

@@ -208,6 +208,9 @@ def test_a_state_with_a_parameter_missing_is_refused():
 def test_lars_state_into_tvlars_is_refused_and_a_lars_state_loads():
     m = model()
     state = stepped(lambda p: LARS(p, lr=0.1), m).state_dict()
+    with pytest.raises(ValueError, match=r"state of a LARS optimizer, not of a TVLARS"):
+        TVLARS(m.parameters(), lr=0.1, decay_coefficient=0.1, delay_steps=0).load_state_dict(state)
+    del state["param_groups"][0]["optimizer"]  # an older state: refused by its hyperparameters' names
     with pytest.raises(ValueError, match=r"unexpected hyperparameters \[\], missing \['alpha'"):
         TVLARS(m.parameters(), lr=0.1, decay_coefficient=0.1, delay_steps=0).load_state_dict(state)
     opt = LARS(m.parameters(), lr=0.1)
@@ -369,3 +372,36 @@ def test_named_parameters_name_the_parameter_in_every_message():
     with pytest.raises(lwrs.NonFiniteError, match=r"parameter '0.bias' \(group 0\)"):
         opt.step()
     assert np.isfinite(m[0].bias.detach().numpy()).all()
+
+
+@pytest.mark.parametrize("saved, loader", [
+    (lambda p: MNAG(p, lr=0.1), lambda p: LARS(p, lr=0.1, weight_decay=1e-3)),
+    (lambda p: LARS(p, lr=0.1), lambda p: MNAG(p, lr=0.1)),
+    (lambda p: CLARS(p, lr=0.1), lambda p: LARS(p, lr=0.1)),
+    (lambda p: LARS(p, lr=0.1), lambda p: CLARS(p, lr=0.1)),
+], ids=["mnag-into-lars", "lars-into-mnag", "clars-into-lars", "lars-into-clars"])
+def test_a_state_of_another_lwrs_optimizer_with_the_same_hyperparameter_names_is_refused(saved, loader):
+    """MNAG, LARS and CLARS share their groups' keys: an MNAG state once made a LARS with eta=1 (review-torch 3)."""
+    m = model()
+    source = saved(m.parameters())
+    state = source.state_dict()
+    opt = loader(m.parameters())
+    before = dict(opt.param_groups[0])
+    with pytest.raises(ValueError, match=rf"state of a {type(source).__name__} optimizer, not of a "
+                                         rf"{type(opt).__name__}"):
+        opt.load_state_dict(state)
+    assert opt.param_groups[0]["eta"] == before["eta"] and opt.param_groups[0]["optimizer"] == type(opt).__name__
+
+
+def test_a_state_saved_before_the_optimizer_was_recorded_still_loads():
+    m = model()
+    state = stepped(lambda p: LARS(p, lr=0.1, eta=0.02), m).state_dict()
+    for group in state["param_groups"]:
+        del group["optimizer"]  # as saved by lwrs 0.1
+    opt = LARS(m.parameters(), lr=0.5)
+    opt.load_state_dict(state)
+    assert opt.param_groups[0]["eta"] == 0.02 and opt.param_groups[0]["optimizer"] == "LARS"
+    assert int(opt.state[m[0].weight]["step"]) == 1
+    backward(m, 1)
+    opt.step()
+    assert opt.state_dict()["param_groups"][0]["optimizer"] == "LARS"

@@ -4,7 +4,10 @@
 (``make(learning_rate=..., momentum=..., trust_coefficient=..., weight_decay=...)``,
 e.g. :func:`optax.lars`), runs it through the battery of :mod:`lwrs.testing`
 in float64 (inside ``jax.enable_x64``), with ``tx.update(grads, state, params)``
-and :func:`optax.apply_updates`, and returns the trajectory. A varying
+and :func:`optax.apply_updates`, and returns the trajectory. For ``kind="clars"``
+``update`` also receives ``norm_stats=``, the exact :class:`lwrs.NormStatistics` of the
+problem's per-sample gradients (one entry per leaf, in flattening order), as
+:func:`lwrs.backends.jax.clars` takes it. A varying
 learning rate is passed as a schedule of optax's step count. The core's
 reference run uses NumPy float64 arrays (faster than eager JAX, same values).
 :func:`check` and
@@ -77,7 +80,8 @@ class OptaxDriver:
             out = []
             try:
                 for t in range(problem.steps):
-                    updates, state = update(problem.gradients(t, params), state, params)
+                    extra = {"norm_stats": problem.norm_statistics(t, params)} if self.kind == "clars" else {}
+                    updates, state = update(problem.gradients(t, params), state, params, **extra)
                     params = optax.apply_updates(params, updates)
                     out.append([tuple(np.asarray(w, dtype=np.float64).reshape(-1).tolist()) for w in params])
             except Exception as exc:  # keep the steps that ran, for the report

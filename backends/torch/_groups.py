@@ -132,8 +132,15 @@ def load_checked(opt: Any, state_dict: dict[str, Any]) -> None:
         raise ValueError(f"{name}.load_state_dict: the state has {len(saved_groups)} parameter groups, "
                          f"this optimizer {len(opt.param_groups)}")
     ignore = {"params", "param_names"}
+    kind = getattr(opt, "_state_kind", name)
     for i, (saved, own) in enumerate(zip(saved_groups, opt.param_groups)):
-        extra, missing = set(saved) - set(own) - ignore, set(own) - set(saved) - ignore
+        # the lwrs optimizer that saved the state (MNAG, LARS and CLARS share their hyperparameters' names);
+        # states saved before it was recorded lack it and are checked by their names only
+        origin = saved.get("optimizer", kind) if isinstance(saved, dict) else kind
+        if origin != kind:
+            raise ValueError(f"{name}.load_state_dict: group {i} is the state of a {origin} optimizer, not of a "
+                             f"{kind}; is this the state of another optimizer? Create a {origin} to load it")
+        extra, missing = set(saved) - set(own) - ignore, set(own) - set(saved) - ignore - {"optimizer"}
         if extra or missing:
             raise ValueError(f"{name}.load_state_dict: group {i} is not a {name} group (unexpected "
                              f"hyperparameters {sorted(extra)}, missing {sorted(missing)}); is this the state of "
@@ -159,6 +166,8 @@ def load_checked(opt: Any, state_dict: dict[str, Any]) -> None:
                     raise ValueError(f"{name}.load_state_dict: {key} of parameter {_label(saved, i, j)} has shape "
                                      f"{tuple(entry[key].shape)}, the parameter {tuple(p.shape)}")
     torch.optim.Optimizer.load_state_dict(opt, state_dict)
+    for group in opt.param_groups:  # an older state's groups: recorded now
+        group.setdefault("optimizer", kind)
     for st in opt.state.values():  # step counts as 0-d tensors (older states kept ints)
         if "step" in st and not isinstance(st["step"], torch.Tensor):
             st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)

@@ -5,7 +5,9 @@
 ``LARC``) through the battery of :mod:`lwrs.testing` in float64: the
 parameters are ``torch.nn.Parameter`` leaves, every step sets ``p.grad`` to the
 problem's gradient at the current weights and the learning rate of every
-group to the step's rate, then calls ``step()``. :func:`check` and
+group to the step's rate, then calls ``step()`` (for ``kind="clars"``:
+``step(norm_stats=stats)`` with the exact :class:`lwrs.NormStatistics` of the
+problem's per-sample gradients, one entry per parameter, in order). :func:`check` and
 :func:`assert_implements` are :func:`lwrs.testing.check` and
 :func:`lwrs.testing.assert_implements` for such classes.
 
@@ -112,12 +114,14 @@ class TorchDriver:
         try:
             for t in range(problem.steps):
                 with torch.no_grad():
-                    grads = problem.gradients(t, [p.detach() for p in params])
+                    current = [p.detach() for p in params]
+                    grads = problem.gradients(t, current)
+                    extra = {"norm_stats": problem.norm_statistics(t, current)} if self.kind == "clars" else {}
                 for p, g in zip(params, grads):
                     p.grad = g.clone()
                 for group in opt.param_groups:
                     group[lr_key] = problem.learning_rates[t]
-                opt.step()
+                opt.step(**extra)
                 out.append([tuple(p.detach().reshape(-1).tolist()) for p in params])
         except Exception as exc:  # keep the steps that ran, for the report
             exc.partial_trajectory = out

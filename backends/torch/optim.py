@@ -82,6 +82,9 @@ class _Layerwise(torch.optim.Optimizer):
     """Shared machinery: groups, checks, state, the all-or-nothing step and the diagnostics."""
 
     _state_keys: tuple[str, ...] = ("step", "momentum_buffer")
+    #: recorded in every group (``"optimizer"``), so that ``load_state_dict`` refuses another lwrs optimizer's
+    #: state even where the hyperparameter names agree (MNAG, LARS and CLARS)
+    _state_kind = "none"
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, foreach: bool | None,
                  fused: bool | None, norm_source: Any = None, grad_scaler: Any = None):
@@ -90,7 +93,7 @@ class _Layerwise(torch.optim.Optimizer):
         self.norm_source = norm_source
         self.grad_scaler = grad_scaler
         self._diagnostics: list[list[LayerDiagnostics]] = [[]]
-        super().__init__(params, defaults)
+        super().__init__(params, dict(defaults, optimizer=self._state_kind))
 
     @property
     def diagnostics(self) -> list[LayerDiagnostics]:
@@ -118,6 +121,8 @@ class _Layerwise(torch.optim.Optimizer):
     def _check_group(self, index: int, group: dict[str, Any]) -> None:
         """Check one group's hyperparameters on the host (no device synchronisation)."""
         where = f"group {index}: "
+        if group.get("optimizer", self._state_kind) != self._state_kind:
+            raise ValueError(f'{where}optimizer is {group["optimizer"]!r}, this optimizer is a {self._state_kind}')
         check_lr(where, group["lr"])
         check_hyperparameter(f"{where}weight_decay", group["weight_decay"], low=0.0)
         if group["on_nonfinite"] not in ("raise", "skip"):
@@ -325,6 +330,7 @@ class MNAG(_Layerwise):
     """
 
     kind = "none"
+    _state_kind = "MNAG"
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, momentum: float = _default("mnag", "beta"), *,
                  weight_decay: float = _default("mnag", "weight_decay"), nesterov: bool = _default("mnag", "nesterov"),
@@ -362,6 +368,7 @@ class LARS(MNAG):
     """
 
     kind = "lars"
+    _state_kind = "LARS"
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, momentum: float = _default("lars", "beta"), *,
                  eta: float = _default("lars", "eta"), weight_decay: float = _default("lars", "weight_decay"),
@@ -411,6 +418,7 @@ class CLARS(LARS):
     """
 
     kind = "clars"
+    _state_kind = "CLARS"
     _uses_statistics = True
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, momentum: float = _default("clars", "beta"), *,
@@ -468,6 +476,8 @@ class TVLARS(LARS):
     >>> w.grad = torch.ones(2, 2); opt.step(); opt.diagnostics[0].learning_rate
     0.5
     """
+
+    _state_kind = "TVLARS"
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, momentum: float = _default("tvlars", "beta"), *,
                  decay_coefficient: float, delay_steps: float, alpha: float = _default("tvlars", "alpha"),
@@ -546,6 +556,7 @@ class LAMB(_Layerwise):
     1
     """
 
+    _state_kind = "LAMB"
     _state_keys = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor,

@@ -4,8 +4,9 @@ r"""The conformance kit: which paper equations does an optimizer implement, and 
 seeded float64 problems (:func:`~lwrs.testing.battery.battery`: layers with
 biases, a zero-initialised layer, a zero-gradient layer, a varying learning
 rate, weight decay near its equilibrium, 1-D parameters, a learning rate above
-1), runs the core (:func:`lwrs.lars`, CLARS eq. 3; :func:`lwrs.mnag`, eq. 2/4; or :func:`lwrs.lamb`)
-on the same problems under every convention the core supports
+1), runs the core (:func:`lwrs.lars`, CLARS eq. 3; :func:`lwrs.clars`, CLARS eq. 5, with exact
+per-sample statistics handed to every step; :func:`lwrs.tvlars`, TVLARS Algorithm 1;
+:func:`lwrs.mnag`, eq. 2/4; or :func:`lwrs.lamb`) on the same problems under every convention the core supports
 (:mod:`lwrs.testing.conventions`), and reports which conventions match, to
 what tolerance, and the first step and layer where the closest one diverges.
 :func:`assert_implements` turns that into an assertion for a test suite.
@@ -79,8 +80,10 @@ def check(driver: Driver, kind: str = "lars", *, problems: Sequence[Problem] | N
     ----------
     driver : Driver
         The implementation under test (:class:`FunctionalDriver`, or a backend's driver).
-    kind : {"lars", "mnag", "lamb"}
-        The core optimizer to compare with (:func:`lwrs.lars`, :func:`lwrs.mnag`, :func:`lwrs.lamb`).
+    kind : {"lars", "mnag", "lamb", "clars", "tvlars"}
+        The core optimizer to compare with (:func:`lwrs.lars`, :func:`lwrs.mnag`, :func:`lwrs.lamb`,
+        :func:`lwrs.clars`, :func:`lwrs.tvlars`). For ``"clars"`` the driver hands every step the
+        exact per-sample statistics (``norm_stats=``, see :mod:`lwrs.testing.drivers`).
     problems : sequence of Problem, optional
         Default: :func:`~lwrs.testing.battery.battery` (7 problems, 20 steps).
     tolerance : float
@@ -93,6 +96,10 @@ def check(driver: Driver, kind: str = "lars", *, problems: Sequence[Problem] | N
     Report
         ``print(report)`` gives the text report; ``report.best``, ``report.matching``.
     """
+    built_for = getattr(driver, "kind", kind)
+    if built_for != kind:
+        raise ValueError(f"{driver.name} was given to its driver as kind={built_for!r} but is checked as "
+                         f"kind={kind!r}; build the driver with kind={kind!r}")
     problems = tuple(p.for_kind(kind) for p in (battery() if problems is None else problems))
     trajectories, failures = {}, {}
     for p in problems:

@@ -26,7 +26,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-__all__ = ["Layer", "Problem", "battery"]
+__all__ = ["Layer", "Problem", "SAMPLES", "battery"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,60 @@ class Problem:
 
             out.append(const(layer.curvature) * (w - const(layer.center)) + const(layer.noise[step]))
         return out
+
+    def per_sample_gradients(self, step: int, params: Sequence[Any]) -> list[Any]:
+        r"""The :data:`SAMPLES` per-sample gradients :math:`g_{ik} = \bar g_k + \delta_{ik}`, stacked: ``(N, *shape)``.
+
+        The offsets :math:`\delta_{ik}` are seeded by the problem's name and the
+        step and centred (:math:`\sum_i \delta_{ik} = 0`), so the samples average
+        to :meth:`gradients` and, by the triangle inequality, their mean norm is at
+        least the norm of the mean; a zero-gradient layer has zero per-sample gradients.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> p = battery()[0]
+        >>> w = p.initial_params(np)
+        >>> g, per_sample = p.gradients(0, w), p.per_sample_gradients(0, w)
+        >>> per_sample[0].shape, bool(np.allclose(np.mean(per_sample[0], axis=0), g[0]))
+        ((4, 4, 3), True)
+        """
+        xp = array_namespace(*params)
+        rng = random.Random(f"{self.name}:{step}")  # a str seed is hashed the same way in every process
+        out = []
+        for layer, g in zip(self.layers, self.gradients(step, params)):
+            n = math.prod(layer.shape)
+            offsets = [_normal(rng, n, scale=0.5) for _ in range(SAMPLES)]
+            if layer.role == "zero_gradient":
+                offsets = [(0.0,) * n for _ in range(SAMPLES)]
+            mean = [sum(o[j] for o in offsets) / SAMPLES for j in range(n)]
+            centred = [[o[j] - mean[j] for j in range(n)] for o in offsets]
+            delta = xp.reshape(xp.asarray(centred, dtype=g.dtype, device=getattr(g, "device", None)),
+                               (SAMPLES, *layer.shape))
+            out.append(g[None, ...] + delta)
+        return out
+
+    def norm_statistics(self, step: int, params: Sequence[Any]) -> Any:
+        r"""The exact CLARS statistics of :meth:`per_sample_gradients`: :func:`lwrs.per_sample_norm_statistics`.
+
+        :math:`S^{(1)}_k = \sum_i \|g_{ik}\|`, :math:`S^{(2)}_k = \sum_i \|g_{ik}\|^2`, count :math:`N`;
+        what the drivers hand to a CLARS step (``norm_stats=``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> p = battery()[4]                        # zero_gradient: frozen.weight is layer 2
+        >>> s = p.norm_statistics(0, p.initial_params(np))
+        >>> s.count, float(s.sum_norms[2])
+        (4, 0.0)
+        """
+        from ..norm_statistics import per_sample_norm_statistics
+
+        return per_sample_norm_statistics(self.per_sample_gradients(step, params))
+
+
+SAMPLES = 4
+"""The number of samples :math:`N` behind each mini-batch gradient (CLARS's statistics)."""
 
 
 def _normal(rng: random.Random, n: int, scale: float = 1.0, loc: float = 0.0) -> tuple[float, ...]:

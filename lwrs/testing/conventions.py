@@ -21,6 +21,18 @@ For mNAG (CLARS eq. 2/4, ``kind="mnag"``) the factors are ``nesterov`` and ``dec
 (You et al. 2019, ``kind="lamb"``, with :math:`\beta_2 = 0.999`) they are ``adapt``, ``decay``
 and Adam's ``eps`` (1e-6 or 1e-8).
 
+For CLARS (CLARS eq. 5, ``kind="clars"``, :func:`lwrs.clars`) the factors are those of LARS,
+with the denominator :math:`\frac1N S^{(1)}_k + \lambda\|w_k\|` of the exact per-sample
+statistics the driver hands to every step (:meth:`~lwrs.testing.battery.Problem.norm_statistics`);
+``weight_decay_form`` is ``sum_of_norms`` only, because the statistics are of the per-sample
+gradients without weight decay (the paper's eq. 5).
+
+For TVLARS (``kind="tvlars"``, :func:`lwrs.tvlars`) the factors are LARS's without ``larc_clip``,
+plus ``phi``: ``as_given`` runs :math:`\phi_t = 1/(\alpha + e^{\lambda(t - d_e)}) + \gamma_{\min}`
+with the hyperparameters of :data:`TVLARS_HYPERPARAMETERS` (which the driver passes), and
+``official_code`` runs the official code's special case :math:`\alpha = 0.1, \gamma_{\min} = 0,
+d_e = -1` with the same :math:`\lambda` (an implementation that hard-codes it).
+
 Conventions the core does **not** express are never imitated here: the kit
 names them when a trajectory diverges (see :mod:`lwrs.testing.report`). They are
 the learning rate kept outside the momentum buffer (``torch.optim.SGD``'s order;
@@ -39,7 +51,8 @@ from typing import Any
 from ..table import spec
 from .battery import Problem
 
-__all__ = ["FACTORS", "KINDS", "LAMB_BETA2", "conventions", "reference_optimizer", "reference_run"]
+__all__ = ["FACTORS", "KINDS", "LAMB_BETA2", "TVLARS_HYPERPARAMETERS", "TVLARS_OFFICIAL_CODE", "conventions",
+           "reference_optimizer", "reference_run"]
 
 FACTORS: dict[str, dict[str, tuple[Any, ...]]] = {
     "lars": {
@@ -59,6 +72,22 @@ FACTORS: dict[str, dict[str, tuple[Any, ...]]] = {
         "decay": ("all", "ndim>1"),
         "eps": (1e-6, 1e-8),
     },
+    "clars": {
+        "weight_decay_form": ("sum_of_norms",),
+        "nesterov": (True, False),
+        "adapt": ("ndim>1", "all", "all_if_decay"),
+        "decay": ("all", "ndim>1"),
+        "eps": (0.0, 1e-8, 1e-6),
+        "larc_clip": (False, True),
+    },
+    "tvlars": {
+        "phi": ("as_given", "official_code"),
+        "weight_decay_form": ("sum_of_norms", "norm_of_sum"),
+        "nesterov": (True, False),
+        "adapt": ("ndim>1", "all", "all_if_decay"),
+        "decay": ("all", "ndim>1"),
+        "eps": (0.0, 1e-8, 1e-6),
+    },
 }
 """Per optimizer kind, every factor and the values the core supports for it."""
 
@@ -67,6 +96,15 @@ KINDS = tuple(FACTORS)
 
 LAMB_BETA2 = 0.999
 """LAMB's :math:`\beta_2` on every problem (:math:`\beta_1` is the problem's momentum)."""
+
+
+TVLARS_HYPERPARAMETERS: dict[str, float] = {"decay_coefficient": 0.1, "delay_steps": 5.0, "alpha": 1.0,
+                                             "gamma_min": 0.05}
+r"""TVLARS's :math:`\lambda, d_e, \alpha, \gamma_{\min}` on every problem (the core's names): :math:`\phi_t`
+falls from 0.67 to 0.25 over the 20 steps, so every hyperparameter shows in the trajectory."""
+
+TVLARS_OFFICIAL_CODE: dict[str, float] = {"delay_steps": -1.0, "alpha": 0.1, "gamma_min": 0.0}
+r"""The TVLARS official code's hard-coded :math:`d_e, \alpha, \gamma_{\min}` (convention ``phi="official_code"``)."""
 
 
 def _check_kind(kind: str) -> None:
@@ -106,7 +144,7 @@ def _masks(problem: Problem, convention: Mapping[str, Any]) -> tuple[list[bool],
 
 
 def reference_optimizer(kind: str, problem: Problem, convention: Mapping[str, Any]) -> Any:
-    """The core's optimizer (:func:`lwrs.lars` or :func:`lwrs.mnag`, read from :mod:`lwrs.table`) for a
+    """The core's optimizer (:func:`lwrs.lars`, :func:`lwrs.clars`, ..., read from :mod:`lwrs.table`) for a
     problem under a convention.
 
     Examples
@@ -123,13 +161,18 @@ def reference_optimizer(kind: str, problem: Problem, convention: Mapping[str, An
     if kind == "lamb":
         return factory(lr, beta1=problem.beta, beta2=LAMB_BETA2, eps=convention["eps"],
                        weight_decay=problem.weight_decay, adapt_mask=adapt, weight_decay_mask=decay)
+    if kind == "tvlars":
+        phi = dict(TVLARS_HYPERPARAMETERS, **(TVLARS_OFFICIAL_CODE if convention["phi"] == "official_code" else {}))
+        return factory(lr, **phi, beta=problem.beta, eta=problem.eta, weight_decay=problem.weight_decay,
+                       weight_decay_form=convention["weight_decay_form"], eps=convention["eps"], adapt_mask=adapt,
+                       weight_decay_mask=decay, nesterov=convention["nesterov"])
     if kind == "mnag":
         return factory(lr, beta=problem.beta, nesterov=convention["nesterov"], weight_decay=problem.weight_decay,
                        weight_decay_mask=decay)
     return factory(lr, beta=problem.beta, eta=problem.eta, weight_decay=problem.weight_decay,
-                weight_decay_form=convention["weight_decay_form"], eps=convention["eps"],
-                larc_clip=convention["larc_clip"], adapt_mask=adapt, weight_decay_mask=decay,
-                nesterov=convention["nesterov"])
+                   weight_decay_form=convention["weight_decay_form"], eps=convention["eps"],
+                   larc_clip=convention["larc_clip"], adapt_mask=adapt, weight_decay_mask=decay,
+                   nesterov=convention["nesterov"])
 
 
 def reference_run(kind: str, problem: Problem, convention: Mapping[str, Any],
@@ -139,5 +182,6 @@ def reference_run(kind: str, problem: Problem, convention: Mapping[str, Any],
     params = problem.initial_params(xp)
     state = opt.init(params)
     for t in range(problem.steps):
-        params, state, diag = opt.step(params, problem.gradients(t, params), state)
+        stats = problem.norm_statistics(t, params) if kind == "clars" else None
+        params, state, diag = opt.step(params, problem.gradients(t, params), state, norm_stats=stats)
         yield list(params), diag

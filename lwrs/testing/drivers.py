@@ -4,7 +4,15 @@ A driver is any object with a ``name`` and a method
 ``trajectory(problem) -> [step][layer] -> tuple of floats`` that builds the
 implementation with the problem's hyperparameters, feeds it
 ``problem.gradients(t, params)`` at its own current weights for every step,
-and returns the weights after each step, flattened. The core ships the driver
+and returns the weights after each step, flattened.
+
+For ``kind="clars"`` every step also receives the exact per-sample statistics
+``problem.norm_statistics(t, params)`` (a :class:`lwrs.NormStatistics`,
+``S1 = sum_i |g_ik|``, ``S2 = sum_i |g_ik|^2``, ``count = N``, in the
+implementation's array namespace), as a keyword ``norm_stats=``: a functional
+``step(params, grads, state, norm_stats=stats)``, a torch drop-in
+``opt.step(norm_stats=stats)``, an optax ``tx.update(grads, state, params,
+norm_stats=stats)`` (as :func:`lwrs.backends.jax.clars` takes it). The core ships the driver
 for a functional ``init/step`` pair (:class:`FunctionalDriver`, any array-API
 library); the framework drivers live in the backends:
 :mod:`lwrs.backends.torch.conformance` (``torch.optim.Optimizer`` classes) and
@@ -19,7 +27,7 @@ from typing import Any, Protocol
 
 from ..table import spec
 from .battery import Problem
-from .conventions import LAMB_BETA2
+from .conventions import LAMB_BETA2, TVLARS_HYPERPARAMETERS
 from .report import to_floats
 
 __all__ = ["Driver", "FunctionalDriver", "ALIASES", "hyperparameter_kwargs"]
@@ -31,14 +39,22 @@ _PEER_NAMES: dict[str, tuple[str, ...]] = {
     "weight_decay": ("wd",),
     "beta1": ("b1",),  # optax; torch classes take betas=(beta1, beta2)
     "beta2": ("b2",),
+    "decay_coefficient": (),
+    "delay_steps": (),
+    "alpha": (),
+    "gamma_min": (),
 }
+
+
+_TVLARS_ONLY = ("decay_coefficient", "delay_steps", "alpha", "gamma_min")
 
 
 def _aliases() -> dict[str, tuple[str, ...]]:
     """The core's name, then the torch classes' name from :mod:`lwrs.table`, then the peers' names."""
     out = {}
     for core_name, peer_names in _PEER_NAMES.items():
-        torch_name = spec("lamb" if core_name in ("beta1", "beta2") else "lars").hyperparameter(core_name).torch_name
+        owner = "lamb" if core_name in ("beta1", "beta2") else "tvlars" if core_name in _TVLARS_ONLY else "lars"
+        torch_name = spec(owner).hyperparameter(core_name).torch_name
         names = [core_name] + ([torch_name] if torch_name and "[" not in torch_name else []) + list(peer_names)
         out[core_name] = tuple(dict.fromkeys(names))
     return out
@@ -49,7 +65,11 @@ ALIASES: dict[str, tuple[str, ...]] = _aliases()
 classes' name (both from :mod:`lwrs.table`), then the names peers use (``trust_coeff``, ...)."""
 
 _NEEDED = {"lars": ("learning_rate", "beta", "eta", "weight_decay"), "mnag": ("learning_rate", "beta", "weight_decay"),
-           "lamb": ("learning_rate", "beta1", "beta2", "weight_decay")}
+           "lamb": ("learning_rate", "beta1", "beta2", "weight_decay"),
+           "clars": ("learning_rate", "beta", "eta", "weight_decay"),
+           "tvlars": ("learning_rate", "beta", "eta", "weight_decay", "decay_coefficient", "delay_steps", "alpha",
+                      "gamma_min")}
+_OPTIONAL = ("delay_steps", "alpha", "gamma_min")  # an implementation that hard-codes them (the official TVLARS code)
 
 
 class Driver(Protocol):
@@ -66,7 +86,10 @@ def hyperparameter_kwargs(factory: Callable[..., Any], kind: str, problem: Probl
 
     Each hyperparameter goes under ``names[core_name]`` if given, else under the
     first of its :data:`ALIASES` that the factory's signature has. A factory
-    that takes none of them raises ``TypeError`` naming the hyperparameter.
+    that takes none of them raises ``TypeError`` naming the hyperparameter,
+    except TVLARS's ``delay_steps``, ``alpha`` and ``gamma_min``, which are left
+    out (an implementation may hard-code them, as the official code does).
+    TVLARS's values are :data:`lwrs.testing.conventions.TVLARS_HYPERPARAMETERS`.
 
     Examples
     --------
@@ -82,7 +105,8 @@ def hyperparameter_kwargs(factory: Callable[..., Any], kind: str, problem: Probl
         params = {}
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     values = {"learning_rate": learning_rate, "beta": problem.beta, "eta": problem.eta,
-              "weight_decay": problem.weight_decay, "beta1": problem.beta, "beta2": LAMB_BETA2}
+              "weight_decay": problem.weight_decay, "beta1": problem.beta, "beta2": LAMB_BETA2,
+              **TVLARS_HYPERPARAMETERS}
     out = {}
     for core_name in _NEEDED[kind]:
         if core_name in skip:
@@ -95,6 +119,8 @@ def hyperparameter_kwargs(factory: Callable[..., Any], kind: str, problem: Probl
             key = next((a for a in ALIASES[core_name] if a in params), None)
         if key is None and (accepts_any or not params):
             key = core_name
+        if key is None and core_name in _OPTIONAL:
+            continue  # not taken: the implementation fixes it itself
         if key is None:
             raise TypeError(f"{getattr(factory, '__name__', factory)!r} takes none of {ALIASES[core_name]} for "
                             f"{core_name}; pass names={{'{core_name}': 'its keyword'}}")
@@ -136,7 +162,8 @@ class FunctionalDriver:
         out = []
         try:
             for t in range(problem.steps):
-                result = step(params, problem.gradients(t, params), state)
+                extra = {"norm_stats": problem.norm_statistics(t, params)} if self.kind == "clars" else {}
+                result = step(params, problem.gradients(t, params), state, **extra)
                 params, state = list(result[0]), result[1]
                 out.append([to_floats(w) for w in params])
         except Exception as exc:  # keep the steps that ran, for the report
