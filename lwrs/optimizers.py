@@ -52,7 +52,7 @@ from .base import (
 from .diagnostics import LayerDiagnostics
 from .moments import lamb_directions, lamb_moments
 from .momentum import mnag_increments
-from .nonfinite import first_nonfinite, momentum_step_bounds
+from .nonfinite import momentum_step_bounds
 from .norm_statistics import NormStatistics
 from .rates import (
     TrustOptions,
@@ -70,12 +70,6 @@ __all__ = ["mgd", "mnag", "lars", "clars", "tvlars", "lamb"]
 
 # kept importable from here for the callers of 0.1
 _COMPAT = (LambState, MomentumState, Optimizer, StepResult, NormStatistics)
-_Common = Common
-
-
-def _first_nonfinite(xp: Any, checks: Any) -> str | None:
-    """Deprecated private alias of :func:`lwrs.nonfinite.first_nonfinite`."""
-    return first_nonfinite(checks, xp=xp)
 
 
 def decayed_directions(params, grads, decays) -> tuple[Any, ...]:

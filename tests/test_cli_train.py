@@ -204,3 +204,74 @@ def test_the_readme_showcase_learns(torch_and_digits, mnist1d_dir, monkeypatch, 
     last = record["epochs"][-1]
     assert last["test_accuracy"] > 0.45, last
     assert last["test_loss"] < 0.7 * record["epochs"][0]["test_loss"], last
+
+
+# ---- options the run would ignore (review: they were accepted and recorded as if used) ---------------------------
+
+def test_options_the_optimizer_does_not_use_are_refused_in_one_line(capsys, tmp_path):
+    code = cli.main(["train", "--dataset", "digits", "--model", "mlp", "--optimizer", "mnag", "--eta", "0.5",
+                     "--warmup-epochs", "3", "--tvlars-lambda", "5", "--freeze-epochs", "2", "--epochs", "1",
+                     "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("lwrs train: --eta, --tvlars-lambda, --warmup-epochs, --freeze-epochs have no effect "
+                          "with --optimizer mnag")
+    assert not (tmp_path / "train.json").exists()
+    assert cli.main(["train", "--optimizer", "lamb", "--momentum", "0.5", "--out", str(tmp_path)]) == 2
+    assert "--momentum has no effect with --optimizer lamb" in capsys.readouterr().err  # LAMB's beta1 is not it
+    assert cli.main(["train", "--lr", "1", "--scaling", "sqrt", "--out", str(tmp_path)]) == 2
+    assert "--scaling has no effect with --lr given" in capsys.readouterr().err
+
+
+def _effect(config, steps_per_epoch=5):
+    """What a config sets: every optimizer group's hyperparameters, the rate factor of each step, the frozen steps."""
+    from lwrs.apps.train.loop import _optimizer
+    from lwrs.apps.train.models import build_model
+
+    total = steps_per_epoch * config.epochs
+    opt, recorder = _optimizer(config, build_model("mlp", 40, 10, seed=0), steps_per_epoch)
+    if recorder is not None:
+        recorder.remove()
+    groups = [repr({k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups]
+    schedule = cfg.factor_schedule(config, total, steps_per_epoch)
+    return groups, [schedule(t) for t in range(total)], cfg.freeze_steps(config, total, steps_per_epoch)
+
+
+@pytest.mark.parametrize("name", cfg.OPTIMIZERS)
+def test_an_option_is_refused_exactly_when_changing_it_changes_nothing(torch_and_digits, name):
+    """Oracle: the optimizer, schedule and freeze a config builds, with each option changed in turn."""
+    changes = {"momentum": 0.5, "eta": 0.05, "weight_decay": 0.01, "tvlars_lambda": 0.5, "tvlars_delay_epochs": 1.0,
+               "warmup_epochs": 1.0, "freeze_epochs": 1.0, "decay": "cosine",
+               "base_lr": 0.7, "base_batch": 64, "scaling": "sqrt"}
+    for lr in (None, 0.3):
+        base = dict(optimizer=name, epochs=4, warmup_epochs=2.0, freeze_epochs=2.0, lr=lr)
+        reference = _effect(cfg.TrainConfig(**base))
+        unused = cfg.TrainConfig(**base).unused()
+        for option, value in changes.items():
+            changed = _effect(cfg.TrainConfig(**{**base, option: value}))
+            assert (changed == reference) == (option in unused), (name, lr, option)
+
+
+def test_the_record_holds_only_the_options_the_run_used(torch_and_digits, tmp_path):
+    import json
+
+    assert cli.main(["train", "--dataset", "digits", "--optimizer", "mnag", "--epochs", "1", "--batch-size", "256",
+                     "--stats-samples", "0", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "train.json").read_text())
+    left_out = {"eta", "tvlars_lambda", "tvlars_delay_epochs", "warmup_epochs", "freeze_epochs"}
+    assert not left_out & set(record["config"])
+    assert {"momentum", "weight_decay", "decay", "base_lr", "scaling"} <= set(record["config"])
+    assert "--momentum 0.9" in record["command"] and "--eta" not in record["command"]
+    assert "--warmup-epochs" not in record["command"]
+
+
+@pytest.mark.parametrize("optimizer, option", [("mnag-freeze", "freeze_epochs"), ("lars-warmup", "warmup_epochs"),
+                                               ("lamb-warmup", "warmup_epochs"), ("mnag-warmup", "warmup_epochs")])
+def test_a_recipe_longer_than_the_run_is_refused_with_its_remedy(torch_and_digits, tmp_path, capsys, optimizer, option):
+    """With the defaults and --epochs 1, the head freeze (as the warm-up) would outlast the run: the head never trains."""
+    code = cli.main(["train", "--dataset", "digits", "--optimizer", optimizer, "--epochs", "1", "--batch-size", "256",
+                     "--stats-samples", "0", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert err.endswith(f"must be shorter than the run (epochs=1: 5 steps); lower {option} or raise epochs"), err
+    assert f"({option}=5: 25 steps)" in err

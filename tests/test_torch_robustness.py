@@ -405,3 +405,58 @@ def test_a_state_saved_before_the_optimizer_was_recorded_still_loads():
     backward(m, 1)
     opt.step()
     assert opt.state_dict()["param_groups"][0]["optimizer"] == "LARS"
+
+
+# ---- CLARS stepped by a GradScaler (review-torch 5) -------------------------------------------------------------
+
+
+def clars_run(scaler=None, pass_scaler=False, unscale_first=False, inf_at=()):
+    from lwrs.backends.torch import PerSampleNorms
+
+    m = model(dtype=torch.float32)
+    opt = CLARS(m.parameters(), lr=0.1, norm_source=PerSampleNorms(m), grad_scaler=scaler if pass_scaler else None)
+    factors = []
+    for k in range(3):
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(k))
+        opt.zero_grad()
+        loss = (m(x) ** 2).mean()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            if k in inf_at:
+                m[0].weight.grad[0, 0] = float("inf")
+            if unscale_first:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        factors.append(opt.diagnostics[0].clars_factors.clone())
+    return m, opt, torch.stack(factors)
+
+
+@pytest.mark.parametrize("pass_scaler", [False, True], ids=["scaler-not-given", "grad_scaler="])
+def test_clars_stepped_by_a_grad_scaler_unscales_its_statistics(pass_scaler):
+    """``scaler.step(opt)`` without ``grad_scaler=`` once gave CLARS factors 1024 times too small."""
+    plain, _, expected = clars_run()
+    scaled, opt, factors = clars_run(torch.amp.GradScaler("cpu", init_scale=1024.0), pass_scaler)
+    torch.testing.assert_close(factors, expected, rtol=1e-5, atol=0)
+    for a, b in zip(scaled.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+
+
+def test_clars_after_unscale_without_grad_scaler_is_refused_and_with_it_matches():
+    with pytest.raises(ValueError, match=r"after GradScaler.unscale_.*pass grad_scaler=scaler"):
+        clars_run(torch.amp.GradScaler("cpu", init_scale=1024.0), unscale_first=True)
+    _, _, expected = clars_run()
+    _, _, factors = clars_run(torch.amp.GradScaler("cpu", init_scale=1024.0), True, unscale_first=True)
+    torch.testing.assert_close(factors, expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_clars_skips_a_step_the_grad_scaler_found_infinite(unscale_first):
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    _, opt, _ = clars_run(scaler, True, unscale_first=unscale_first, inf_at=(1,))
+    assert scaler.get_scale() == 512.0  # the scaler backed off
+    assert all(int(opt.state[p]["step"]) == 2 for p in opt.param_groups[0]["params"])

@@ -11,7 +11,7 @@ import torch
 from lwrs._validation import check_hyperparameter
 from lwrs.norm_statistics import NormStatistics
 
-__all__ = ["Gathered", "gather", "group_statistics", "check_statistics_values", "load_checked", "check_lr",
+__all__ = ["Gathered", "gather", "group_statistics", "check_statistics_values", "load_checked", "check_lr", "from_grad_scaler",
            "COMMON_DOC", "TRUST_DOC"]
 
 
@@ -75,7 +75,9 @@ def group_statistics(opt: Any, gathered: list[Gathered], norm_stats: Any) -> lis
     """Each group's CLARS statistics (``None`` where there are none), with their shapes checked."""
     if norm_stats is None and getattr(opt, "norm_source", None) is not None:
         # the statistics were recorded from scaled gradients; step() runs after GradScaler.unscale_
-        scale = float(opt.grad_scaler.get_scale()) if opt.grad_scaler is not None else 1.0
+        given = getattr(opt, "grad_scale", None)  # set by GradScaler.step when it left the gradients scaled
+        scale = float(given) if given is not None else (
+            float(opt.grad_scaler.get_scale()) if opt.grad_scaler is not None else 1.0)
         return [_check_shapes(opt.norm_source.norm_statistics(g.params, scale=scale), len(g.params),
                               f"group {g.index}: ") for g in gathered]
     if norm_stats is None:
@@ -120,6 +122,33 @@ def check_statistics_values(g: Gathered, stats: NormStatistics, diagnostics: Any
             f"{float(mean[k])!r} (S1 {float(s1[k])!r}, S2 {float(s2[k])!r}, count {stats.count!r}) is negative or "
             f"below the norm of the mean gradient {float(denominators[k])!r}; were they recorded for another "
             "batch, or not reset by zero_grad()? No group was updated")
+
+
+def from_grad_scaler(opt: Any, norm_stats: Any) -> bool:
+    """The part of a step called by ``GradScaler.step`` (torch's protocol for ``_step_supports_amp_scaling``):
+    ``False`` when the scaler found an inf or NaN (the step is skipped, as GradScaler does).
+
+    The scaler sets ``opt.found_inf`` and, unless ``GradScaler.unscale_`` already ran, ``opt.grad_scale``
+    and leaves the gradients scaled: they are unscaled here and the statistics with the same scale. After
+    ``unscale_`` the scaler does not pass its scale, and the statistics recorded from the scaled backward
+    would be off by the loss scale: the optimizer needs ``grad_scaler=`` then, and refuses the step without.
+    """
+    found_inf = getattr(opt, "found_inf", None)
+    if found_inf is None:
+        return True
+    scale = getattr(opt, "grad_scale", None)
+    if (scale is None and opt.grad_scaler is None and norm_stats is None
+            and getattr(opt, "norm_source", None) is not None):
+        raise ValueError(f"{type(opt).__name__} is stepped by a GradScaler after GradScaler.unscale_, but was "
+                         "not given the scaler: the per-sample statistics were recorded from the scaled backward "
+                         "and their scale is unknown here; pass grad_scaler=scaler to the optimizer. "
+                         "No group was updated")
+    if float(found_inf):
+        return False
+    if scale is not None:
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        torch._foreach_mul_(grads, scale.double().reciprocal().float())  # as GradScaler.unscale_ does
+    return True
 
 
 def load_checked(opt: Any, state_dict: dict[str, Any]) -> None:

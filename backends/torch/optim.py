@@ -43,16 +43,8 @@ from lwrs.rates import TrustOptions
 from . import distributed
 from . import functional as F
 from .distributed import local as _local
-from ._groups import (
-    COMMON_DOC,
-    TRUST_DOC,
-    Gathered,
-    check_lr,
-    check_statistics_values,
-    gather,
-    group_statistics,
-    load_checked,
-)
+from ._groups import (COMMON_DOC, TRUST_DOC, Gathered, check_lr, check_statistics_values, from_grad_scaler, gather,
+                      group_statistics, load_checked)
 
 __all__ = ["MNAG", "LARS", "CLARS", "TVLARS", "LAMB"]
 
@@ -82,9 +74,7 @@ class _Layerwise(torch.optim.Optimizer):
     """Shared machinery: groups, checks, state, the all-or-nothing step and the diagnostics."""
 
     _state_keys: tuple[str, ...] = ("step", "momentum_buffer")
-    #: recorded in every group (``"optimizer"``), so that ``load_state_dict`` refuses another lwrs optimizer's
-    #: state even where the hyperparameter names agree (MNAG, LARS and CLARS)
-    _state_kind = "none"
+    _state_kind = "none"  # in every group ("optimizer"): load_state_dict refuses another lwrs optimizer's state
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, foreach: bool | None,
                  fused: bool | None, norm_source: Any = None, grad_scaler: Any = None):
@@ -186,6 +176,8 @@ class _Layerwise(torch.optim.Optimizer):
             ``param -> (S1, S2)``. CLARS reads its ``norm_source`` when this is not given.
         """
         loss = None
+        if not from_grad_scaler(self, norm_stats):  # GradScaler.step found an inf: skipped
+            return loss
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -403,7 +395,9 @@ class CLARS(LARS):
     norm_source : object, optional
         Has ``norm_statistics(params, scale=...)``, and ``reset()`` (called by ``zero_grad``).
     grad_scaler : torch.amp.GradScaler, optional
-        With mixed precision: the statistics are unscaled by its current scale.
+        With mixed precision: the statistics are unscaled by its current scale. ``GradScaler.step``
+        hands its scale to CLARS, so it is needed only where ``GradScaler.unscale_`` runs before
+        (e.g. to clip gradients); without it that step is refused.
 
     Examples
     --------
@@ -420,6 +414,7 @@ class CLARS(LARS):
     kind = "clars"
     _state_kind = "CLARS"
     _uses_statistics = True
+    _step_supports_amp_scaling = True  # GradScaler.step passes its scale: see _groups.from_grad_scaler
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, momentum: float = _default("clars", "beta"), *,
                  eta: float = _default("clars", "eta"), weight_decay: float = _default("clars", "weight_decay"),

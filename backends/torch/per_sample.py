@@ -64,6 +64,8 @@ axis (e.g. ``x.reshape(B * T, F)``) is refused with an error naming it.
 **Statistics follow** ``p.grad``: when a parameter's gradient was set to ``None``
 or replaced since the last backward (``model.zero_grad()``), its statistics are
 reset at the next backward, and :meth:`PerSampleNorms.sums` refuses stale ones.
+**Copies** of the model (``copy.deepcopy``, ``AveragedModel``, pickling) are plain
+models that nothing records; attach a new recorder to a copy to record it.
 
 The hooks are a forward hook that keeps the layer input and a tensor hook on
 the layer output, so in-place activations after a layer are fine. Calls made
@@ -93,7 +95,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed, per_sample_attention, per_sample_fused, per_sample_layers
-from .per_sample_layers import linear_pieces, sq_norms
+from .per_sample_layers import linear_pieces, overlap as _overlap, sq_norms
 from .per_sample_minibatch import minibatch_norm_statistics
 
 __all__ = ["PerSampleNorms", "UnsupportedModuleError", "minibatch_norm_statistics"]
@@ -110,11 +112,6 @@ class UnsupportedModuleError(TypeError):
 def _graph_task() -> int:
     """The running backward pass (-1 outside backward)."""
     return torch._C._current_graph_task_id()
-
-
-def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
-    """Whether two row ranges of a parameter overlap (None: the whole parameter)."""
-    return a is None or b is None or (a[0] < b[1] and b[0] < a[1])
 
 
 def _recording() -> bool:
@@ -237,6 +234,8 @@ class PerSampleNorms:
         self._batch: int | None = None  # the model input's batch size, during its forward
         self._fsdp = distributed.fsdp_modules(model)  # FSDP2: unsharded parameter -> sharded (see _canonical)
         self._unsharded: dict[int, torch.nn.Parameter] = {}
+        for module in model.modules():  # a copy of a recorded model: make it plain again
+            per_sample_fused.drop_copied(module)
         inside_attention = {id(m.out_proj) for m in model.modules() if per_sample_attention.supported(m)}
         refused = []
         for name, module in model.named_modules():
@@ -283,6 +282,12 @@ class PerSampleNorms:
         self._handles.append(model.register_forward_hook(self._root_hook))
         self.reset()
 
+    _copy = False  # a copy (copy.deepcopy, pickle) records nothing: see __reduce__
+
+    def __reduce__(self) -> tuple:
+        """A copy or pickle of the recorder (taken with the model by ``copy.deepcopy``, ``AveragedModel``) is inert."""
+        return (_copied_recorder, ())
+
     def reset(self) -> None:
         """Forget the statistics (call it when the gradients are zeroed)."""
         self._s1: dict[torch.nn.Parameter, torch.Tensor] = {}
@@ -314,6 +319,8 @@ class PerSampleNorms:
         return self._unsharded[id(p)]
 
     def _root_pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._copy:
+            return None
         if not _recording() or _graph_task() != -1:
             return
         self._pending = {}  # a new forward pass
@@ -321,6 +328,8 @@ class PerSampleNorms:
         self._batch = x.shape[self.batch_dim] if x is not None and x.ndim > self.batch_dim else None
 
     def _root_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self._copy:
+            return None
         if _graph_task() == -1:
             self._batch = None
 
@@ -394,6 +403,8 @@ class PerSampleNorms:
 
     def _batch_norm_hook(self, module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
         """Before a BatchNorm's forward: the measured layers that already ran in this pass are upstream of it."""
+        if self._copy:
+            return None
         if not (module.training and torch.is_grad_enabled()) or torch._C._are_functorch_transforms_active():
             return
         upstream = tuple(sorted(self._names[k] for k, pending in self._pending.items() if pending))
@@ -413,6 +424,8 @@ class PerSampleNorms:
             self._warned.add(upstream)
 
     def _forward_hook(self, module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if self._copy:
+            return None
         if not (_recording() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
         label, dim = self._names[id(module)], self.batch_dim
@@ -460,7 +473,7 @@ class PerSampleNorms:
 
     def _end_pass(self, task: int) -> None:
         for p, pieces in self._tasks.pop(task).items():
-            self._add(p, self._combine(p, pieces))
+            self._add(p, per_sample_layers.combine(p, pieces))
         if not self._tasks:  # after the other end-of-backward callbacks (DistributedDataParallel's)
             torch.autograd.Variable._execution_engine.queue_callback(self._note_grads)
 
@@ -479,31 +492,6 @@ class PerSampleNorms:
     def _drop_stale(self) -> None:
         for p in [p for p in self._s1 if self._stale(p)]:
             del self._s1[p], self._s2[p], self._n[p]
-
-    @staticmethod
-    def _combine(p: torch.nn.Parameter, pieces: list) -> torch.Tensor:
-        """The squared per-sample norms of ``p`` from its contributions in one pass."""
-        if len(pieces) == 1:
-            _, t, built, _ = pieces[0]
-            return sq_norms(t) if built else t
-        rows = [r for r, *_ in pieces]
-        if not any(built for *_, built, _ in pieces) and all(
-                not _overlap(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]):
-            return sum(t for _, t, _, _ in pieces)  # disjoint rows: the squared norms add
-        names = sorted({name for *_, name in pieces})
-        if not all(built for *_, built, _ in pieces):
-            raise RuntimeError(f"a parameter of {', '.join(names)} got a contribution in backward from a use "
-                               "that was not live in the forward pass (a reentrant checkpoint?); its per-sample "
-                               "norms would miss cross terms")
-        batches = {t.shape[0] for _, t, _, _ in pieces}
-        if len(batches) != 1:
-            raise RuntimeError(f"the uses of a parameter shared by {', '.join(names)} have different numbers of "
-                               f"samples {sorted(batches)}: its per-sample gradients are not defined")
-        first = pieces[0][1]
-        full = first.new_zeros(first.shape[0], *p.shape)
-        for r, t, _, _ in pieces:
-            (full if r is None else full[:, r[0]:r[1]]).add_(t.to(full.dtype))
-        return sq_norms(full)
 
     def _add(self, p: torch.nn.Parameter, sq: torch.Tensor) -> None:
         norms_sq = sq.clamp_min(0)
@@ -527,6 +515,9 @@ class PerSampleNorms:
         ``scale`` is a loss scale still inside the gradients (e.g. a
         GradScaler's before ``unscale_``); the default 1 means none.
         """
+        if self._copy:
+            raise RuntimeError("this PerSampleNorms is a copy (copy.deepcopy or pickle), which records nothing: "
+                               "attach a new PerSampleNorms to the copied model")
         out = {}
         for p in params:
             if p in self._s1:
@@ -596,3 +587,12 @@ class PerSampleNorms:
         if self.all_reduce and not ready:
             raise RuntimeError("all_reduce=True needs an initialised torch.distributed process group")
         return bool(self.all_reduce)
+
+
+def _copied_recorder() -> PerSampleNorms:
+    """What a copy of a :class:`PerSampleNorms` is: one that records nothing (see ``PerSampleNorms.__reduce__``)."""
+    norms = object.__new__(PerSampleNorms)
+    norms._copy, norms._handles, norms._fused_modules, norms._attention_modules = True, [], [], []
+    norms._workspace, norms._tasks = {}, {}
+    norms.reset()
+    return norms

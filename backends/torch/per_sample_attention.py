@@ -37,6 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .per_sample_fused import InstanceForward, drop_copied
+
 __all__ = ["install", "refusal", "supported", "uninstall"]
 
 
@@ -180,13 +182,14 @@ def install(module: torch.nn.MultiheadAttention, linear: Callable[..., torch.Ten
     >>> _ = mha(q, kv, kv); uninstall(mha); calls
     [(0, 4), (4, 12), None]
     """
+    drop_copied(module)
     recorders = module.__dict__.get(_RECORDERS)
     if recorders is not None:
         recorders.append((linear, begin))
         return
     if "forward" in module.__dict__:
         raise RuntimeError(f"{module} already has an instance-level forward; cannot record its per-sample norms")
-    recorders = [(linear, begin)]
+    recorders = _Recorders([(linear, begin)])
     module.__dict__[_RECORDERS] = recorders
     ordinary = module.forward
 
@@ -206,7 +209,14 @@ def install(module: torch.nn.MultiheadAttention, linear: Callable[..., torch.Ten
             begin_one(module, query.shape[dim], tuple(query.shape), dim)
         return attention_forward(module, recorded, query, key, value, *args, **kwargs)
 
-    module.forward = forward
+    module.forward = InstanceForward(module, forward)
+
+
+class _Recorders(list):
+    """The recorders installed on a module; a copy of the module (deepcopy, pickle) has none."""
+
+    def __reduce__(self) -> tuple:
+        return (list, ())
 
 
 _RECORDERS = "_lwrs_per_sample_recorders"

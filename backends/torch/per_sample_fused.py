@@ -33,13 +33,15 @@ and for a Linear layer on short sequences, where the ghost norm's
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["conv_per_sample", "conv_sq_norms", "fused_linear", "fusable", "install", "linear_applies", "uninstall"]
+__all__ = ["InstanceForward", "conv_per_sample", "conv_sq_norms", "fused_linear", "fusable", "install", "linear_applies",
+           "uninstall"]
 
 # Per-sample gradients built at a time, in elements (4 MiB in float32): small enough to stay in cache and
 # to bound the memory, large enough that each chunk is one efficient batched call.
@@ -48,6 +50,61 @@ _CHUNK_ELEMENTS = 1 << 20
 # A Linear on sequences is fused when T^2 (p + d) >= _GHOST_FACTOR * p * d: below that the ghost norm
 # (two T x T Gram matrices per sample, beside autograd's weight gradient) costs less than building.
 _GHOST_FACTOR = 16
+
+
+class InstanceForward:
+    """An instance-level ``module.forward`` that copies of the module do not share.
+
+    ``copy.deepcopy`` (``AveragedModel``, EMA, teachers) and pickling copy a
+    module's ``__dict__``, and a plain function there would be shared: the copy
+    would run the original module. A copy of this object is instead the
+    module class's own forward, bound to the copy (:class:`_ClassForward`), so the
+    copy is a plain, independent module that nothing records.
+
+    Examples
+    --------
+    >>> import copy, torch
+    >>> lin = torch.nn.Linear(2, 2)
+    >>> lin.forward = InstanceForward(lin, lambda x: torch.zeros(1))
+    >>> twin = copy.deepcopy(lin); x = torch.randn(3, 2)
+    >>> lin(x).shape, bool(torch.equal(twin(x), torch.nn.functional.linear(x, twin.weight, twin.bias)))
+    (torch.Size([1]), True)
+    """
+
+    __slots__ = ("module", "function")
+
+    def __init__(self, module: torch.nn.Module, function: Callable[..., Any]):
+        self.module, self.function = module, function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+    def __reduce__(self) -> tuple:  # copy.deepcopy and pickle: the copy's module gets its class's forward
+        return (_ClassForward, (self.module,))
+
+
+class _ClassForward:
+    """The forward of a copy of a module that had an :class:`InstanceForward`: its class's own (removed at first use)."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = weakref.ref(module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module()
+        drop_copied(module)
+        return type(module).forward(module, *args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        return (_ClassForward, (self.module(),))
+
+
+def drop_copied(module: torch.nn.Module) -> None:
+    """Remove what a copy of a recorded module kept of its recording (see :class:`InstanceForward`)."""
+    if isinstance(module.__dict__.get("forward"), _ClassForward):
+        del module.__dict__["forward"]
+        module.__dict__.pop("_lwrs_per_sample_recorders", None)
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -327,6 +384,7 @@ def install(module: torch.nn.Module, begin: Callable[[torch.Tensor], Any], fallb
     >>> conv(torch.randn(4, 1, 8)).sum().backward(); uninstall(conv); seen
     [('weight', torch.Size([4])), ('bias', torch.Size([4]))]
     """
+    drop_copied(module)
     if "forward" in module.__dict__:
         raise RuntimeError(f"{module} already has an instance-level forward; cannot fuse its per-sample gradients")
     layer = (_ConvLayer if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) else _SequenceLinearLayer)(
@@ -344,7 +402,7 @@ def install(module: torch.nn.Module, begin: Callable[[torch.Tensor], Any], fallb
             return out
         return _PerSampleWeightGrad.apply(x, weight, bias, layer, begin(x))
 
-    module.forward = forward
+    module.forward = InstanceForward(module, forward)
 
 
 def uninstall(module: torch.nn.Module) -> None:

@@ -211,3 +211,33 @@ def refusal(module: torch.nn.Module) -> str | None:
         if module.sparse:
             return "sparse=True (per-sample norms need dense gradients)"
     return None
+
+
+def overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
+    """Whether two row ranges of a parameter overlap (None: the whole parameter)."""
+    return a is None or b is None or (a[0] < b[1] and b[0] < a[1])
+
+
+def combine(p: torch.nn.Parameter, pieces: list) -> torch.Tensor:
+    """The squared per-sample norms of ``p`` from its contributions in one pass."""
+    if len(pieces) == 1:
+        _, t, built, _ = pieces[0]
+        return sq_norms(t) if built else t
+    rows = [r for r, *_ in pieces]
+    if not any(built for *_, built, _ in pieces) and all(
+            not overlap(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]):
+        return sum(t for _, t, _, _ in pieces)  # disjoint rows: the squared norms add
+    names = sorted({name for *_, name in pieces})
+    if not all(built for *_, built, _ in pieces):
+        raise RuntimeError(f"a parameter of {', '.join(names)} got a contribution in backward from a use "
+                           "that was not live in the forward pass (a reentrant checkpoint?); its per-sample "
+                           "norms would miss cross terms")
+    batches = {t.shape[0] for _, t, _, _ in pieces}
+    if len(batches) != 1:
+        raise RuntimeError(f"the uses of a parameter shared by {', '.join(names)} have different numbers of "
+                           f"samples {sorted(batches)}: its per-sample gradients are not defined")
+    first = pieces[0][1]
+    full = first.new_zeros(first.shape[0], *p.shape)
+    for r, t, _, _ in pieces:
+        (full if r is None else full[:, r[0]:r[1]]).add_(t.to(full.dtype))
+    return sq_norms(full)

@@ -90,7 +90,8 @@ def _add_train_parser(sub) -> None:
         text = helps.get(f.name, f.name.replace("_", " "))
         if "(default" not in text:  # a default that depends on the optimizer is spelled out in the text
             text += f" (default {f.default})"
-        t.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=text,
+        # no default here: an option left out is absent, so one given that the run would ignore can be refused
+        t.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, help=text,
                        choices=choices.get(f.name))
     t.add_argument("--out", type=pathlib.Path, default=pathlib.Path("lwrs-out/train"),
                    help="folder for train.json and train.png (default ./lwrs-out/train)")
@@ -255,6 +256,28 @@ def _missing(command: str, modules: Sequence[str]) -> str | None:
     return f"lwrs {command} needs {', '.join(missing)}, not installed here: pip install {installs}"
 
 
+def _ignored_options(config, given: dict) -> str | None:
+    """A sentence naming the options given that ``config``'s run would ignore, or ``None``.
+
+    Like torch.optim's and optax's constructors, which reject keywords they do not take,
+    ``lwrs train`` refuses an option its optimizer or recipe has no use for rather than
+    record a setting that had no effect.
+    """
+    ignored = [name for name in config.unused() if name in given]
+    if not ignored:
+        return None
+    flag = {name: "--" + name.replace("_", "-") for name in ignored}
+    by_lr = [flag[n] for n in ignored if n in ("base_lr", "base_batch", "scaling")]
+    by_optimizer = [flag[n] for n in ignored if n not in ("base_lr", "base_batch", "scaling")]
+    parts = []
+    if by_optimizer:
+        parts.append(f"{', '.join(by_optimizer)} {'has' if len(by_optimizer) == 1 else 'have'} no effect with "
+                     f"--optimizer {config.optimizer}")
+    if by_lr:
+        parts.append(f"{', '.join(by_lr)} {'has' if len(by_lr) == 1 else 'have'} no effect with --lr given")
+    return "; ".join(parts) + ("; leave it out" if len(ignored) == 1 else "; leave them out")
+
+
 def train_command(args: argparse.Namespace) -> int:
     """Run ``lwrs train``: one run, its per-epoch table, ``train.json`` and ``train.png``.
 
@@ -264,10 +287,15 @@ def train_command(args: argparse.Namespace) -> int:
 
     from .train.config import TrainConfig
 
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     try:
-        config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+        config = TrainConfig(**given)
     except ValueError as e:
         print(f"lwrs train: {e}", file=sys.stderr)
+        return 2
+    ignored = _ignored_options(config, given)
+    if ignored:
+        print(f"lwrs train: {ignored}", file=sys.stderr)
         return 2
     missing = _missing("train", ["torch", {"mnist1d": "mnist1d", "digits": "sklearn"}[config.dataset], "matplotlib"])
     if missing:
@@ -292,7 +320,8 @@ def train_command(args: argparse.Namespace) -> int:
         engine.close()
     if engine.rank != 0:  # rank 0 reports and writes the record
         return 1 if record["diverged_epoch"] is not None else 0
-    record = {"command": _command_line("train", args), "environment": _environment("torch", _TRAIN_DISTS), **record}
+    spelled = argparse.Namespace(**config.record(), engine=args.engine)  # every option the run uses, no other
+    record = {"command": _command_line("train", spelled), "environment": _environment("torch", _TRAIN_DISTS), **record}
     print(f"{config.optimizer} on {config.model} / {data.name} (checksum {data.checksum[:12]}), B = "
           f"{config.batch_size}, peak rate {record['learning_rate']:.4g}, {record['steps_per_epoch']} steps per epoch, "
           f"{record['seconds']:.1f} s")

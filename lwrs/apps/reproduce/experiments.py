@@ -59,14 +59,45 @@ class Preset:
     table1_warmup: int
     table1_lambdas: tuple[float, ...]
     table1_lr_picks: tuple[int, ...]  # which of the paper's three learning rates to run
+    # ---- protocol 2 (tuned on a validation split; see lwrs.apps.reproduce.protocol); protocol 1 is the untuned one
+    protocol: int = 1
+    validation: int = 0  # training samples held out for the selection (never the test set)
+    budgets: tuple[str, ...] = ("epochs",)  # "epochs": the papers' fixed-epoch budget; "steps": fixed steps
+    steps: int = 0  # the fixed-step budget (optimizer steps per run, every batch size)
+    fig1_mnag_base_lrs: tuple[float, ...] = ()  # mNAG's grid of gamma_base (linear scaling from B = 128)
+    fig1_lars_base_lrs: tuple[float, ...] = ()  # LARS's grid of gamma_base
+    lars_etas: tuple[float, ...] = ()  # LARS's grid of eta (CLARS: the paper's 1e-2)
+    fig3_mnag_lrs: tuple[float, ...] = ()  # mNAG's grid of gamma (the paper: 1.0)
+    fig3_lars_base_lrs: tuple[float, ...] = ()  # LARS/CLARS grid of gamma_base (the paper: 0.1)
+    fig3_steps: int = 0  # Figure 3's budget in steps at B = 8192; the warm-up / freeze window is 10% of it
+    table1_models: tuple[str, ...] = ("mlp",)
+    costly_models: tuple[str, ...] = ()  # run at the paper's setting only (no grid), with costly_seeds seeds
+    costly_seeds: int = 0
+    costly_batches: tuple[int, ...] = ()  # Table 1's batch sizes for the costly models
 
 
 PRESETS = {
-    "full": Preset(seeds=3, fig1_batches=(128, 256, 512, 1024, 2048, 4096, 8192), fig1_epochs=20,
+    # protocol 2, fixed before its run: every rate tuned on a validation split, two budgets, 5 seeds
+    "full": Preset(seeds=5, fig1_batches=(128, 512, 2048, 8192), fig1_epochs=20,
+                   fig2_epochs=10, fig2_lrs=(0.001, 0.3), fig3_models=("mlp", "cnn-relu", "transformer"),
+                   fig3_epochs=20, fig3_window=0, table1_batches=(1024, 4096, 16384), table1_epochs=12,
+                   table1_warmup=2, table1_lambdas=(0.1, 0.01, 0.001), table1_lr_picks=(0, 1, 2),
+                   protocol=2, validation=10_000, budgets=("epochs", "steps"), steps=500,
+                   fig1_mnag_base_lrs=(0.1, 0.03, 0.01, 0.003), fig1_lars_base_lrs=(0.1, 1.0, 10.0),
+                   lars_etas=(1e-3,), fig3_mnag_lrs=(1.0, 0.3, 0.1), fig3_lars_base_lrs=(0.1, 0.03, 0.3),
+                   fig3_steps=300, table1_models=("mlp", "transformer"), costly_models=("transformer",),
+                   costly_seeds=2, costly_batches=(4096,)),
+    "quick": Preset(seeds=2, fig1_batches=(512, 4096), fig1_epochs=1, fig2_epochs=1, fig2_lrs=(0.3,),
+                    fig3_models=("mlp",), fig3_epochs=2, fig3_window=0, table1_batches=(1024, 8192),
+                    table1_epochs=2, table1_warmup=1, table1_lambdas=(0.01,), table1_lr_picks=(1,),
+                    protocol=2, validation=5_000, budgets=("epochs", "steps"), steps=28,
+                    fig1_mnag_base_lrs=(0.1, 0.01), fig1_lars_base_lrs=(1.0,), lars_etas=(1e-3,),
+                    fig3_mnag_lrs=(1.0,), fig3_lars_base_lrs=(0.1,), fig3_steps=21),
+    "full-untuned": Preset(seeds=3, fig1_batches=(128, 256, 512, 1024, 2048, 4096, 8192), fig1_epochs=20,
                    fig2_epochs=10, fig2_lrs=(0.001, 0.3), fig3_models=("mlp", "cnn"), fig3_epochs=20,
                    fig3_window=4, table1_batches=tuple(TABLE1_LRS), table1_epochs=12, table1_warmup=2,
                    table1_lambdas=(0.1, 0.01, 0.001), table1_lr_picks=(0, 1, 2)),
-    "quick": Preset(seeds=2, fig1_batches=(128, 2048), fig1_epochs=3, fig2_epochs=2, fig2_lrs=(0.3,),
+    "quick-untuned": Preset(seeds=2, fig1_batches=(128, 2048), fig1_epochs=3, fig2_epochs=2, fig2_lrs=(0.3,),
                     fig3_models=("mlp",), fig3_epochs=4, fig3_window=1, table1_batches=(1024, 8192),
                     table1_epochs=4, table1_warmup=1, table1_lambdas=(0.01,), table1_lr_picks=(1,)),
 }
@@ -122,7 +153,7 @@ def experiment_configs(name: str, preset: Preset) -> list[tuple[str, TrainConfig
 
     Examples
     --------
-    >>> runs = experiment_configs("fig1", PRESETS["quick"])
+    >>> runs = experiment_configs("fig1", PRESETS["quick-untuned"])
     >>> len(runs), runs[0][0], runs[0][1].optimizer, runs[0][1].learning_rate()
     (8, 'mnag/B128', 'mnag', 0.1)
     """
@@ -140,6 +171,8 @@ def preset_of(record: dict[str, Any]) -> Preset:
     >>> import dataclasses
     >>> preset_of({"preset_values": dataclasses.asdict(PRESETS["quick"])}) == PRESETS["quick"]
     True
+    >>> preset_of({"preset_values": {**dataclasses.asdict(PRESETS["full-untuned"]), "protocol": None}}).protocol
+    1
     """
-    values = record["preset_values"]
+    values = {k: v for k, v in record["preset_values"].items() if v is not None}  # absent: protocol 1's defaults
     return Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

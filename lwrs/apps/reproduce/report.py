@@ -6,6 +6,7 @@ The analogues of CLARS Figures 1–3 and TVLARS Table 1, drawn from a results re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +17,8 @@ from .verdicts import _table1_best
 
 __all__ = ["format_report", "plot_all", "render"]
 
+
+_UNTUNED = Preset(**{f.name: None for f in dataclasses.fields(Preset) if f.default is dataclasses.MISSING})
 
 _METHOD_NAMES = {"lars-warmup": "LARS, warm-up", "lamb-warmup": "LAMB, warm-up", "tvlars": "TVLARS"}
 
@@ -33,6 +36,15 @@ def _pct(mean_std: Sequence[float]) -> str:
 
 def _tables(results: dict[str, Any], preset: Preset) -> list[tuple[str, list[str], list[list[str]]]]:
     """``(title, header, rows)`` for every experiment run, then the verdicts."""
+    if preset.protocol >= 2:
+        from .tuned_report import tuned_tables
+
+        tables = tuned_tables(results, preset)
+        if "fig2" in results:
+            tables[len(preset.budgets) if "fig1" in results else 0:0] = _tables({"fig2": results["fig2"]}, _UNTUNED)[:1]
+        tables.append(("Verdicts", ["claim", "verdict", "evidence"],
+                       [[v["claim"], f"**{v['verdict']}**", v["evidence"]] for v in results.get("verdicts", [])]))
+        return tables
     tables = []
     if "fig1" in results:
         s = results["fig1"]["summary"]
@@ -123,6 +135,15 @@ def plot_all(results: dict[str, Any], preset: Preset, folder) -> list[str]:
         fig.savefig(folder / name, dpi=110)
         plt.close(fig)
         written.append(name)
+
+    if preset.protocol >= 2:
+        from .tuned_report import tuned_plots
+
+        tuned_plots({k: v for k, v in results.items() if k != "fig2"}, preset, plt, save)
+        if "fig2" in results:
+            plot_all({"fig2": results["fig2"]}, _UNTUNED, folder)
+            written.insert(1 if "fig1" in results else 0, "fig2.png")
+        return written
 
     if "fig1" in results:
         s = results["fig1"]["summary"]

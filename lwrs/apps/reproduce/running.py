@@ -18,7 +18,7 @@ from ..train.loop import train
 from .experiments import Preset, experiment_configs
 from .verdicts import verdicts
 
-__all__ = ["run_configs", "run_experiments", "summarize", "default_jobs"]
+__all__ = ["run_configs", "run_experiments", "summarize", "add_early", "default_jobs"]
 
 
 _WORKER_DATA: Dataset | None = None
@@ -112,8 +112,22 @@ def summarize(labels: Sequence[str], records: Sequence[dict[str, Any]]) -> dict[
             "train_loss": _mean_std([r["epochs"][-1]["train_loss"] for r in recs]),
             "diverged": sum(r["diverged_epoch"] is not None for r in recs),
             "accuracy_curve": curve,
+            "by_seed": [_final_accuracy(r) for r in sorted(recs, key=lambda r: r["config"]["seed"])],
         }
     return out
+
+
+def add_early(summary: dict[str, dict[str, Any]], labels: Sequence[str], records: Sequence[dict[str, Any]]) -> None:
+    """Add ``early_by_seed`` to each label of a Figure 3 summary: per seed, the mean test accuracy over the
+    first two warm-up windows (a diverged epoch counts as chance, 0.1)."""
+    from .protocol import window_epochs
+
+    for label in summary:
+        recs = sorted((r for lab, r in zip(labels, records) if lab == label), key=lambda r: r["config"]["seed"])
+        w = window_epochs(len(recs[0]["epochs"]) - 1)
+        summary[label]["early_by_seed"] = [
+            statistics.fmean(e["test_accuracy"] if e["test_accuracy"] is not None else 0.1
+                             for e in r["epochs"][1:2 * w + 1]) for r in recs]
 
 
 def _variance_ratio_curves(labels: Sequence[str], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -148,12 +162,24 @@ def run_experiments(names: Sequence[str], preset: Preset, data: Dataset, *, jobs
     """
     results: dict[str, Any] = {}
     for name in names:
-        pairs = experiment_configs(name, preset)
-        labels = [label for label, _ in pairs]
-        records = run_configs([cfg for _, cfg in pairs], data, jobs=jobs,
-                              progress=progress(name) if progress else None)
+        selection = None
+        if preset.protocol >= 2:  # tuned: select on a validation split, then the seeds (lwrs.apps.reproduce.protocol)
+            from .protocol import run_tuned
+
+            labels, records, selection = run_tuned(
+                name, preset, data, lambda cs, d, progress=None: run_configs(cs, d, jobs=jobs, progress=progress),
+                progress=progress(name) if progress else None)
+        else:
+            pairs = experiment_configs(name, preset)
+            labels = [label for label, _ in pairs]
+            records = run_configs([cfg for _, cfg in pairs], data, jobs=jobs,
+                                  progress=progress(name) if progress else None)
         entry: dict[str, Any] = {"summary": summarize(labels, records),
                                  "runs": [_compact(label, r) for label, r in zip(labels, records)]}
+        if selection is not None:
+            entry["selection"] = selection
+            if name == "fig3":
+                add_early(entry["summary"], labels, records)
         if name == "fig2":
             entry["variance_ratio"] = _variance_ratio_curves(labels, records)
         results[name] = entry

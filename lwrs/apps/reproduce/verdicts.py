@@ -118,6 +118,8 @@ def verdicts(results: dict[str, Any], preset: Preset) -> list[dict[str, str]]:
     >>> verdicts({}, PRESETS["quick"])
     []
     """
+    if preset.protocol >= 2:
+        return _tuned_verdicts(results, preset)
     out = []
     if "fig1" in results:
         out.append(_fig1_verdict(results["fig1"]["summary"], preset.fig1_batches))
@@ -127,4 +129,22 @@ def verdicts(results: dict[str, Any], preset: Preset) -> list[dict[str, str]]:
         out.append(_fig3_verdict(results["fig3"]["summary"], preset.fig3_models, preset.fig3_window))
     if "table1" in results:
         out.append(_table1_verdict(results["table1"]["summary"], preset.table1_batches))
+    return out
+
+
+def _tuned_verdicts(results: dict[str, Any], preset: Preset) -> list[dict[str, str]]:
+    """The verdicts of the tuned protocol: paired tests across seeds (:mod:`lwrs.apps.reproduce.rules`)."""
+    from . import rules
+
+    out = []
+    if "fig1" in results:
+        out += rules.fig1_verdicts(results["fig1"]["summary"], preset.fig1_batches, preset.budgets)
+    if "fig2" in results:
+        out.append(_fig2_verdict(results["fig2"]["variance_ratio"], early=min(3, preset.fig2_epochs)))
+    if "fig3" in results:
+        out.append(rules.fig3_verdict(results["fig3"]["summary"], preset.fig3_models,
+                                      ("mnag-warmup", "mnag-freeze", "lars-warmup")))
+    if "table1" in results:
+        out += rules.table1_verdicts(results["table1"]["summary"], preset.table1_batches, ("epochs",),
+                                     preset.table1_models)
     return out

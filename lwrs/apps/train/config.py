@@ -13,10 +13,11 @@ from collections.abc import Callable
 
 from lwrs import schedules, table
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "RECIPES", "DATASETS", "MODELS", "DECAYS", "SCALINGS", "factor_schedule"]
+__all__ = ["TrainConfig", "OPTIMIZERS", "RECIPES", "DATASETS", "MODELS", "DECAYS", "SCALINGS", "factor_schedule",
+           "freeze_steps"]
 
 DATASETS = ("mnist1d", "digits")
-MODELS = ("fcn", "cnn", "mlp", "transformer")
+MODELS = ("fcn", "cnn", "cnn-relu", "mlp", "transformer")
 
 #: The recipes of ``lwrs train`` around an optimizer of the table: ``-warmup`` (linear warm-up,
 #: Goyal et al. 2017) and ``-freeze`` (the head frozen early, Gotmare et al. 2019; CLARS Figure 3).
@@ -53,7 +54,7 @@ class TrainConfig:
     Attributes
     ----------
     dataset, model, optimizer : str
-        ``"mnist1d"`` or ``"digits"``; ``"fcn"``, ``"cnn"``, ``"mlp"`` or ``"transformer"``; one of :data:`OPTIMIZERS`.
+        ``"mnist1d"`` or ``"digits"``; ``"fcn"``, ``"cnn"``, ``"cnn-relu"``, ``"mlp"`` or ``"transformer"``; one of :data:`OPTIMIZERS`.
     batch_size, micro_batch : int
         :math:`B`, and the largest batch run in one forward/backward pass.
     epochs : int
@@ -128,6 +129,40 @@ class TrainConfig:
         """The optimizer without its ``-warmup`` / ``-freeze`` suffix."""
         return self.optimizer.split("-")[0]
 
+    def unused(self) -> tuple[str, ...]:
+        r"""The fields this run ignores: those its optimizer or recipe has no use for, and the scaling rule's with ``lr`` given.
+
+        ``momentum``, ``eta``, ``weight_decay``, ``tvlars_lambda`` and ``tvlars_delay_epochs`` count
+        where the optimizer's entry in :mod:`lwrs.table` takes them (LAMB's :math:`\beta_1` is not
+        ``momentum``); ``warmup_epochs`` only with a ``-warmup`` recipe, ``freeze_epochs`` only with
+        ``mnag-freeze``, ``decay`` not for TVLARS (its :math:`\phi_t` is its schedule).
+
+        Examples
+        --------
+        >>> TrainConfig(optimizer="mnag").unused()
+        ('eta', 'tvlars_lambda', 'tvlars_delay_epochs', 'warmup_epochs', 'freeze_epochs')
+        >>> TrainConfig(optimizer="lamb-warmup", lr=0.01).unused()
+        ('momentum', 'eta', 'tvlars_lambda', 'tvlars_delay_epochs', 'freeze_epochs', 'base_lr', 'base_batch', 'scaling')
+        """
+        takes = {h.core_name for h in table.spec(self.family).hyperparameters}
+        used = {"momentum": "beta" in takes, "eta": "eta" in takes, "weight_decay": "weight_decay" in takes,
+                "tvlars_lambda": "decay_coefficient" in takes, "tvlars_delay_epochs": "delay_steps" in takes,
+                "warmup_epochs": self.optimizer.endswith("-warmup"), "freeze_epochs": self.optimizer == "mnag-freeze",
+                "decay": self.family != "tvlars",
+                "base_lr": self.lr is None, "base_batch": self.lr is None, "scaling": self.lr is None}
+        return tuple(name for name, use in used.items() if not use)
+
+    def record(self) -> dict:
+        """The fields this run uses, for its JSON record (:meth:`unused` left out).
+
+        Examples
+        --------
+        >>> sorted(set(dataclasses.asdict(TrainConfig(optimizer="tvlars"))) - set(TrainConfig(optimizer="tvlars").record()))
+        ['decay', 'freeze_epochs', 'warmup_epochs']
+        """
+        unused = self.unused()
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused}
+
     def learning_rate(self) -> float:
         r"""The peak global rate :math:`\gamma` after the scaling rule."""
         if self.lr is not None:
@@ -164,7 +199,8 @@ def factor_schedule(config: TrainConfig, total_steps: int, steps_per_epoch: int)
         return schedules.constant(1.0)  # phi_t lives inside the optimizer; no other schedule (TVLARS paper)
     warmup = round(config.warmup_epochs * steps_per_epoch) if config.optimizer.endswith("-warmup") else 0
     if warmup >= total_steps:
-        raise ValueError(f"the warm-up ({warmup} steps) must be shorter than the run ({total_steps} steps)")
+        raise ValueError(f"the warm-up (warmup_epochs={config.warmup_epochs:g}: {warmup} steps) must be shorter than "
+                         f"the run (epochs={config.epochs}: {total_steps} steps); lower warmup_epochs or raise epochs")
     after = total_steps - warmup
     if config.decay == "constant":
         decay = schedules.constant(1.0)
@@ -176,3 +212,28 @@ def factor_schedule(config: TrainConfig, total_steps: int, steps_per_epoch: int)
         return decay
     # the first step gets 1/W of the peak rather than 0 (Goyal et al.'s gradual warm-up)
     return schedules.join_schedules([schedules.linear_warmup(1.0, warmup, start=1.0 / warmup), decay], [warmup])
+
+
+def freeze_steps(config: TrainConfig, total_steps: int, steps_per_epoch: int) -> int:
+    r"""The number of first steps during which ``mnag-freeze`` holds the head still (0 for the other optimizers).
+
+    Gotmare et al. (2019), CLARS Figure 3: the head (last, fully-connected layer) is frozen
+    for ``freeze_epochs``, then trained. A freeze as long as the run would never train the
+    head, so it is refused like a warm-up as long as the run.
+
+    Examples
+    --------
+    >>> freeze_steps(TrainConfig(optimizer="mnag-freeze", freeze_epochs=1), total_steps=8, steps_per_epoch=4)
+    4
+    >>> freeze_steps(TrainConfig(optimizer="mnag-freeze", freeze_epochs=2, epochs=2), total_steps=8, steps_per_epoch=4)
+    Traceback (most recent call last):
+    ...
+    ValueError: the head freeze (freeze_epochs=2: 8 steps) must be shorter than the run (epochs=2: 8 steps); lower freeze_epochs or raise epochs
+    """
+    if config.optimizer != "mnag-freeze":
+        return 0
+    frozen = round(config.freeze_epochs * steps_per_epoch)
+    if frozen >= total_steps:
+        raise ValueError(f"the head freeze (freeze_epochs={config.freeze_epochs:g}: {frozen} steps) must be shorter "
+                         f"than the run (epochs={config.epochs}: {total_steps} steps); lower freeze_epochs or raise epochs")
+    return frozen

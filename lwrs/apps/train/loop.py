@@ -30,7 +30,6 @@ A run that produces a non-finite loss or gradient *diverges*: it stops there,
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from typing import Any
@@ -44,7 +43,7 @@ from lwrs.backends.torch import PerSampleNorms
 from lwrs.backends.torch.distributed import gather
 
 from ..progress import progress_bar
-from .config import OPTIMIZERS, TrainConfig, factor_schedule
+from .config import OPTIMIZERS, TrainConfig, factor_schedule, freeze_steps
 from .data import Dataset
 from .engine import Engine
 from .models import build_model, layer_names
@@ -172,7 +171,7 @@ def _diagnostics_by_layer(opt, model, names: list[str]) -> dict[str, list[float]
 def train(config: TrainConfig, data: Dataset, *, progress: bool = False, engine: Engine | None = None) -> dict[str, Any]:
     r"""Train ``config.model`` on ``data`` with ``config.optimizer``; return the per-epoch record.
 
-    The record holds ``config``, ``dataset`` (name and checksum), ``layers``
+    The record holds ``config`` (the fields this run uses, :meth:`TrainConfig.record`), ``dataset`` (name and checksum), ``layers``
     (weight-tensor names, input side first), ``learning_rate`` (the peak
     :math:`\gamma`), ``steps_per_epoch``, ``epochs`` (a list, entry 0 being
     the untrained model) and ``diverged_epoch`` (or ``None``). Each epoch entry
@@ -212,7 +211,7 @@ def train(config: TrainConfig, data: Dataset, *, progress: bool = False, engine:
     stats_idx = stats_idx[:config.stats_samples]
     opt, recorder = _optimizer(config, model, steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor_schedule(config, total, steps_per_epoch))
-    freeze_steps = round(config.freeze_epochs * steps_per_epoch) if config.optimizer == "mnag-freeze" else 0
+    frozen_steps = freeze_steps(config, total, steps_per_epoch)
     head = list(model.head.parameters())
 
     def epoch_record(epoch: int, train_loss: float, per_step: list[dict[str, list[float]]]) -> dict[str, Any]:
@@ -233,7 +232,7 @@ def train(config: TrainConfig, data: Dataset, *, progress: bool = False, engine:
 
     started = time.perf_counter()
     record: dict[str, Any] = {
-        "config": dataclasses.asdict(config), "dataset": {"name": data.name, "checksum": data.checksum},
+        "config": config.record(), "dataset": {"name": data.name, "checksum": data.checksum},
         "layers": names, "learning_rate": config.learning_rate(), "steps_per_epoch": steps_per_epoch,
         "epochs": [epoch_record(0, math.nan, [])], "diverged_epoch": None,
     }
@@ -259,7 +258,7 @@ def train(config: TrainConfig, data: Dataset, *, progress: bool = False, engine:
                 loss = engine.mean(loss)  # the global batch's loss (the engine averages the gradients alike)
                 if not math.isfinite(loss):
                     raise lwrs.NonFiniteError(f"the training loss is not finite ({loss}) at step {step}")
-                if step < freeze_steps:
+                if step < frozen_steps:
                     for p in head:
                         p.grad = None  # frozen: no update, no momentum, no weight decay
                 opt.step()

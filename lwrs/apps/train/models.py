@@ -155,7 +155,7 @@ def transformer(length: int, classes: int, *, patch: int = 4, d_model: int = 64,
 
 
 def build_model(name: str, length: int, classes: int, *, seed: int) -> Classifier:
-    """Build ``"fcn"``, ``"cnn"``, ``"mlp"`` or ``"transformer"`` with weights drawn from ``seed`` (torch's default init).
+    """Build ``"fcn"``, ``"cnn"``, ``"cnn-relu"`` (:func:`cnn5` with ReLU), ``"mlp"`` or ``"transformer"`` with weights drawn from ``seed`` (torch's default init).
 
     Examples
     --------
@@ -164,7 +164,8 @@ def build_model(name: str, length: int, classes: int, *, seed: int) -> Classifie
     >>> torch.equal(a.head.weight, b.head.weight)
     True
     """
-    builders = {"fcn": fcn5, "cnn": cnn5, "mlp": mlp, "transformer": transformer}
+    builders = {"fcn": fcn5, "cnn": cnn5, "mlp": mlp, "transformer": transformer,
+                "cnn-relu": lambda n, c: cnn5(n, c, activation="relu")}  # the ReLU nets of CLARS Figure 3
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,81 @@
+"""PerSampleNorms and copies of the model (review items): deepcopy (AveragedModel, EMA) and pickling give a
+plain, independent model; statistics left behind by zeroing the gradients in place are reset or refused."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from lwrs.backends.torch import CLARS, PerSampleNorms  # noqa: E402
+
+nn = torch.nn
+
+
+def _model(kind: str) -> tuple[nn.Module, object]:
+    torch.manual_seed(0)
+    if kind == "attention":
+        return (nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double(),
+                lambda b: torch.randn(b, 5, 8, dtype=torch.float64))
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    if kind == "sequence":  # long enough for the fused Linear
+        return model, lambda b: torch.randn(b, 40, 6, dtype=torch.float64)
+    return model, lambda b: torch.randn(b, 6, dtype=torch.float64)
+
+
+def _by_hand(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` by torch.func.functional_call on an unrecorded twin with ``module``'s weights."""
+    twin, _ = _model("attention" if isinstance(module, nn.TransformerEncoderLayer) else "mlp")
+    return torch.func.functional_call(twin, dict(module.named_parameters()), (x,))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kind", ["rows", "sequence", "attention"])
+def test_averaged_model_is_an_independent_plain_model(kind, fused):
+    model, batch = _model(kind)
+    norms = PerSampleNorms(model, fused=fused)
+    opt = CLARS(model.parameters(), lr=0.1, norm_source=norms)
+    avg = torch.optim.swa_utils.AveragedModel(model)  # deepcopies the model
+    for _ in range(3):
+        opt.zero_grad()
+        model(batch(8)).square().mean().backward()
+        opt.step()
+        avg.update_parameters(model)
+    x = batch(4)
+    assert not torch.allclose(avg(x), model(x))  # the average is not the live model
+    torch.testing.assert_close(avg(x), _by_hand(avg.module, x), rtol=1e-12, atol=1e-12)
+    # a backward through the copy (distillation, BYOL) leaves the live model and its statistics alone
+    opt.zero_grad()
+    avg(x).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in avg.module.parameters())
+    with pytest.raises(RuntimeError, match="no per-sample statistics"):
+        norms.norm_statistics(list(model.parameters()))
+    # the live model still records, and the copy can get its own recorder
+    model(batch(8)).square().mean().backward()
+    assert norms.norm_statistics(list(model.parameters())).count == 8
+    own = PerSampleNorms(avg.module, fused=fused)
+    for p in avg.module.parameters():
+        p.grad = None
+    avg(batch(6)).square().mean().backward()
+    assert own.norm_statistics(list(avg.module.parameters())).count == 6
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_pickled_model_loads_as_a_plain_model(fused):
+    model, batch = _model("attention")
+    norms = PerSampleNorms(model, fused=fused)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = batch(3)
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-12, atol=1e-12)
+    loaded(x).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    copied = copy.deepcopy(norms)  # a copy of the recorder itself records nothing, and says so
+    with pytest.raises(RuntimeError, match="is a copy"):
+        copied.norm_statistics(list(model.parameters()))
