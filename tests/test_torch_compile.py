@@ -14,7 +14,7 @@ import lwrs  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 from lwrs.backends.torch import CLARS, LAMB, LARS, MNAG, TVLARS  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's notes on array_api_compat's caches
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # e.g. the scheduler's note that it wraps step()
 
 MAKERS = {
     "mnag": lambda p: MNAG(p, lr=torch.tensor(0.05), on_nonfinite="skip"),
@@ -118,3 +118,30 @@ def test_raise_mode_still_raises_when_compiled():
     torch._dynamo.reset()
     with pytest.raises(lwrs.NonFiniteError, match="gradient norm is not finite"):
         torch.compile(opt.step, backend="aot_eager")()
+
+
+def test_compiling_the_step_prints_no_warning(tmp_path):
+    """The documented example once printed 173 lines of Dynamo warnings about array_api_compat's cached
+    helpers (review-torch 6). A fresh process: Dynamo warns once per process."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "example.py"
+    script.write_text(
+        "import torch, warnings\n"
+        "warnings.simplefilter('always')\n"
+        "from lwrs.backends.torch import LAMB, LARS\n"
+        "for make in (lambda p: LARS(p, lr=torch.tensor(1.0), on_nonfinite='skip'), lambda p: LAMB(p, lr=torch.tensor(0.1)),):\n"
+        "    model = torch.nn.Linear(4, 2)\n"
+        "    opt = make(model.parameters())\n"
+        "    step = torch.compile(opt.step, backend='aot_eager')\n"
+        "    for _ in range(2):\n"
+        "        opt.zero_grad()\n"
+        "        model(torch.randn(8, 4)).square().mean().backward()\n"
+        "        step()\n"
+        "print('done')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr[-3000:]
+    assert "Warning" not in out.stderr and "lru_cache" not in out.stderr, out.stderr[-3000:]

@@ -12,6 +12,7 @@ from lwrs._validation import check_hyperparameter
 from lwrs.norm_statistics import NormStatistics
 
 __all__ = ["Gathered", "gather", "group_statistics", "check_statistics_values", "load_checked", "check_lr", "from_grad_scaler",
+           "quiet_array_api_compat",
            "COMMON_DOC", "TRUST_DOC"]
 
 
@@ -149,6 +150,31 @@ def from_grad_scaler(opt: Any, norm_stats: Any) -> bool:
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
         torch._foreach_mul_(grads, scale.double().reciprocal().float())  # as GradScaler.unscale_ does
     return True
+
+
+def quiet_array_api_compat() -> bool:
+    """Let Dynamo trace array_api_compat's cached helpers without a warning for each (called while compiling).
+
+    The core's functions find their namespace with ``array_namespace``, whose helpers are
+    ``functools.lru_cache``-wrapped pure functions of a class (which library an array's type
+    belongs to). Dynamo traces through them correctly but warns once per helper that it ignores
+    the cache; torch marks einops's pure cached helpers the same way. Run by Dynamo at trace
+    time as a constant (``torch.compiler.assume_constant_result``, whose mark is set directly
+    so that importing the backend does not import Dynamo).
+    """
+    try:
+        from array_api_compat.common import _helpers
+        from torch._dynamo.utils import allow_lru_cache_wrapper_trace_without_warning as allow
+        from torch._dynamo.utils import is_lru_cache_wrapped_function as cached
+    except ImportError:  # another torch or array_api_compat: the warnings stay, the results are the same
+        return False
+    for obj in vars(_helpers).values():
+        if cached(obj):
+            allow(obj)
+    return True
+
+
+quiet_array_api_compat._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def load_checked(opt: Any, state_dict: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ from . import distributed
 from . import functional as F
 from .distributed import local as _local
 from ._groups import (COMMON_DOC, TRUST_DOC, Gathered, check_lr, check_statistics_values, from_grad_scaler, gather,
-                      group_statistics, load_checked)
+                      group_statistics, load_checked, quiet_array_api_compat)
 
 __all__ = ["MNAG", "LARS", "CLARS", "TVLARS", "LAMB"]
 
@@ -176,6 +176,8 @@ class _Layerwise(torch.optim.Optimizer):
             ``param -> (S1, S2)``. CLARS reads its ``norm_source`` when this is not given.
         """
         loss = None
+        if _compiling():
+            quiet_array_api_compat()
         if not from_grad_scaler(self, norm_stats):  # GradScaler.step found an inf: skipped
             return loss
         if closure is not None:
