@@ -86,6 +86,11 @@ def lamb_directions(
     else:
         c1, c2 = [1.0 - beta1**step] * len(params), [1.0 - beta2**step] * len(params)
     return tuple(
-        (mk / a) / (xp.sqrt(vk / b) + eps) + (wd * w if wd else 0.0)
+        (mk / a) / (xp.sqrt(vk / b) + eps) + (0.0 if _static_zero(wd) else wd * w)
         for mk, vk, w, wd, a, b in zip(first, second, params, weight_decays, c1, c2)
     )
+
+
+def _static_zero(value: Any) -> bool:
+    """Whether ``value`` is a Python number equal to 0 (a traced array is never: no branch on its value)."""
+    return isinstance(value, (int, float)) and value == 0

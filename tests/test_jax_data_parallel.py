@@ -90,3 +90,31 @@ def test_data_parallel_over_two_host_devices_equals_one_device():
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+DOCS_SCRIPT = textwrap.dedent(
+    """
+    import pathlib, re, sys, textwrap
+    import jax
+    assert jax.device_count() == 2, jax.devices()
+    text = pathlib.Path(sys.argv[1]).read_text()
+    section = text[text.index("Data parallelism\\n-----"):]
+    blocks = re.findall(r"\\.\\. code-block:: python\\n\\n((?:   .*\\n|\\n)+)", section)
+    assert len(blocks) == 2, len(blocks)
+    namespace = {}
+    for block in blocks:
+        exec(textwrap.dedent(block), namespace)   # the second block asserts: equal to one device
+    print(namespace["gap"], namespace["moved"])
+    print("ok")
+    """
+)
+
+
+def test_the_docs_shard_map_recipe_over_two_devices_equals_one_device():
+    """docs/jax.rst's shard_map recipe, as written, run over two host devices (a 2x gradient failed before)."""
+    page = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "jax.rst")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", DOCS_SCRIPT, page], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("ok")

@@ -79,3 +79,54 @@ def test_pickled_model_loads_as_a_plain_model(fused):
     copied = copy.deepcopy(norms)  # a copy of the recorder itself records nothing, and says so
     with pytest.raises(RuntimeError, match="is a copy"):
         copied.norm_statistics(list(model.parameters()))
+
+
+def _loss(model, x):
+    return model(x).square().mean()
+
+
+@pytest.mark.parametrize("zero", ["model.zero_grad(set_to_none=False)", "p.grad.zero_()"])
+def test_gradients_zeroed_in_place_reset_the_statistics(zero):
+    """The statistics follow p.grad: zeroing it in place resets them at the next backward (review item 2)."""
+    model, batch = _model("rows")
+    norms = PerSampleNorms(model)
+    params = list(model.parameters())
+    xs = [batch(8) for _ in range(3)]
+    for x in xs:
+        if zero.startswith("model"):
+            model.zero_grad(set_to_none=False)
+        else:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.zero_()
+        _loss(model, x).backward()
+    got = norms.norm_statistics(params)
+    # oracle: a fresh recorder on a twin, one backward of the last batch
+    twin = copy.deepcopy(model)
+    fresh = PerSampleNorms(twin)
+    _loss(twin, xs[-1]).backward()
+    want = fresh.norm_statistics(list(twin.parameters()))
+    assert got.count == want.count == 8
+    torch.testing.assert_close(got.sum_norms, want.sum_norms, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.sum_squared_norms, want.sum_squared_norms, rtol=1e-12, atol=0)
+
+
+def test_statistics_of_gradients_zeroed_in_place_are_refused():
+    model, batch = _model("rows")
+    norms = PerSampleNorms(model)
+    opt = CLARS(model.parameters(), lr=0.1, norm_source=norms)
+    _loss(model, batch(8)).backward()
+    model.zero_grad(set_to_none=False)
+    with pytest.raises(RuntimeError, match="stale"):
+        opt.step()
+    # the gradient reset by CLARS.zero_grad is fine, and so are gradients changed in place but not zeroed
+    opt.zero_grad(set_to_none=False)
+    _loss(model, batch(8)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    for p in model.parameters():
+        p.grad.mul_(0.5)  # (as GradScaler.unscale_ does)
+    assert norms.norm_statistics(list(model.parameters())).count == 8
+    opt.step()
+    # accumulation without zeroing still adds up
+    _loss(model, batch(8)).backward()
+    assert norms.norm_statistics(list(model.parameters())).count == 16

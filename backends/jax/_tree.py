@@ -76,7 +76,12 @@ def resolve_mask(name: str, mask: Any, layers: Layers, default: Callable[[Any], 
                                  f"the structure of params ({count} layers), got {mask!r}") from None
     for layer, flag in zip(layers.names, flags):
         if not isinstance(flag, bool):
-            raise TypeError(f"{name} for layer {layer} must be a bool, got {flag!r}")
+            hint = ""
+            if callable(mask):
+                hint = (f"; a function {name} is called on one layer (an array) and returns a bool, unlike "
+                        "optax's mask functions of the whole params tree: pass such a function's result, "
+                        f"{name}=mask_fn(params)")
+            raise TypeError(f"{name} for layer {layer} must be a bool, got {flag!r}{hint}")
     return tuple(flags)
 
 

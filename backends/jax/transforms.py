@@ -55,20 +55,30 @@ class MomentumState(NamedTuple):
         with the structure of params.
     diagnostics : LayerDiagnostics
         Of the last update, as arrays: one entry per layer in leaf order.
+    skipped_steps : int32 array
+        Number of steps skipped so far by ``on_nonfinite="skip"`` (like
+        ``optax.apply_if_finite``'s ``total_notfinite``); 0 under ``"raise"``.
+        A count that keeps growing means training has stopped: see the
+        ``optax.MultiSteps`` note in the JAX page of the docs.
     """
 
     count: Any
     trace: Any
     diagnostics: LayerDiagnostics
+    skipped_steps: Any
 
 
 class LambState(NamedTuple):
-    """State of :func:`lamb`: the count, Adam's two moments (pytrees) and the diagnostics."""
+    """State of :func:`lamb`: the count, Adam's two moments (pytrees), the diagnostics and the skipped steps.
+
+    The fields are those of :class:`MomentumState`, with the moments in place of the trace.
+    """
 
     count: Any
     first_moment: Any
     second_moment: Any
     diagnostics: LayerDiagnostics
+    skipped_steps: Any
 
 
 def _schedule(value: Any) -> Callable[[Any], Any]:
@@ -76,7 +86,7 @@ def _schedule(value: Any) -> Callable[[Any], Any]:
     if callable(value):
         return value
     if not is_traced(value):
-        value = float(value)  # a Python float keeps larc_clip's branch static
+        value = float(value)  # checked by the core factory (no str, no bool); a Python float keeps branches static
     return lambda count: value
 
 
@@ -116,15 +126,45 @@ def _rate(cfg: _Config, count: Any, dtype: Any) -> Any:
     return lr
 
 
-def _nonfinite(cfg: _Config, layers: Layers, count: Any, checks: list[tuple[str, Any]]) -> Any:
-    """The step's finiteness flag; with ``"raise"``, raise (eagerly, or from the compiled step) naming the layer."""
+# (name, lowest value, whether the lowest is excluded, upper bound excluded or None): the core's ranges,
+# checked in the step when inject_hyperparams makes the value a traced array
+_RANGES = {"learning_rate": (0.0, False, None), "beta": (0.0, False, 1.0), "eta": (0.0, True, None),
+           "eps": (0.0, False, None), "weight_decay": (0.0, False, None), "beta1": (0.0, False, 1.0),
+           "beta2": (0.0, False, 1.0)}
+
+
+def _in_range(name: str, value: Any) -> Any:
+    low, low_open, high = _RANGES[name]
+    value = jnp.asarray(value)
+    ok = jnp.isfinite(value) & ((value > low) if low_open else (value >= low))
+    return ok if high is None else ok & (value < high)
+
+
+def _nonfinite(cfg: _Config, layers: Layers, count: Any, checks: list[tuple[str, Any]],
+               rates: list[tuple[str, Any]]) -> Any:
+    """The step's finiteness flag; with ``"raise"``, raise (eagerly, or from the compiled step) naming the layer.
+
+    ``rates`` are the step's learning rate (from the schedule) and the hyperparameters that are arrays
+    (``optax.inject_hyperparams``): a step whose value is out of the core's range (non-finite, or a
+    negative rate) is refused as the core refuses it ("raise") or skipped ("skip").
+    """
+    rates = [(name, v) for name, v in rates if name == "learning_rate" or hasattr(v, "dtype")]
     ok = all_finite([v for _, v in checks], xp=jnp)
+    for name, value in rates:
+        ok = ok & _in_range(name, value)
     if cfg.on_nonfinite == "skip":
         return ok
 
     def report(ok, step, *values):
         if bool(ok):
             return
+        for (name, _), v in zip(rates, values[len(checks):]):
+            if not bool(_in_range(name, v)):
+                v = float(v)
+                if name == "learning_rate":
+                    raise ValueError(f"learning_rate schedule returned {v!r} at step {int(step)}; "
+                                     "rates must be finite and >= 0")
+                raise ValueError(f"{name} is {v!r} at step {int(step)}, out of its range")
         for (what, _), vals in zip(checks, values):
             for name, v in zip(layers.names, vals.tolist()):
                 if v != v or v in (float("inf"), float("-inf")):
@@ -132,10 +172,11 @@ def _nonfinite(cfg: _Config, layers: Layers, count: Any, checks: list[tuple[str,
                                          "pass on_nonfinite='skip' to skip such steps")
         raise NonFiniteError(f"a value is not finite at step {int(step)}")  # pragma: no cover
 
+    values = [v for _, v in checks] + [jnp.asarray(v) for _, v in rates]
     if is_traced(ok, count):
-        jax.debug.callback(report, ok, count, *[v for _, v in checks])
+        jax.debug.callback(report, ok, count, *values)
     else:
-        report(ok, count, *[jax.device_get(v) for _, v in checks])
+        report(ok, count, *[jax.device_get(v) for v in values])
     return None
 
 
@@ -146,6 +187,10 @@ def _skip(ok: Any, new: Any, old: Any) -> list[Any]:
 
 def _count_after(ok: Any, count: Any) -> Any:
     return count + 1 if ok is None else step_after(ok, count, xp=jnp)
+
+
+def _skipped_after(ok: Any, skipped: Any) -> Any:
+    return skipped if ok is None else skipped + jnp.where(ok, 0, 1).astype(skipped.dtype)
 
 
 def _diagnostics(ok, w_norms, g_norms, ratios, factors, rates, lr, count) -> LayerDiagnostics:
@@ -169,7 +214,7 @@ def _is_zero(value: Any) -> bool:
 def _momentum_transform(cfg: _Config) -> optax.GradientTransformationExtraArgs:
     def init(params: Any) -> MomentumState:
         trace = jax.tree.map(jnp.zeros_like, params)
-        return MomentumState(jnp.zeros([], jnp.int32), trace, _initial_diagnostics(params))
+        return MomentumState(jnp.zeros([], jnp.int32), trace, _initial_diagnostics(params), jnp.zeros([], jnp.int32))
 
     def update(updates, state, params=None, *, norm_stats=None, **extra_args):
         del extra_args
@@ -185,7 +230,10 @@ def _momentum_transform(cfg: _Config) -> optax.GradientTransformationExtraArgs:
         if norm_stats is not None:
             mean_norms = jnp.asarray(norm_stats.mean_norms(), w_norms.dtype)
             checks.append(("mean per-sample gradient norm", mean_norms))
-        ok = _nonfinite(cfg, layers, state.count, checks)
+        lr = _rate(cfg, state.count, w_norms.dtype)
+        hypers = [("learning_rate", lr), ("beta", cfg.beta), ("eta", cfg.trust.eta), ("eps", cfg.trust.eps),
+                  ("weight_decay", cfg.weight_decay)]
+        ok = _nonfinite(cfg, layers, state.count, checks, hypers)
 
         wd = cfg.weight_decay
         decay = tuple(d and not _is_zero(wd) for d in decay)
@@ -195,7 +243,6 @@ def _momentum_transform(cfg: _Config) -> optax.GradientTransformationExtraArgs:
         direction_norms = None
         if cfg.trust.weight_decay_form == "norm_of_sum" and any(decay):
             direction_norms = layer_norms(directions, xp=jnp)
-        lr = _rate(cfg, state.count, w_norms.dtype)
         ratios, factors, rates = layer_rates(w_norms, g_norms, learning_rate=lr, options=cfg.trust, adapt=adapt,
                                              weight_decays=decays, direction_norms=direction_norms,
                                              mean_norms=mean_norms)
@@ -205,6 +252,7 @@ def _momentum_transform(cfg: _Config) -> optax.GradientTransformationExtraArgs:
             _count_after(ok, state.count),
             layers.treedef.unflatten(_skip(ok, new_trace, trace)),
             _diagnostics(ok, w_norms, g_norms, ratios, factors, rates, lr, state.count),
+            _skipped_after(ok, state.skipped_steps),
         )
         return layers.treedef.unflatten(increments), new_state
 
@@ -216,8 +264,7 @@ def _validated(core_factory: Callable, learning_rate: Any, **options: Any) -> No
     numbers = [v for v in options.values() if not isinstance(v, (str, bool)) and v is not None and not callable(v)]
     if is_traced(learning_rate, *numbers):
         return
-    lr = learning_rate if callable(learning_rate) else float(learning_rate)
-    core_factory(lr, **{k: (float(v) if hasattr(v, "dtype") else v) for k, v in options.items()})
+    core_factory(learning_rate, **{k: (float(v) if hasattr(v, "dtype") else v) for k, v in options.items()})
 
 
 def mnag(learning_rate, *, beta=0.9, nesterov=True, weight_decay=0.0, weight_decay_mask=None, on_nonfinite="raise"):
@@ -344,6 +391,10 @@ def tvlars(learning_rate, *, decay_coefficient, delay_steps, alpha=1.0, gamma_mi
     >>> print(state.diagnostics.learning_rate)       # phi_0 = 1 / (1 + e^0)
     0.5
     """
+    if is_traced(decay_coefficient, delay_steps, alpha, gamma_min):
+        raise TypeError("tvlars's decay_coefficient, delay_steps, alpha and gamma_min fix the shape of its schedule "
+                        "and must be numbers, not traced arrays; with optax.inject_hyperparams, pass "
+                        "static_args=('decay_coefficient', 'delay_steps', 'alpha', 'gamma_min')")
     options = dict(decay_coefficient=decay_coefficient, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min,
                    beta=beta, eta=eta, weight_decay=weight_decay, weight_decay_form=weight_decay_form, eps=eps,
                    nesterov=nesterov, on_nonfinite=on_nonfinite)
@@ -387,7 +438,7 @@ def lamb(learning_rate, *, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, a
 
     def init(params: Any) -> LambState:
         zeros = jax.tree.map(jnp.zeros_like, params)
-        return LambState(jnp.zeros([], jnp.int32), zeros, zeros, _initial_diagnostics(params))
+        return LambState(jnp.zeros([], jnp.int32), zeros, zeros, _initial_diagnostics(params), jnp.zeros([], jnp.int32))
 
     def update(updates, state, params=None, *, norm_stats=None, **extra_args):
         del extra_args
@@ -404,12 +455,14 @@ def lamb(learning_rate, *, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, a
             checks.append(("mean per-sample gradient norm", mean_norms))
             factors = clars_factors(lars_denominators(w_norms, g_norms, weight_decay=decays),
                                     clars_denominators(w_norms, mean_norms, weight_decay=decays))
-        ok = _nonfinite(cfg, layers, state.count, checks)
+        lr = cfg.learning_rate(state.count)
+        hypers = [("learning_rate", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps),
+                  ("weight_decay", weight_decay)]
+        ok = _nonfinite(cfg, layers, state.count, checks, hypers)
         m, v = lamb_moments(grads, m_old, v_old, beta1=beta1, beta2=beta2, xp=jnp)
         u = lamb_directions(m, v, params_, step=(state.count + 1).astype(w_norms.dtype), beta1=beta1, beta2=beta2,
                             eps=eps, weight_decays=decays, xp=jnp)
         ratios = layer_trust_ratios(w_norms, layer_norms(u, xp=jnp), eta=1.0, adapt=adapt, grad_norms=g_norms)
-        lr = cfg.learning_rate(state.count)
         rates = lr * ratios
         increments = [-rates[k].astype(w.dtype) * uk for k, (w, uk) in enumerate(zip(params_, u))]
         increments = _skip(ok, increments, [0.0] * len(increments))
@@ -418,6 +471,7 @@ def lamb(learning_rate, *, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, a
             layers.treedef.unflatten(_skip(ok, m, m_old)),
             layers.treedef.unflatten(_skip(ok, v, v_old)),
             _diagnostics(ok, w_norms, g_norms, ratios, factors, rates, lr, state.count),
+            _skipped_after(ok, state.skipped_steps),
         )
         return layers.treedef.unflatten(increments), new_state
 

@@ -61,9 +61,11 @@ layers' inputs are recomputed like the others.)
 model's first tensor input, and a layer whose input has another size along that
 axis (e.g. ``x.reshape(B * T, F)``) is refused with an error naming it.
 
-**Statistics follow** ``p.grad``: when a parameter's gradient was set to ``None``
-or replaced since the last backward (``model.zero_grad()``), its statistics are
-reset at the next backward, and :meth:`PerSampleNorms.sums` refuses stale ones.
+**Statistics follow** ``p.grad``: when a parameter's gradient was set to ``None``,
+replaced or zeroed in place since the last backward (``model.zero_grad()``, with or
+without ``set_to_none``, ``p.grad.zero_()``), its statistics are reset at the next
+backward, and :meth:`PerSampleNorms.sums` refuses stale ones
+(:mod:`lwrs.backends.torch.per_sample_staleness`).
 **Copies** of the model (``copy.deepcopy``, ``AveragedModel``, pickling) are plain
 models that nothing records; attach a new recorder to a copy to record it.
 
@@ -94,7 +96,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import distributed, per_sample_attention, per_sample_fused, per_sample_layers
+from . import distributed, per_sample_attention, per_sample_fused, per_sample_layers, per_sample_staleness
 from .per_sample_layers import linear_pieces, overlap as _overlap, sq_norms
 from .per_sample_minibatch import minibatch_norm_statistics
 
@@ -479,18 +481,10 @@ class PerSampleNorms:
 
     def _note_grads(self) -> None:
         # (a sharded parameter's gradient is set by FSDP2 after this: no staleness check for those)
-        self._seen = {p: (None if p.grad is None else weakref.ref(p.grad)) for p in self._s1
-                      if not distributed.is_sharded([p])}
-
-    def _stale(self, p: torch.nn.Parameter) -> bool:
-        """Whether ``p.grad`` was set to None or replaced since the statistics of ``p`` were recorded."""
-        if p not in self._seen:
-            return False
-        ref, grad = self._seen[p], p.grad
-        return grad is None or ref is None or ref() is not grad
+        self._seen = per_sample_staleness.note(p for p in self._s1 if not distributed.is_sharded([p]))
 
     def _drop_stale(self) -> None:
-        for p in [p for p in self._s1 if self._stale(p)]:
+        for p in per_sample_staleness.stale(self._seen, self._s1, list(self._s1)):
             del self._s1[p], self._s2[p], self._n[p]
 
     def _add(self, p: torch.nn.Parameter, sq: torch.Tensor) -> None:
@@ -518,14 +512,14 @@ class PerSampleNorms:
         if self._copy:
             raise RuntimeError("this PerSampleNorms is a copy (copy.deepcopy or pickle), which records nothing: "
                                "attach a new PerSampleNorms to the copied model")
-        out = {}
+        out, params = {}, list(params)
+        for p in per_sample_staleness.stale(self._seen, self._s1, [p for p in params if p in self._s1]):
+            raise RuntimeError(
+                f"the per-sample statistics of {self._owner.get(p, 'a parameter')} are stale: its gradient was "
+                "zeroed or replaced after the last backward (model.zero_grad(), with or without set_to_none, "
+                "p.grad.zero_()?); call PerSampleNorms.reset() when zeroing the gradients (CLARS.zero_grad does)")
         for p in params:
             if p in self._s1:
-                if self._stale(p):
-                    raise RuntimeError(
-                        f"the per-sample statistics of {self._owner.get(p, 'a parameter')} are stale: its gradient "
-                        "was zeroed or replaced after the last backward (model.zero_grad()?); call "
-                        "PerSampleNorms.reset() when zeroing the gradients (CLARS.zero_grad does)")
                 out[p] = (self._s1[p] / scale, self._s2[p] / scale**2)
             elif p in self._bn_params and p.grad is not None:
                 g = distributed.gather(p.grad.detach())  # the whole layer's gradient under FSDP2

@@ -83,7 +83,7 @@ PRESETS = {
                    fig3_epochs=20, fig3_window=0, table1_batches=(1024, 4096, 16384), table1_epochs=12,
                    table1_warmup=2, table1_lambdas=(0.1, 0.01, 0.001), table1_lr_picks=(0, 1, 2),
                    protocol=2, validation=10_000, budgets=("epochs", "steps"), steps=500,
-                   fig1_mnag_base_lrs=(0.1, 0.03, 0.01, 0.003), fig1_lars_base_lrs=(0.1, 1.0, 10.0),
+                   fig1_mnag_base_lrs=(0.1, 0.03, 0.01, 0.003), fig1_lars_base_lrs=(0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
                    lars_etas=(1e-3,), fig3_mnag_lrs=(1.0, 0.3, 0.1), fig3_lars_base_lrs=(0.1, 0.03, 0.3),
                    fig3_steps=300, table1_models=("mlp", "transformer"), costly_models=("transformer",),
                    costly_seeds=2, costly_batches=(4096,)),
