@@ -12,7 +12,7 @@ from lwrs._validation import check_hyperparameter
 from lwrs.norm_statistics import NormStatistics
 
 __all__ = ["Gathered", "gather", "group_statistics", "check_statistics_values", "load_checked", "check_lr", "from_grad_scaler",
-           "quiet_array_api_compat",
+           "quiet_array_api_compat", "check_scalar",
            "COMMON_DOC", "TRUST_DOC"]
 
 
@@ -150,6 +150,15 @@ def from_grad_scaler(opt: Any, norm_stats: Any) -> bool:
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
         torch._foreach_mul_(grads, scale.double().reciprocal().float())  # as GradScaler.unscale_ does
     return True
+
+
+def check_scalar(where: str, value: Any, **bounds: Any) -> None:
+    """:func:`lwrs._validation.check_hyperparameter`, but not while compiling: a float that a scheduler changes
+    (``momentum``, ``betas``) becomes dynamic there, and checking it would break the graph or specialise it on
+    its value at every step. Eager steps, ``add_param_group`` and ``load_state_dict`` check it."""
+    if _compiling():
+        return
+    check_hyperparameter(where, value, **bounds)
 
 
 def quiet_array_api_compat() -> bool:

@@ -534,7 +534,7 @@ class LambPlan(NamedTuple):
 def _moments(grads, exp_avg, exp_avg_sq, b1, b2, foreach):
     """LAMB's new moments: the core's :func:`lwrs.moments.lamb_moments` (reference), or the same with
     multi-tensor kernels (tested against it)."""
-    if foreach:
+    if foreach and not _compiling():  # compiled: the core's, as foreach's alpha= would specialise a dynamic beta
         m = torch._foreach_mul(exp_avg, b1)
         torch._foreach_add_(m, grads, alpha=1.0 - b1)
         v = torch._foreach_mul(exp_avg_sq, b2)
@@ -569,8 +569,8 @@ def plan_lamb(params, grads, exp_avg, exp_avg_sq, *, lr: Any, betas: tuple[float
     (You et al. 2019, Algorithm 2); ``steps`` holds each layer's :math:`t - 1`; ``layouts`` as in
     :func:`squared_norms` (two collectives: the norms before the moments, then the direction's).
     """
-    b1, b2 = betas
     dtype = _stat_dtype(params)
+    b1, b2 = (torch.ones((), dtype=torch.float64) * b for b in betas) if _compiling() else betas  # traced betas
     norms = squared_norms(params, grads, implementation="foreach" if implementation == "fused" else implementation,
                           layouts=layouts)
     w_norms, g_norms = norms[0].sqrt(), norms[1].sqrt()

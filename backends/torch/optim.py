@@ -43,7 +43,8 @@ from lwrs.rates import TrustOptions
 from . import distributed
 from . import functional as F
 from .distributed import local as _local
-from ._groups import (COMMON_DOC, TRUST_DOC, Gathered, check_lr, check_statistics_values, from_grad_scaler, gather,
+from ._groups import (COMMON_DOC, TRUST_DOC, Gathered, check_lr, check_scalar, check_statistics_values, from_grad_scaler,
+                      gather,
                       group_statistics, load_checked, quiet_array_api_compat)
 
 __all__ = ["MNAG", "LARS", "CLARS", "TVLARS", "LAMB"]
@@ -122,7 +123,7 @@ class _Layerwise(torch.optim.Optimizer):
                 raise TypeError(f"{where}{flag} must be a bool, got {group[flag]!r}")
 
     def _check_momentum_group(self, where: str, group: dict[str, Any]) -> None:
-        check_hyperparameter(f"{where}momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+        check_scalar(f"{where}momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
         check_hyperparameter(f"{where}eta", group["eta"], low=0.0, low_open=True)
         check_hyperparameter(f"{where}eps", group["eps"], low=0.0)
         if group["max_ratio"] is not None:
@@ -572,7 +573,7 @@ class LAMB(_Layerwise):
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
         for k, b in enumerate(betas):
-            check_hyperparameter(f"{where}betas[{k}]", b, low=0.0, high=1.0, high_open=True)
+            check_scalar(f"{where}betas[{k}]", b, low=0.0, high=1.0, high_open=True)
         check_hyperparameter(f"{where}eps", group["eps"], low=0.0, low_open=True)
 
     def _init_buffers(self, st, p):
