@@ -23,8 +23,8 @@ PROBLEMS = {p.name: p for p in battery(steps=20)}
 TOL = 1e-6
 
 
-def torch_run(make, problem):
-    """Weights after every step, as float64 NumPy arrays, of a torch optimizer in float32."""
+def torch_run(make, problem, lr_scale=1.0):
+    """Weights after every step, as float64 NumPy arrays, of a torch optimizer in float32 (rates times ``lr_scale``)."""
     params = [torch.nn.Parameter(w) for w in problem.initial_params(torch, torch.float32)]
     opt = make(params, problem)
     out = []
@@ -34,7 +34,7 @@ def torch_run(make, problem):
         for p, g in zip(params, grads):
             p.grad = g
         for group in opt.param_groups:
-            group["lr"] = problem.learning_rates[t]
+            group["lr"] = lr_scale * problem.learning_rates[t]
         opt.step()
         out.append([p.detach().double().numpy().copy() for p in params])
     return out
@@ -96,6 +96,13 @@ def test_timm_cannot_be_matched_with_a_varying_lr():
     assert worst_error(torch_run(timm(), p), torch_run(lwrs_for_timm(), p)) > 1e-3
 
 
+def test_timm_dampening_cannot_be_matched_even_with_a_scaled_lr():
+    p = PROBLEMS["mlp"]  # timm damps every update but the first; lwrs has no dampening
+    got = torch_run(timm(dampening=0.5), p)
+    for scale in (1.0, 0.5):
+        assert worst_error(got, torch_run(lwrs_for_timm(), p, lr_scale=scale)) > 1e-3
+
+
 # ---- pytorch_optimizer ---------------------------------------------------------------------------
 
 def pytorch_optimizer(**options):
@@ -122,6 +129,17 @@ def test_pytorch_optimizer_lars_is_lwrs_lars_with_its_options(problem, nesterov)
 def test_pytorch_optimizer_cannot_be_matched_at_zero_gradients_or_with_a_varying_lr(problem):
     p = PROBLEMS[problem]  # ratio eta/lambda at a zero gradient (lwrs: 1); lr outside the buffer
     assert worst_error(torch_run(pytorch_optimizer(), p), torch_run(lwrs_for_pytorch_optimizer(), p)) > 1e-3
+
+
+@pytest.mark.parametrize("problem", ["mlp", "no_weight_decay", "zero_init"])
+def test_pytorch_optimizer_dampening_is_a_scaled_lr_without_nesterov_only(problem):
+    p = PROBLEMS[problem]  # pytorch_optimizer damps every update, the first too (its buffer starts at zero)
+    got = torch_run(pytorch_optimizer(dampening=0.5), p)
+    assert worst_error(got, torch_run(lwrs_for_pytorch_optimizer(), p)) > 1e-3
+    assert worst_error(got, torch_run(lwrs_for_pytorch_optimizer(), p, lr_scale=0.5)) <= TOL
+    nesterov = torch_run(pytorch_optimizer(dampening=0.5, nesterov=True), p)  # undamped look-ahead
+    for scale in (1.0, 0.5):
+        assert worst_error(nesterov, torch_run(lwrs_for_pytorch_optimizer(True), p, lr_scale=scale)) > 1e-3
 
 
 # ---- optax ---------------------------------------------------------------------------------------

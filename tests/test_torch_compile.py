@@ -145,3 +145,21 @@ def test_compiling_the_step_prints_no_warning(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and "done" in out.stdout, out.stderr[-3000:]
     assert "Warning" not in out.stderr and "lru_cache" not in out.stderr, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_one_cycle_without_cycled_momentum_compiles_once(name):
+    """The documented setting for OneCycleLR under torch.compile (momentum and betas are Python floats, which
+    Dynamo specialises on: cycle_momentum=True recompiles at each step, review-torch 4)."""
+    torch._dynamo.reset()
+    m = model()
+    opt = MAKERS[name](m.parameters())
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(opt.step, backend=counter)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=30, cycle_momentum=False)
+    for k in range(20):
+        backward(m, k)
+        step()
+        sched.step()
+    assert counter.frame_count == 1
+    assert all(torch.isfinite(p).all() for p in m.parameters())

@@ -279,9 +279,18 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], Any] = print) -
         return 0
     if not args.optimizer:
         parser.error("name an optimizer (a dotted path) or pass --rst FILE")
-    obj = resolve(args.optimizer)
-    report = run(obj, kind=args.kind or guess_kind(args.optimizer), driver=args.driver, options=_pairs(args.option, "--option"),
-                 name=args.optimizer, **_pairs(args.fix, "--fix"))
+    # a usage error (bad path, option or convention) exits 2 in one line; 1 means "does not conform"
+    try:
+        obj = resolve(args.optimizer)
+        options, fixed = _pairs(args.option, "--option"), _pairs(args.fix, "--fix")
+    except SystemExit as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc.code}\n")
+    try:
+        report = run(obj, kind=args.kind or guess_kind(args.optimizer), driver=args.driver, options=options,
+                     name=args.optimizer, **fixed)
+    except (TypeError, ValueError) as exc:  # raised building the optimizer or reading --fix, before any step
+        message = " ".join(str(exc).split())  # one line, whatever the exception's text
+        parser.exit(2, f"{parser.prog}: error: {args.optimizer}: {type(exc).__name__}: {message}\n")
     out(report.text())
     return 0 if report.conforms else 1
 
