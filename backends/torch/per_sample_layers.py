@@ -62,14 +62,16 @@ def _linear_weight_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return sq_norms(torch.bmm(d.transpose(1, 2), a))
 
 
-def _gram_inner(g: torch.Tensor, d: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum_{t,s} g_ts (d_t . d_s) [mask_ts]`` per sample, in float64; ``d`` scaled into range for its Gram matrix.
+def _gram_inner(g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``sum_{t,s} g_ts (d_t . d_s)`` per sample, in float64; ``d`` scaled into range for its Gram matrix.
 
     (The output gradient carries the loss scale: its float32 Gram matrix would overflow from about 1e19.)
     """
-    s = d.abs().amax().clamp_min(torch.finfo(d.dtype).tiny) if d.dtype != torch.float64 else d.new_ones(())
-    dd = torch.bmm(d / s, (d / s).transpose(1, 2)) * g
-    return (dd if mask is None else dd * mask).sum(dim=(1, 2), dtype=torch.float64) * s.double().square()
+    if d.dtype == torch.float64:
+        return (torch.bmm(d, d.transpose(1, 2)) * g).sum(dim=(1, 2))
+    s = d.abs().amax().clamp_min(torch.finfo(d.dtype).tiny)
+    d = d / s
+    return (torch.bmm(d, d.transpose(1, 2)) * g).sum(dim=(1, 2), dtype=torch.float64) * s.double().square()
 
 
 def linear_pieces(x: torch.Tensor, d: torch.Tensor, *, bias: bool, want_weight: bool, want_bias: bool,
