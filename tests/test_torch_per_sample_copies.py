@@ -130,3 +130,51 @@ def test_statistics_of_gradients_zeroed_in_place_are_refused():
     # accumulation without zeroing still adds up
     _loss(model, batch(8)).backward()
     assert norms.norm_statistics(list(model.parameters())).count == 16
+
+
+def _scaled_models(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(1)
+    if kind == "tokens":  # Embedding (Gram form), Linear on short sequences (ghost) and rows, LayerNorm
+        model = nn.Sequential(nn.Embedding(10, 16), nn.Linear(16, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 3))
+        return model, torch.randint(0, 10, (6, 5))
+    if kind == "long":  # a Linear on a long sequence (fused, or built with hooks)
+        return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), torch.randn(6, 40, 4)
+    return nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3)), torch.randn(6, 2, 8)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kind", ["tokens", "long", "conv"])
+def test_statistics_stay_finite_under_a_loss_scale_the_gradients_survive(kind, fused):
+    """float32, loss scale 2**100: the gradients are finite, so must be the statistics (review item 7)."""
+    model, x = _scaled_models(kind)
+    norms = PerSampleNorms(model, fused=fused)
+    params = list(model.parameters())
+    model(x).square().mean().backward()
+    want = norms.norm_statistics(params)
+    grads = [p.grad.clone() for p in params]
+    norms.reset()
+    model.zero_grad()
+    scale = 2.0**100
+    (model(x).square().mean() * scale).backward()
+    assert all(torch.isfinite(p.grad).all() for p in params)
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(p.grad / scale, g, rtol=1e-5, atol=1e-7)
+    got = norms.norm_statistics(params, scale=scale)
+    assert got.count == want.count
+    torch.testing.assert_close(got.sum_norms, want.sum_norms, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.sum_squared_norms, want.sum_squared_norms, rtol=1e-5, atol=0)
+
+
+def test_clars_with_a_grad_scaler_near_the_float32_limit_steps():
+    model, x = _scaled_models("tokens")
+    twin = copy.deepcopy(model)
+    factors = []
+    for m, scaler in ((model, None), (twin, torch.amp.GradScaler("cpu", init_scale=2.0**100))):
+        opt = CLARS(m.parameters(), lr=0.1, norm_source=PerSampleNorms(m), grad_scaler=scaler)
+        opt.zero_grad()
+        loss = m(x).square().mean()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        opt.step() if scaler is None else scaler.step(opt)
+        factors.append(opt.diagnostics[0].clars_factors)
+    assert scaler.get_scale() == 2.0**100  # not a skipped step
+    torch.testing.assert_close(factors[1], factors[0], rtol=1e-5, atol=0)

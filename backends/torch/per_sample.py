@@ -520,7 +520,8 @@ class PerSampleNorms:
                 "p.grad.zero_()?); call PerSampleNorms.reset() when zeroing the gradients (CLARS.zero_grad does)")
         for p in params:
             if p in self._s1:
-                out[p] = (self._s1[p] / scale, self._s2[p] / scale**2)
+                dtype = torch.float64 if p.dtype == torch.float64 else torch.float32  # (kept in float64)
+                out[p] = ((self._s1[p] / scale).to(dtype), (self._s2[p] / scale**2).to(dtype))
             elif p in self._bn_params and p.grad is not None:
                 g = distributed.gather(p.grad.detach())  # the whole layer's gradient under FSDP2
                 g = g.double() if g.dtype == torch.float64 else g.float()
@@ -563,8 +564,8 @@ class PerSampleNorms:
             # makes the same call even when each steps its own subset (ZeroRedundancyOptimizer)
             world = torch.distributed.get_world_size()
             everyone = [q for q in self._owner if q in self._s1]
-            both = torch.stack([self._s1[q].to(dtype) / scale for q in everyone]
-                               + [self._s2[q].to(dtype) / scale**2 for q in everyone]) if everyone else s1[:0]
+            both = torch.stack([(self._s1[q] / scale).to(dtype) for q in everyone]
+                               + [(self._s2[q] / scale**2).to(dtype) for q in everyone]) if everyone else s1[:0]
             torch.distributed.all_reduce(both)
             where = {q: k for k, q in enumerate(everyone)}
             for k, p in enumerate(params):

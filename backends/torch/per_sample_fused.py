@@ -136,7 +136,7 @@ class _PerSampleWeightGrad(torch.autograd.Function):
         if ctx.has_bias:
             per_sample_bias = layer.per_sample_bias(grad_out)
             keep = rec.want("bias")
-            rec.record("bias", per_sample_bias if keep else per_sample_bias.pow(2).sum(dim=1), keep)
+            rec.record("bias", per_sample_bias if keep else sq_norms_of(per_sample_bias), keep)
             grad_b = per_sample_bias.sum(dim=0).to(weight.dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
 
@@ -155,23 +155,31 @@ def _sum_and_sq_norms(layer: "_Layer", x: torch.Tensor, grad_out: torch.Tensor, 
     chunk = max(1, min(batch, _CHUNK_ELEMENTS // max(1, weight.numel())))
     dtype = _stat_dtype(x)
     total = None
-    sq_norms = torch.empty(batch, dtype=dtype, device=weight.device)
+    sq_norms = torch.empty(batch, dtype=torch.float64, device=weight.device)
     buffer = layer.buffer((chunk, *weight.shape), dtype, weight.device) if layer.writes_into_buffer else None
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
         out = buffer[: stop - start] if buffer is not None else None
         g = layer.per_sample(x[start:stop], grad_out[start:stop], out=out)  # (chunk, *weight.shape)
-        torch.linalg.vector_norm(g.reshape(stop - start, -1), dim=1, out=sq_norms[start:stop])
+        sq_norms[start:stop] = sq_norms_of(g)
         if with_sum:
             chunk_sum = g.sum(dim=0)
             total = chunk_sum if total is None else total.add_(chunk_sum)
-    sq_norms.square_()
     return total, sq_norms, None
 
 
 def sq_norms_of(g: torch.Tensor) -> torch.Tensor:
-    """``||G_i||^2`` of a ``(B, ...)`` tensor."""
-    return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).square()
+    """``||G_i||^2`` of a ``(B, ...)`` tensor, in float64: finite wherever ``G_i`` is (a large loss scale).
+
+    A float32 norm sums squares in float32, which overflow from about 1.8e19; such rows are summed
+    again in float64 (on the host, where checking costs no synchronisation; always on accelerators).
+    """
+    g = g.reshape(g.shape[0], -1)
+    if g.dtype == torch.float32 and g.device.type == "cpu":
+        norms = torch.linalg.vector_norm(g, dim=1)
+        if bool(torch.isfinite(norms).all()) or not bool(torch.isfinite(g).all()):
+            return norms.double().square()
+    return torch.linalg.vector_norm(g, dim=1, dtype=torch.float64).square()
 
 
 def conv_sq_norms(module: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:

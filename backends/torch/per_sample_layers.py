@@ -19,7 +19,8 @@ cheaper (:math:`t` over tokens or output positions; CLARS eq. 5's per-sample ter
 * convolutions: grouped weight-gradient calls (:func:`per_sample_fused.conv_sq_norms`);
 * LayerNorm / GroupNorm affine parameters and biases: built, they are small.
 
-Statistics are accumulated in float32 at least (float64 for float64 inputs).
+Squared norms are returned in float64, so that a loss scale that leaves the gradients
+finite leaves them finite too.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def stat_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def sq_norms(x: torch.Tensor) -> torch.Tensor:
-    """Squared norm of every sample's slice, accumulated in float32 at least, in one pass without temporaries."""
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=stat_dtype(x)).square()
+    """Squared norm of every sample's slice, in float64 (finite wherever the slice is)."""
+    return per_sample_fused.sq_norms_of(x if x.dtype == torch.float64 else x.to(stat_dtype(x)))
 
 
 def _as_sequence(x: torch.Tensor) -> torch.Tensor:
@@ -57,8 +58,20 @@ def _linear_weight_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     a, d = a.to(dtype), d.to(dtype)
     T, p, q = a.shape[1], a.shape[2], d.shape[2]
     if 2 * T * T <= p * q:  # ghost norm: <a a^T, d d^T>
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2))
-    return torch.bmm(d.transpose(1, 2), a).pow(2).sum(dim=(1, 2))
+        return _gram_inner(torch.bmm(a, a.transpose(1, 2)), d)
+    return sq_norms(torch.bmm(d.transpose(1, 2), a))
+
+
+def _gram_inner(g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``sum_{t,s} g_ts (d_t . d_s)`` per sample, in float64; ``d`` scaled into range for its Gram matrix.
+
+    (The output gradient carries the loss scale: its float32 Gram matrix would overflow from about 1e19.)
+    """
+    if d.dtype == torch.float64:
+        return (torch.bmm(d, d.transpose(1, 2)) * g).sum(dim=(1, 2))
+    s = d.abs().amax().clamp_min(torch.finfo(d.dtype).tiny)
+    d = d / s
+    return (torch.bmm(d, d.transpose(1, 2)) * g).sum(dim=(1, 2), dtype=torch.float64) * s.double().square()
 
 
 def linear_pieces(x: torch.Tensor, d: torch.Tensor, *, bias: bool, want_weight: bool, want_bias: bool,
@@ -127,7 +140,7 @@ def _embedding(module: torch.nn.Embedding, ids: torch.Tensor, d: torch.Tensor, w
     if module.padding_idx is not None:
         keep = ids != module.padding_idx
         same = same & keep[:, :, None] & keep[:, None, :]
-    return {module.weight: (torch.bmm(dd, dd.transpose(1, 2)) * same).sum(dim=(1, 2))}
+    return {module.weight: _gram_inner(same.to(dd.dtype), dd)}
 
 
 def _affine(params: tuple, per_sample: tuple, want: Want) -> Pieces:
