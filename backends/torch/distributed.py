@@ -18,7 +18,7 @@ redistributed to ``Replicate``, which costs its own collective.
 
 The optimizers of :mod:`lwrs.backends.torch.optim` use this when a group's
 parameters are ``DTensor`` s: every implementation runs on the local shards
-(:func:`local`), and :func:`lwrs.backends.torch.functional.squared_norms`, the one
+(:func:`local`), and :func:`lwrs.backends.torch.norms.squared_norms`, the one
 place that reads tensors for norms, sums its per-layer sums of squares
 (:math:`\|w\|^2`, :math:`\|g\|^2`, the state's, :math:`\|g+\lambda w\|^2`) over the
 shards with :func:`sum_over_shards`: one collective per step for MNAG, LARS,
