@@ -20,9 +20,8 @@ import warnings
 
 import torch
 
-from _harness import interleaved_medians, write_record
+from _harness import interleaved_medians, resnet50_shapes, write_record
 from lwrs.backends.torch import LARS
-from optimizer_step import resnet50_shapes
 
 HERE = pathlib.Path(__file__).resolve().parent
 SETTINGS = dict(momentum=0.9, nesterov=True, weight_decay=5e-4)

@@ -23,27 +23,12 @@ import numpy as np
 import optax
 
 import lwrs
-from _harness import interleaved_medians, write_record
+from _harness import interleaved_medians, resnet50_shapes, write_record
 from lwrs.backends import jax as lj
 
 HERE = pathlib.Path(__file__).resolve().parent
 PEER = "optax.lars"
 MAPPED = "lwrs lars, optax's conventions"
-
-
-def resnet50_shapes() -> list[tuple[int, ...]]:
-    """The 161 parameter shapes of torchvision's ResNet-50 (25,557,032 parameters), as in optimizer_step.py."""
-    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
-    in_ch = 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
-            out = width * 4
-            shapes += [(width, in_ch, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
-                       (out, width, 1, 1), (out,), (out,)]
-            if b == 0:
-                shapes += [(out, in_ch, 1, 1), (out,), (out,)]
-            in_ch = out
-    return shapes + [(1000, 2048), (1000,)]
 
 
 def mlp_shapes() -> list[tuple[int, ...]]:

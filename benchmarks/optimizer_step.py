@@ -21,28 +21,11 @@ from collections.abc import Callable
 import torch
 
 import lwrs
-from _harness import interleaved_medians, write_record
+from _harness import interleaved_medians, resnet50_shapes, write_record
 from lwrs.backends.torch import CLARS, LARS
 from lwrs.backends.torch.conformance import load_timm_lars
 
 HERE = pathlib.Path(__file__).resolve().parent
-
-
-def resnet50_shapes() -> list[tuple[int, ...]]:
-    """The 161 parameter shapes of torchvision's ResNet-50 (25,557,032 parameters), built by hand."""
-    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
-    in_ch = 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
-            out = width * 4
-            shapes += [(width, in_ch, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
-                       (out, width, 1, 1), (out,), (out,)]
-            if b == 0:
-                shapes += [(out, in_ch, 1, 1), (out,), (out,)]
-            in_ch = out
-    return shapes + [(1000, 2048), (1000,)]
-
-
 PARAMETER_SETS = {
     "resnet50": resnet50_shapes,
     "1000x64x64": lambda: [(64, 64)] * 1000,
