@@ -133,11 +133,12 @@ def build_methods(make, x, y):
             grads = per_sample(params, x, y)
             s1, s2 = [], []
             for n, p in zip(names, model.parameters()):
-                norms = torch.linalg.vector_norm(grads[n].reshape(x.shape[0], -1), dim=1)
+                # grads[n][i] is sample i's share of the mean loss's gradient, g_i / B
+                norms = x.shape[0] * torch.linalg.vector_norm(grads[n].reshape(x.shape[0], -1), dim=1)
                 s1.append(norms.sum())
                 s2.append((norms * norms).sum())
                 p.grad = grads[n].sum(dim=0)
-            opt.step(norm_stats=lwrs.NormStatistics(torch.stack(s1), torch.stack(s2), 1))
+            opt.step(norm_stats=lwrs.NormStatistics(torch.stack(s1), torch.stack(s2), x.shape[0]))
         return step
 
     def clars_opacus():
@@ -153,10 +154,10 @@ def build_methods(make, x, y):
         def step():
             opt.zero_grad()
             loss_of(wrapped(x), y).backward()
-            # Opacus (mean reduction) reports norms of each sample's own loss gradient: B times its share of p.grad
-            s1 = torch.stack([p._norm_sample.sum() for p in params]) / x.shape[0]
-            s2 = torch.stack([(p._norm_sample ** 2).sum() for p in params]) / x.shape[0] ** 2
-            opt.step(norm_stats=lwrs.NormStatistics(s1, s2, 1))
+            # Opacus (mean reduction) reports the norms of each sample's own loss gradient, |g_i|
+            s1 = torch.stack([p._norm_sample.sum() for p in params])
+            s2 = torch.stack([(p._norm_sample ** 2).sum() for p in params])
+            opt.step(norm_stats=lwrs.NormStatistics(s1, s2, x.shape[0]))
         return step
 
     def clars_official():
