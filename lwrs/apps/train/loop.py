@@ -30,6 +30,7 @@ A run that produces a non-finite loss or gradient *diverges*: it stops there,
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from typing import Any
@@ -195,12 +196,23 @@ def train(config: TrainConfig, data: Dataset, *, progress: bool = False, engine:
     >>> len(rec["epochs"]), rec["diverged_epoch"], rec["epochs"][2]["test_accuracy"] > 0.1
     (3, None, True)
     """
+    engine = engine or Engine()
+    try:
+        return _train(config, data, progress, engine)
+    finally:
+        if engine.world > 1:
+            # FSDP2's modules and hooks form reference cycles that hold the process group's last work; freed
+            # by a later garbage collection during interpreter shutdown, gloo's worker threads abort the
+            # process (SIGABRT). Collected here, while the group is alive, they are freed normally.
+            gc.collect()
+
+
+def _train(config: TrainConfig, data: Dataset, progress: bool, engine: Engine) -> dict[str, Any]:
     n_train = len(data.y_train)
     if config.batch_size > n_train:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {n_train} training samples of {data.name}")
     steps_per_epoch = n_train // config.batch_size
     total = steps_per_epoch * config.epochs
-    engine = engine or Engine()
     model = build_model(config.model, data.length, data.classes, seed=config.seed)
     names = layer_names(model)
     forward = engine.wrap(model)  # DDP's wrapper, or the model sharded in place by FSDP2
