@@ -26,7 +26,7 @@ def load():
         # built on the machine that runs it, so -march=native is safe and lets the loops use its vector units
         # at::parallel_for expands to an OpenMP pragma here, so the extension itself needs -fopenmp
         # -ffp-contract=off: no fused multiply-add, so the decayed direction is rounded as the core rounds it
-        return build(name="lwrs_fused_cpu_v4", sources=[str(source)],
+        return build(name="lwrs_fused_cpu_v5", sources=[str(source)],
                      extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                      extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # a missing compiler or ninja: say so plainly

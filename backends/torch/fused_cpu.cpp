@@ -1,8 +1,9 @@
 // Fused CPU kernels for the lwrs LARS / CLARS / TVLARS / mNAG step (float32 and float64).
 //
 // Two passes over the parameters, the minimum the algorithm allows:
-//   1. layer_sums: for every layer k, sum w^2, sum g^2, sum d^2 and, for the "norm_of_sum" form, sum (g + lambda w)^2,
-//      in one pass over w, g and d (blocks summed in float64; never an expansion that cancels);
+//   1. layer_sums: for every layer k, sum w^2, sum g^2, sum d^2 (where d is given: the optimizers pass d only where
+//      the last update's bound on |d| is not valid) and, for the "norm_of_sum" form, sum (g + lambda w)^2, in one
+//      pass over w, g (and d) (blocks summed in float64; never an expansion that cancels);
 //   2. mnag_update: for every element, with s = r_k (g + lambda_k w),
 //        d <- beta d - s;  w <- w - s + beta d   (Nesterov)   or   w <- w + d   (heavy ball),
 //      in one read of w, g, d and one write of w, d. This is CLARS eq. (4) in the order of the core.
@@ -11,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -46,49 +48,62 @@ void check(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>
   }
 }
 
-// The sums of squares of one range of a layer, in one pass over w, g (and d): 16 float lanes over blocks of
-// kSumBlock entries (256 terms per lane), each block's lanes added in float64. u = g + lambda w is rounded as the
-// core rounds it (lambda w, then + g; no fused multiply-add), and never expanded into terms that cancel.
+// The sums of squares of one range of a layer, in one pass over w, g (and d): over blocks of kSumBlock entries,
+// kAcc vectors of 64 bytes per sum (32 float or 16 double lanes, 128 or 256 terms per lane), each block's lanes
+// added in float64. Written with the compiler's vector types, so that every variant (with or without d and u)
+// compiles to the same vector loop. u = g + lambda w is rounded as the core rounds it (lambda w, then + g; no
+// fused multiply-add), and never expanded into terms that cancel.
 constexpr int64_t kSumBlock = 1 << 12;
-constexpr int kLanes = 16;
+constexpr int kAcc = 2;
 
 template <typename scalar_t, bool with_d, bool with_u>
 void sums_range(const scalar_t* __restrict__ w, const scalar_t* __restrict__ g, const scalar_t* __restrict__ d,
                 int64_t begin, int64_t end, scalar_t lam, double* out) {
+  typedef scalar_t vec __attribute__((vector_size(64)));
+  constexpr int kN = 64 / sizeof(scalar_t);
+  const auto load = [](const scalar_t* p) {
+    vec v;
+    std::memcpy(&v, p, sizeof(vec));
+    return v;
+  };
   for (int64_t b = begin; b < end; b += kSumBlock) {
     const int64_t e = std::min(end, b + kSumBlock);
-    scalar_t aw[kLanes] = {}, ag[kLanes] = {}, ad[kLanes] = {}, au[kLanes] = {};
+    vec aw[kAcc] = {}, ag[kAcc] = {}, ad[kAcc] = {}, au[kAcc] = {};
     int64_t i = b;
-    for (; i + kLanes <= e; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const scalar_t wv = w[i + j], gv = g[i + j];
-        aw[j] += wv * wv;
-        ag[j] += gv * gv;
-        if (with_d) ad[j] += d[i + j] * d[i + j];
+    for (; i + kAcc * kN <= e; i += kAcc * kN) {
+      for (int a = 0; a < kAcc; ++a) {
+        const vec wv = load(w + i + a * kN), gv = load(g + i + a * kN);
+        aw[a] += wv * wv;
+        ag[a] += gv * gv;
+        if (with_d) {
+          const vec dv = load(d + i + a * kN);
+          ad[a] += dv * dv;
+        }
         if (with_u) {
-          const scalar_t lw = lam * wv;
-          const scalar_t u = gv + lw;
-          au[j] += u * u;
+          const vec lw = lam * wv;
+          const vec u = gv + lw;
+          au[a] += u * u;
         }
       }
     }
-    for (int j = 0; i < e; ++i, ++j) {
-      const scalar_t wv = w[i], gv = g[i];
-      aw[j] += wv * wv;
-      ag[j] += gv * gv;
-      if (with_d) ad[j] += d[i] * d[i];
+    double sw = 0, sg = 0, sd = 0, su = 0;
+    for (; i < e; ++i) {
+      sw += static_cast<double>(w[i] * w[i]);
+      sg += static_cast<double>(g[i] * g[i]);
+      if (with_d) sd += static_cast<double>(d[i] * d[i]);
       if (with_u) {
-        const scalar_t lw = lam * wv;
-        const scalar_t u = gv + lw;
-        au[j] += u * u;
+        const scalar_t lw = lam * w[i];
+        const scalar_t u = g[i] + lw;
+        su += static_cast<double>(u * u);
       }
     }
-    double sw = 0, sg = 0, sd = 0, su = 0;
-    for (int j = 0; j < kLanes; ++j) {
-      sw += aw[j];
-      sg += ag[j];
-      sd += ad[j];
-      su += au[j];
+    for (int a = 0; a < kAcc; ++a) {
+      for (int j = 0; j < kN; ++j) {
+        sw += aw[a][j];
+        sg += ag[a][j];
+        sd += ad[a][j];
+        su += au[a][j];
+      }
     }
     out[0] += sw;
     out[1] += sg;
