@@ -94,16 +94,20 @@ def linear_pieces(x: torch.Tensor, d: torch.Tensor, *, bias: bool, want_weight: 
     """
     dtype = stat_dtype(d)
     a, dd = _as_sequence(x), _as_sequence(d)
+    d_sq = None
     if want_weight:
         w = torch.bmm(dd.transpose(1, 2).to(dtype), a.to(dtype))
     elif a.shape[1] == 1:
-        w = (sq_norms(a) if a_sq is None else a_sq) * sq_norms(dd)
+        d_sq = sq_norms(dd)
+        w = (sq_norms(a) if a_sq is None else a_sq) * d_sq
     else:
         w = _linear_weight_sq(a, dd)
     b = None
     if bias:
-        per_sample = dd.sum(dim=1, dtype=dtype)
-        b = per_sample if want_bias else sq_norms(per_sample)
+        # one position: the slice itself (a sum over a length-1 axis would zero-fill and copy the whole of d),
+        # whose squared norm the weight's already took
+        per_sample = dd[:, 0].to(dtype) if dd.shape[1] == 1 else dd.sum(dim=1, dtype=dtype)
+        b = per_sample if want_bias else d_sq if d_sq is not None else sq_norms(per_sample)
     return w, b
 
 
