@@ -364,62 +364,6 @@ def test_a_nan_in_the_state_is_detected(name, impl):
     assert_unchanged(opt, m, snap)
 
 
-@pytest.mark.parametrize("impl", ["foreach", "fused"])
-@pytest.mark.parametrize("corrupt", [
-    lambda opt, p: opt.state[p]["momentum_buffer"].fill_(float("inf")),
-    lambda opt, p: opt.state[p]["momentum_buffer"].mul_(1e308),  # finite, but the step would overflow
-    lambda opt, p: opt.state[p].update(momentum_buffer=torch.full_like(p, float("nan"))),  # a new tensor
-    lambda opt, p: opt.load_state_dict(_with_nan_buffer(opt.state_dict(), p)),
-], ids=["fill_", "mul_", "replaced", "load_state_dict"])
-def test_the_buffers_norm_bound_is_dropped_whenever_the_buffer_changes(impl, corrupt):
-    """From the second step the buffers' norms come from the last update's bound, not from a read; any change to
-    a buffer (its version counter, or another tensor) makes the step read it again, so a bad state still stops the
-    step, all-or-nothing."""
-    m = model()
-    opt = LARS(m.parameters(), lr=0.1, weight_decay=1e-4, **IMPLS[impl])
-    for seed in range(2):
-        backward(m, seed)
-        opt.step()
-    corrupt(opt, m[2].weight)
-    backward(m, 2)
-    snap = snapshot(opt, m)
-    with pytest.raises(lwrs.NonFiniteError, match=r"parameter 2 of group 0: (momentum buffer norm|step size)"):
-        opt.step()
-    assert_unchanged(opt, m, snap)
-
-
-def _with_nan_buffer(state, p):
-    state["state"][2]["momentum_buffer"] = torch.full_like(p, float("nan"))
-    return state
-
-
-@pytest.mark.parametrize("impl", ["foreach", "fused"])
-def test_unchanged_buffers_are_not_read_for_their_norms(impl, monkeypatch):
-    """The momentum buffers are read for their norms only where no bound from the last update is valid: at the
-    first step, and after a change (here one buffer's ``zero_``); the steps equal the reference implementation's."""
-    from lwrs.backends.torch import functional
-
-    passed = []
-    real = functional.squared_norms
-    monkeypatch.setattr(functional, "squared_norms",
-                        lambda p, g, b, *a, **k: passed.append([x is not None for x in b]) or real(p, g, b, *a, **k))
-    m, ref = model(), model()
-    opt = LARS(m.parameters(), lr=0.1, weight_decay=1e-4, **IMPLS[impl])
-    ref_opt = LARS(ref.parameters(), lr=0.1, weight_decay=1e-4, foreach=False)
-    for seed in range(4):
-        if seed == 3:
-            opt.state[m[2].weight]["momentum_buffer"].zero_()
-            ref_opt.state[ref[2].weight]["momentum_buffer"].zero_()
-        for net, o in ((m, opt), (ref, ref_opt)):
-            backward(net, seed)
-            o.step()
-    reads = passed[::2]  # opt's calls; the reference's are every other one
-    assert reads[0] == [True] * 4 and reads[1] == reads[2] == [False] * 4
-    assert reads[3] == [False, False, True, False]  # only the changed buffer
-    for a, b in zip(m.parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
-
-
 def test_named_parameters_name_the_parameter_in_every_message():
     m = model()
     opt = LARS(m.named_parameters(), lr=0.1)

@@ -46,7 +46,6 @@ from .norms import stat_dtype as _stat_dtype
 
 __all__ = [
     "MomentumPlan",
-    "TraceBounds",
     "plan_momentum",
     "apply_momentum",
     "first_problem",
@@ -81,53 +80,10 @@ class MomentumPlan(NamedTuple):
     direction_norms: torch.Tensor  # |g + lambda w| per layer (|g| where lambda is 0)
     finite: torch.Tensor  # 0-d bool: every norm, statistic, rate and the update's bound is finite
     checks: tuple[tuple[str, torch.Tensor], ...]  # (what, per-layer values) for the error message
-    trace_bounds: torch.Tensor  # per layer, an upper bound on the momentum buffer's norm after the update
 
 
-class TraceBounds:
-    r"""Upper bounds on the momentum buffers' norms, so that a step need not read the buffers.
-
-    The norms pass of a step reads :math:`w`, :math:`\bar g` and, for the overflow and
-    non-finite checks only, the buffer :math:`d`. After an update,
-    :math:`\|d'_k\| \le \beta\|d_k\| + \gamma_k(\|\bar g_k\| + \lambda_k\|w_k\|)` (the triangle
-    inequality), and :math:`d'` is finite because the checks passed. This bound replaces the
-    norm of a buffer at the next step as long as the buffer is the same tensor with the same
-    version counter (torch increments it on every in-place change, including
-    ``load_state_dict``'s copies and ``state[p]["momentum_buffer"].fill_(...)``); any other
-    buffer is read. A change made through ``.data``, which bypasses the version counter, is
-    not seen. Not used under ``torch.compile``, for sharded (DTensor) or float16 layers.
-    """
-
-    def __init__(self) -> None:
-        self._known: dict[int, tuple[Any, int, torch.Tensor]] = {}  # id(buffer) -> (weak ref, version, bound)
-
-    @staticmethod
-    def _eligible(buffer: torch.Tensor) -> bool:
-        return buffer.dtype != torch.float16 and not _compiling()
-
-    def lookup(self, buffers: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Per buffer: its known bound (a 0-d tensor), or ``None`` where it must be read."""
-        out: list[torch.Tensor | None] = []
-        for b in buffers:
-            entry = self._known.get(id(b))
-            out.append(entry[2] if entry is not None and entry[0]() is b and entry[1] == b._version else None)
-        return out
-
-    def record(self, buffers: Sequence[torch.Tensor], bounds: torch.Tensor) -> None:
-        """After an update: ``bounds[k]`` bounds ``buffers[k]``'s norm at its current version."""
-        import weakref
-
-        for b, bound in zip(buffers, bounds.unbind(0)):
-            if self._eligible(b):
-                self._known[id(b)] = (weakref.ref(b), b._version, bound)
-
-    def forget(self) -> None:
-        """Read every buffer at the next step."""
-        self._known.clear()
-
-
-def _bound_ok(w_norms, rates, direction_bound, buf_norms, beta, nesterov, dtypes) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Per layer: the step cannot overflow the parameter's dtype; and the bound on the new buffer's norm.
+def _bound_ok(w_norms, rates, direction_bound, buf_norms, beta, nesterov, dtypes) -> torch.Tensor:
+    r"""Per layer: the step cannot overflow the parameter's dtype.
 
     By the triangle inequality every element of the new trace and weights is below
     :math:`\beta\|d\| + \gamma_k(\|g\| + \lambda\|w\|)` and
@@ -137,7 +93,7 @@ def _bound_ok(w_norms, rates, direction_bound, buf_norms, beta, nesterov, dtypes
     d_new = beta * buf_norms + s
     w_new = w_norms + s + beta * d_new if nesterov else w_norms + d_new
     limit = torch.tensor([torch.finfo(dt).max for dt in dtypes], dtype=w_norms.dtype, device=w_norms.device)
-    return torch.isfinite(w_new) & (w_new <= limit), d_new
+    return torch.isfinite(w_new) & (w_new <= limit)
 
 
 def _float16_maxima(params, grads, buffers, w_norms, g_norms, b_norms):
@@ -160,27 +116,19 @@ def _float16_maxima(params, grads, buffers, w_norms, g_norms, b_norms):
 
 def plan_momentum(params, grads, buffers, *, lr: Any, momentum: float, nesterov: bool, options: TrustOptions,
                   adapt: Sequence[bool], decays: Sequence[float], mean_norms: Any = None, norms: Any = None,
-                  step: Any = 0, implementation: str = "foreach", layouts: Any = None,
-                  buffer_bounds: Sequence[torch.Tensor | None] | None = None) -> MomentumPlan:
+                  step: Any = 0, implementation: str = "foreach", layouts: Any = None) -> MomentumPlan:
     r"""Norms and per-layer rates of one mNAG-family step (no side effect).
 
     .. math:: \gamma_k = \gamma_t\, r_k \qquad\text{(CLARS eq. 3 and 5, via :func:`lwrs.rates.layer_rates`)}
 
     ``lr`` is :math:`\gamma_t` (a number, a 0-d tensor, or a 1-D tensor with one entry
     per layer); ``norms`` is the result of :func:`squared_norms` when the caller took it;
-    ``layouts``: the ``DTensor`` s whose local shards the lists hold (see :func:`squared_norms`);
-    ``buffer_bounds``: per layer, a known bound on the buffer's norm (:class:`TraceBounds`), used
-    instead of reading that buffer, or ``None``.
+    ``layouts``: the ``DTensor`` s whose local shards the lists hold (see :func:`squared_norms`).
     """
-    known = [b is not None for b in buffer_bounds] if buffer_bounds is not None and buffers is not None else []
     if norms is None:
-        read = [None if k else b for b, k in zip(buffers, known)] if any(known) else buffers
-        norms = squared_norms(params, grads, read, decays if options.weight_decay_form == "norm_of_sum" else None,
+        norms = squared_norms(params, grads, buffers, decays if options.weight_decay_form == "norm_of_sum" else None,
                               implementation=implementation, layouts=layouts)
     w_norms, g_norms, b_norms, dir_norms = norms.sqrt().unbind(0)
-    if any(known):
-        b_norms = torch.stack([bound.to(b_norms.dtype) if k else b_norms[i]
-                               for i, (bound, k) in enumerate(zip(buffer_bounds, known))])
     has = torch.tensor([bool(x) for x in decays], device=w_norms.device)
     all_directions = torch.where(has, dir_norms, g_norms)  # layers without decay: the direction is the gradient
     direction_norms = all_directions if options.weight_decay_form == "norm_of_sum" and any(decays) else None
@@ -195,14 +143,14 @@ def plan_momentum(params, grads, buffers, *, lr: Any, momentum: float, nesterov:
         rates = rates.to(w_norms.dtype)
     lam = torch.tensor([float(x) for x in decays], dtype=w_norms.dtype, device=w_norms.device)
     wb, gb, bb = _float16_maxima(params, grads, buffers, w_norms, g_norms, b_norms)
-    bound, trace_bounds = _bound_ok(wb, rates, gb + lam * wb, bb, momentum, nesterov, [p.dtype for p in params])
+    bound = _bound_ok(wb, rates, gb + lam * wb, bb, momentum, nesterov, [p.dtype for p in params])
     checks = [("parameter norm", w_norms), ("gradient norm", g_norms), ("momentum buffer norm", b_norms)]
     if mean_norms is not None:
         checks.append(("mean per-sample gradient norm", mean_norms))
     checks.append(("step size (the update would overflow)", torch.where(bound, rates, torch.full_like(rates, torch.inf))))
     finite = torch.stack([torch.isfinite(v).all() for _, v in checks]).all()
     diag = LayerDiagnostics(w_norms, g_norms, lars_r, factors, rates, lr, step)
-    return MomentumPlan(diag, tuple(decays), all_directions, finite, tuple(checks), trace_bounds)
+    return MomentumPlan(diag, tuple(decays), all_directions, finite, tuple(checks))
 
 
 def first_problem(checks: Sequence[tuple[str, torch.Tensor]], names: Sequence[str]) -> str | None:

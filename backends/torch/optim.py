@@ -141,7 +141,6 @@ class _Layerwise(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state, refusing one from another optimizer or with a parameter missing (the message says which)."""
         load_checked(self, state_dict)
-        self.__dict__.pop("_known_trace_bounds", None)  # the loaded buffers are read at the next step
         for i, group in enumerate(self.param_groups):
             self._check_group(i, group)
             self._init_state(group)  # entries a state saved before its first step lacks
@@ -261,7 +260,6 @@ class _Layerwise(torch.optim.Optimizer):
             raise ValueError(f"group {g.index}: CLARS needs per-sample norm statistics: pass norm_source= or "
                              "step(norm_stats=...)")
         bufs = [self.state[p]["momentum_buffer"] for p in g.params]
-        bounds = self._trace_bounds(g)
         dtype = F._stat_dtype(g.params)
         mean = None if stats is None else (stats.sum_norms / stats.count).to(dtype)
         steps = self._steps(g)
@@ -270,15 +268,7 @@ class _Layerwise(torch.optim.Optimizer):
         L = _local if layouts is not None else list
         return F.plan_momentum(L(g.params), L(g.grads), L(bufs), lr=self._lr(g), momentum=group["momentum"],
                                nesterov=group["nesterov"], options=options, adapt=adapt, decays=decays,
-                               mean_norms=mean, step=step, implementation=self._impl(g), layouts=layouts,
-                               buffer_bounds=bounds.lookup(bufs) if bounds is not None else None)
-
-    def _trace_bounds(self, g: Gathered) -> F.TraceBounds | None:
-        """The buffers' known norm bounds (:class:`~lwrs.backends.torch.functional.TraceBounds`): eager, whole
-        tensors, not the reference implementation (which reads everything, as the core does)."""
-        if _compiling() or self.implementation == "reference" or _layouts(g) is not None:
-            return None
-        return self.__dict__.setdefault("_known_trace_bounds", F.TraceBounds())
+                               mean_norms=mean, step=step, implementation=self._impl(g), layouts=layouts)
 
     def _impl(self, g: Gathered) -> str:
         impl = self.implementation
@@ -296,9 +286,6 @@ class _Layerwise(torch.optim.Optimizer):
         F.apply_momentum(L(g.params), L(g.grads), L(bufs), plan.diagnostics.rates, plan.decays,
                          momentum=g.group["momentum"], nesterov=g.group["nesterov"], implementation=self._impl(g),
                          ok=ok)
-        bounds = self._trace_bounds(g)
-        if bounds is not None and ok is None:
-            bounds.record(bufs, plan.trace_bounds)
 
 
 def _layouts(g: Gathered) -> list[torch.Tensor] | None:
