@@ -364,6 +364,49 @@ def test_a_nan_in_the_state_is_detected(name, impl):
     assert_unchanged(opt, m, snap)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("corrupt", [
+    lambda opt, p: opt.state[p]["momentum_buffer"].fill_(float("inf")),
+    lambda opt, p: opt.state[p]["momentum_buffer"].mul_(1e308),  # finite, but the step would overflow
+    lambda opt, p: opt.state[p].update(momentum_buffer=torch.full_like(p, float("nan"))),  # a new tensor
+    # writes that torch's version counter does not see (as a collective's, e.g. a broadcast of the state)
+    lambda opt, p: opt.state[p]["momentum_buffer"].data.fill_(float("nan")),
+    lambda opt, p: opt.state[p]["momentum_buffer"].numpy().fill(float("nan")),
+], ids=["fill_", "mul_", "replaced", "data", "numpy"])
+def test_a_bad_buffer_stops_the_step_however_it_was_written(impl, corrupt):
+    """The buffers are read for the checks at every step: a bound carried over from the last update and trusted
+    while the version counter is unchanged missed writes such as ``.data``, NumPy views and collectives."""
+    m = model()
+    opt = LARS(m.parameters(), lr=0.1, weight_decay=1e-4, **IMPLS[impl])
+    for seed in range(2):
+        backward(m, seed)
+        opt.step()
+    corrupt(opt, m[2].weight)
+    backward(m, 2)
+    snap = snapshot(opt, m)
+    with pytest.raises(lwrs.NonFiniteError, match=r"parameter 2 of group 0: (momentum buffer norm|step size)"):
+        opt.step()
+    assert_unchanged(opt, m, snap)
+
+
+@pytest.mark.parametrize("name, impl", CASES)
+def test_a_model_converted_after_its_optimizer_is_refused_before_any_update(name, impl):
+    """``model[2].float()`` after two steps leaves the float64 state: refused up front, naming the parameter (the
+    reference path used to update group 0 and then fail in group 1)."""
+    m = model()
+    opt = FACTORIES[name]([{"params": m[0].parameters()}, {"params": m[2].parameters()}], **IMPLS[impl])
+    for seed in range(2):
+        backward(m, seed)
+        opt.step()
+    m[2].float()
+    m.zero_grad(set_to_none=True)
+    (m[2](m[1](m[0](torch.randn(8, 6, dtype=torch.float64))).float()) ** 2).mean().backward()
+    snap = snapshot(opt, m)
+    with pytest.raises(ValueError, match=r"parameter 0 of group 1: its state '\w+' is torch.float64 \(3, 5\)"):
+        opt.step()
+    assert_unchanged(opt, m, snap)
+
+
 def test_named_parameters_name_the_parameter_in_every_message():
     m = model()
     opt = LARS(m.named_parameters(), lr=0.1)

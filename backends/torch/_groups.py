@@ -31,8 +31,11 @@ def _label(group: dict[str, Any], index: int, j: int) -> str:
     return f"{names[j]!r} (group {index})" if names else f"{j} of group {index}"
 
 
-def gather(opt: torch.optim.Optimizer) -> list[Gathered]:
-    """Every group's parameters with a gradient (the others are skipped, state untouched), checked."""
+def gather(opt: torch.optim.Optimizer, state_keys: tuple[str, ...] = ()) -> list[Gathered]:
+    """Every group's parameters with a gradient (the others are skipped, state untouched), checked: no sparse
+    gradient, and every state tensor of ``state_keys`` of the parameter's dtype, shape and device (a model
+    converted after its optimizer was made, e.g. ``model.double()``, would otherwise fail half-way through a
+    step, or mix precisions)."""
     out = []
     for i, group in enumerate(opt.param_groups):
         params, grads, labels = [], [], []
@@ -43,6 +46,14 @@ def gather(opt: torch.optim.Optimizer) -> list[Gathered]:
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients: parameter {label} has "
                                    "one; no group was updated")
+            st = opt.state.get(p) if state_keys else None
+            for key in state_keys if st else ():
+                t = st.get(key)
+                if isinstance(t, torch.Tensor) and (t.dtype != p.dtype or t.shape != p.shape or t.device != p.device):
+                    raise ValueError(f"parameter {label}: its state {key!r} is {t.dtype} {tuple(t.shape)} on "
+                                     f"{t.device}, the parameter {p.dtype} {tuple(p.shape)} on {p.device} (was the "
+                                     "model converted or moved after the optimizer was made? make the optimizer "
+                                     "after, or load its state_dict into a new one); no group was updated")
             params.append(p)
             grads.append(p.grad)
             labels.append(label)

@@ -184,7 +184,8 @@ class _Layerwise(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        gathered = gather(self)  # refuses sparse gradients, naming group and parameter
+        # refuses sparse gradients and state tensors that do not match their parameter, naming group and parameter
+        gathered = gather(self, tuple(k for k in self._state_keys if k != "step"))
         for g in gathered:
             self._check_group(g.index, g.group)
         gathered = [g for g in gathered if g.params]
