@@ -79,7 +79,7 @@ def statistics_dtype(xp: Any, dtypes: Sequence[Any]) -> Any:
     (<class 'numpy.float32'>, <class 'numpy.float64'>)
     """
     widest = xp.float32
-    for dt in dtypes:
+    for dt in dict.fromkeys(dtypes):  # each distinct dtype once, in order
         if xp.finfo(dt).bits > xp.finfo(widest).bits:
             widest = dt
     return widest

@@ -4,6 +4,7 @@ group before it updates any, and the checks of a loaded state."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -23,7 +24,7 @@ class Gathered(NamedTuple):
     group: dict[str, Any]
     params: list[torch.Tensor]
     grads: list[torch.Tensor]
-    labels: list[str]
+    labels: Labels
 
 
 def _label(group: dict[str, Any], index: int, j: int) -> str:
@@ -31,33 +32,50 @@ def _label(group: dict[str, Any], index: int, j: int) -> str:
     return f"{names[j]!r} (group {index})" if names else f"{j} of group {index}"
 
 
-def gather(opt: torch.optim.Optimizer, state_keys: tuple[str, ...] = ()) -> list[Gathered]:
+class Labels(Sequence):
+    """The labels of a group's gathered parameters, made when a message needs one (not at every step)."""
+
+    def __init__(self, group: dict[str, Any], index: int, positions: list[int]):
+        self._group, self._index, self._positions = group, index, positions
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(len(self))[k]]
+        return _label(self._group, self._index, self._positions[k])
+
+
+def check_state_like(g: Gathered, key: str, tensors: list[torch.Tensor]) -> None:
+    """Refuse, before any group is updated, a state tensor whose dtype or shape is not its parameter's (a model
+    converted after its optimizer was made, e.g. ``model.double()``, would otherwise fail half-way through a step,
+    or mix precisions). A device mismatch fails in the norms, before any update, too."""
+    bad = [k for k, (p, t) in enumerate(zip(g.params, tensors)) if t.dtype != p.dtype or t.shape != p.shape]
+    if bad:
+        p, t = g.params[bad[0]], tensors[bad[0]]
+        raise ValueError(f"parameter {g.labels[bad[0]]}: its state {key!r} is {t.dtype} {tuple(t.shape)}, the "
+                         f"parameter {p.dtype} {tuple(p.shape)} (was the model converted after the optimizer was "
+                         "made? make the optimizer after, or load its state_dict into a new one); no group was updated")
+
+
+def gather(opt: torch.optim.Optimizer) -> list[Gathered]:
     """Every group's parameters with a gradient (the others are skipped, state untouched), checked: no sparse
-    gradient, and every state tensor of ``state_keys`` of the parameter's dtype, shape and device (a model
-    converted after its optimizer was made, e.g. ``model.double()``, would otherwise fail half-way through a
-    step, or mix precisions)."""
+    gradient."""
     out = []
     for i, group in enumerate(opt.param_groups):
-        params, grads, labels = [], [], []
+        params, grads, positions = [], [], []
         for j, p in enumerate(group["params"]):
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 continue
-            label = _label(group, i, j)
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients: parameter {label} has "
-                                   "one; no group was updated")
-            st = opt.state.get(p) if state_keys else None
-            for key in state_keys if st else ():
-                t = st.get(key)
-                if isinstance(t, torch.Tensor) and (t.dtype != p.dtype or t.shape != p.shape or t.device != p.device):
-                    raise ValueError(f"parameter {label}: its state {key!r} is {t.dtype} {tuple(t.shape)} on "
-                                     f"{t.device}, the parameter {p.dtype} {tuple(p.shape)} on {p.device} (was the "
-                                     "model converted or moved after the optimizer was made? make the optimizer "
-                                     "after, or load its state_dict into a new one); no group was updated")
+            if g.is_sparse:
+                raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients: parameter "
+                                   f"{_label(group, i, j)} has one; no group was updated")
             params.append(p)
-            grads.append(p.grad)
-            labels.append(label)
-        out.append(Gathered(i, group, params, grads, labels))
+            grads.append(g)
+            positions.append(j)
+        out.append(Gathered(i, group, params, grads, Labels(group, i, positions)))
     return out
 
 

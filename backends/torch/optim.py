@@ -43,9 +43,9 @@ from lwrs.rates import TrustOptions
 from . import distributed
 from . import functional as F
 from .distributed import local as _local
-from ._groups import (COMMON_DOC, TRUST_DOC, Gathered, check_lr, check_scalar, check_statistics_values, from_grad_scaler,
-                      gather,
-                      group_statistics, load_checked, quiet_array_api_compat)
+from ._groups import (COMMON_DOC, TRUST_DOC, Gathered, check_lr, check_scalar, check_state_like,
+                      check_statistics_values, from_grad_scaler, gather, group_statistics, load_checked,
+                      quiet_array_api_compat)
 
 __all__ = ["MNAG", "LARS", "CLARS", "TVLARS", "LAMB"]
 
@@ -184,8 +184,7 @@ class _Layerwise(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # refuses sparse gradients and state tensors that do not match their parameter, naming group and parameter
-        gathered = gather(self, tuple(k for k in self._state_keys if k != "step"))
+        gathered = gather(self)  # refuses sparse gradients, naming group and parameter
         for g in gathered:
             self._check_group(g.index, g.group)
         gathered = [g for g in gathered if g.params]
@@ -261,6 +260,7 @@ class _Layerwise(torch.optim.Optimizer):
             raise ValueError(f"group {g.index}: CLARS needs per-sample norm statistics: pass norm_source= or "
                              "step(norm_stats=...)")
         bufs = [self.state[p]["momentum_buffer"] for p in g.params]
+        check_state_like(g, "momentum_buffer", bufs)
         dtype = F._stat_dtype(g.params)
         mean = None if stats is None else (stats.sum_norms / stats.count).to(dtype)
         steps = self._steps(g)
@@ -591,6 +591,8 @@ class LAMB(_Layerwise):
         mean = None if stats is None else (stats.sum_norms / stats.count).to(F._stat_dtype(g.params))
         m = [self.state[p]["exp_avg"] for p in g.params]
         v = [self.state[p]["exp_avg_sq"] for p in g.params]
+        check_state_like(g, "exp_avg", m)
+        check_state_like(g, "exp_avg_sq", v)
         L = _local  # DTensors: local shards, whole-layer norms
         return F.plan_lamb(L(g.params), L(g.grads), L(m), L(v), lr=group["lr"],
                                betas=tuple(group["betas"]), eps=group["eps"], adapt=adapt, decays=decays,
