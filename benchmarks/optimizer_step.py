@@ -4,7 +4,10 @@ Every method steps its own copy of the same parameters and gradients; the method
 round-robin (interleaved) and each reports its median. The bandwidth bound is the bytes the
 minimal passes must move (28 B/param in float32: read w, g, v and write w, v for the update, read
 w and g once more for the norms) divided by the in-place bandwidth measured with ``a.add_(b)``
-in the same run.
+in the same run. Where a method's tensors land in memory moves its time by up to 20% (LARS and
+CLARS on the foreach path, which do the same work, differed by 6 ms in one run), so the whole
+measurement is repeated ``--runs`` times (3) with fresh tensors, the methods allocating in a
+rotated order each time; the median over runs is reported and every run is kept.
 
 Run ``python benchmarks/optimizer_step.py`` (``--quick`` for a smoke run); it writes
 ``benchmarks/results/optimizer_step.json``.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import pathlib
+import statistics
 import time
 from collections.abc import Callable
 
@@ -90,25 +94,33 @@ def inplace_bandwidth(numel: int, repeats: int) -> float:
     return 12 * numel / min(times)
 
 
-def bench(shapes, repeats: int) -> dict[str, float]:
+def bench(shapes, repeats: int, rotate: int = 0) -> dict[str, float]:
+    """Median ms of every method; ``rotate`` shifts the order in which the methods allocate their tensors."""
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(s, generator=gen) for s in shapes]
     grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
     steps = {}
-    for name, build in methods().items():
+    builders = list(methods().items())
+    builders = builders[rotate % len(builders):] + builders[:rotate % len(builders)]
+    for name, build in builders:
         params = [torch.nn.Parameter(b.clone()) for b in base]
         for p, g in zip(params, grads):
             p.grad = g.clone()
         steps[name] = build(params)
         for _ in range(3):  # warm-up: allocate state, touch memory
             steps[name]()
-    return interleaved_medians(steps, repeats)
+    medians = interleaved_medians(steps, repeats)
+    del steps, base, grads  # freed before the next run allocates
+    return medians
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats, small bandwidth buffer (smoke run)")
     parser.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "optimizer_step.json")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="measurements with fresh tensors, the methods allocating in a rotated order (default 3); "
+                             "the median over runs is reported")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: steadier on a shared machine, and the same for every method)")
     args = parser.parse_args(argv)
@@ -119,16 +131,19 @@ def main(argv=None) -> int:
     for set_name, make in PARAMETER_SETS.items():
         shapes = make()
         numel = sum(torch.Size(s).numel() for s in shapes)
-        medians = bench(shapes, repeats)
+        runs = [bench(shapes, repeats, rotate=3 * r) for r in range(1 if args.quick else args.runs)]
+        medians = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
         bound_ms = 1e3 * 28 * numel / bandwidth
         results[set_name] = {
             "tensors": len(shapes), "parameters": numel, "bound_ms": bound_ms,
             "median_ms": medians, "ratio_to_bound": {k: v / bound_ms for k, v in medians.items()},
+            "median_ms_per_run": runs,
         }
         print(f"\n{set_name}: {len(shapes)} tensors, {numel:,} parameters, bandwidth bound {bound_ms:.1f} ms")
         for name, ms in sorted(medians.items(), key=lambda kv: kv[1]):
             print(f"  {name:<38} {ms:8.2f} ms   {ms / bound_ms:5.2f} x bound")
     write_record(args.out, "python benchmarks/optimizer_step.py" + (" --quick" if args.quick else "")
+                 + (f" --runs {args.runs}" if args.runs != 3 and not args.quick else "")
                  + (f" --threads {args.threads}" if args.threads != 1 else ""),
                  ("timm", "pytorch_optimizer"),
                  settings=f"float32; lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, trust coefficient 1e-3; "
