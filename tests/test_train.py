@@ -348,7 +348,9 @@ def test_the_results_page_is_the_committed_full_run(tmp_path):
     """docs/results/ holds a full `lwrs reproduce`; its report and verdicts are what the code makes of its data."""
     import pathlib
 
-    from lwrs.apps.reproduce.experiments import preset_of
+    import dataclasses
+
+    from lwrs.apps.reproduce.experiments import PRESETS, preset_of
     from lwrs.apps.reproduce.report import render
     from lwrs.apps.reproduce.verdicts import verdicts
 
@@ -357,6 +359,8 @@ def test_the_results_page_is_the_committed_full_run(tmp_path):
     assert record["preset"] == "full" and record["command"].startswith("lwrs reproduce")
     assert record["preset_values"]["seeds"] >= 3
     assert record["dataset"]["checksum"] == MNIST1D_CHECKSUM
+    assert record["preset_values"]["protocol"] == 2 and record["preset_values"] == json.loads(json.dumps(dataclasses.asdict(PRESETS["full"])))
+    assert record["jobs"] <= 2 and record["seconds"] <= 3600  # the budget: 60 minutes on 2 cores
     assert verdicts(record, preset_of(record)) == record["verdicts"]  # the stored verdicts follow the rules
     render(record, tmp_path)
     for name in ("report.rst", "report.md"):
@@ -372,7 +376,8 @@ def test_the_results_page_is_the_committed_full_run(tmp_path):
 
 
 def test_the_results_figures_and_tables_fit_the_page(tmp_path):
-    """Figure 2 is a grid of readable panels (not four squeezed in a row); Table 1 has one row per batch size."""
+    """Figure 2 is a grid of readable panels (not four squeezed in a row); Table 1 has one row per model and batch
+    size."""
     import pathlib
 
     import matplotlib.image
@@ -387,5 +392,8 @@ def test_the_results_figures_and_tables_fit_the_page(tmp_path):
     rst = format_report(record, preset_of(record), fmt="rst")
     table1 = rst.split(".. list-table:: TVLARS Table 1")[1].split(".. list-table::")[0]
     rows = [block for block in table1.split("   * - ")[1:]]
-    assert len(rows) == 1 + len(record["preset_values"]["table1_batches"])  # the header, then a row per batch size
+    pv = record["preset_values"]
+    cells = sum(len(pv["costly_batches"] if m in pv["costly_models"] else pv["table1_batches"])
+                for m in pv["table1_models"])
+    assert len(rows) == 1 + cells  # the header, then a row per model and batch size
     assert all(block.count("     - ") == 3 for block in rows)  # B and three methods: four columns

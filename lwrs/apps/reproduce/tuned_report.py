@@ -11,7 +11,7 @@ from typing import Any
 
 from .experiments import FIG3_METHODS, Preset
 
-__all__ = ["tuned_tables", "tuned_plots"]
+__all__ = ["tuned_tables", "tuned_plots", "at_grid_edge"]
 
 
 def _cell(entry: dict[str, Any], selection: dict[str, Any], label: str, key: str = "by_seed") -> str:
@@ -20,8 +20,26 @@ def _cell(entry: dict[str, Any], selection: dict[str, Any], label: str, key: str
     text = f"{100 * statistics.fmean(v):.1f} ± {100 * sd:.1f}"
     if label in selection:
         chosen = selection[label]["candidates"][selection[label]["chosen"]]
-        text += f" (γ {chosen['learning_rate']:.3g})"
+        text += f" (γ {chosen['learning_rate']:.3g}{EDGE if at_grid_edge(selection[label]) else ''})"
     return text
+
+
+EDGE = "†"
+EDGE_NOTE = "† the chosen rate is the smallest or largest of its grid: the best setting may lie outside it"
+
+
+def at_grid_edge(selected: dict[str, Any]) -> bool:
+    """Whether the chosen setting's rate is the smallest or the largest of a grid of several rates.
+
+    Examples
+    --------
+    >>> grid = [{"learning_rate": r} for r in (0.1, 0.3, 1.0)]
+    >>> at_grid_edge({"candidates": grid, "chosen": 0}), at_grid_edge({"candidates": grid, "chosen": 1})
+    (True, False)
+    """
+    rates = [c["learning_rate"] for c in selected["candidates"]]
+    chosen = rates[selected["chosen"]]
+    return len(set(rates)) > 1 and chosen in (min(rates), max(rates))
 
 
 def tuned_tables(results: dict[str, Any], preset: Preset) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -40,14 +58,15 @@ def tuned_tables(results: dict[str, Any], preset: Preset) -> list[tuple[str, lis
             rows = [[str(b), _cell(s, sel, f"{budget}/mnag/B{b}"), _cell(s, sel, f"{budget}/lars/B{b}")]
                     for b in preset.fig1_batches]
             what = f"{preset.fig1_epochs} epochs" if budget == "epochs" else f"{preset.steps} steps"
-            tables.append((f"Figure 1 analogue ({what}): final test accuracy (%), MLP, rates tuned on validation",
+            tables.append((f"Figure 1 analogue ({what}): final test accuracy (%), MLP, rates tuned on validation; "
+                           f"{EDGE_NOTE}",
                            ["B", "mNAG", "LARS"], rows))
     if "fig3" in results:
         s, sel = results["fig3"]["summary"], results["fig3"].get("selection", {})
         rows = [[label, _cell(s, sel, label, "early_by_seed"), _cell(s, sel, label), str(s[label]["diverged"])]
                 for label in s]
         tables.append(("Figure 3 analogue at B = 8192: mean test accuracy (%) over the first two warm-up windows, "
-                       "and final", ["model / method", "early", "final", "diverged"], rows))
+                       f"and final; {EDGE_NOTE}", ["model / method", "early", "final", "diverged"], rows))
     if "table1" in results:
         s, sel = results["table1"]["summary"], results["table1"].get("selection", {})
         methods = ("lars-warmup", "lamb-warmup", "tvlars")
@@ -55,7 +74,7 @@ def tuned_tables(results: dict[str, Any], preset: Preset) -> list[tuple[str, lis
                 for model in preset.table1_models for b in preset.table1_batches
                 if f"epochs/{model}/tvlars/B{b}" in s]
         tables.append((f"TVLARS Table 1 analogue ({preset.table1_epochs} epochs): final test accuracy (%), "
-                       "settings tuned on validation", ["model, B", "LARS, warm-up", "LAMB, warm-up", "TVLARS"], rows))
+                       f"settings tuned on validation; {EDGE_NOTE}", ["model, B", "LARS, warm-up", "LAMB, warm-up", "TVLARS"], rows))
     return tables
 
 
