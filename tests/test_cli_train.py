@@ -206,6 +206,26 @@ def test_the_readme_showcase_learns(torch_and_digits, mnist1d_dir, monkeypatch, 
     assert last["test_loss"] < 0.7 * record["epochs"][0]["test_loss"], last
 
 
+def test_the_quick_reproduction_runs_every_claim_within_two_minutes(torch_and_digits, mnist1d_dir, monkeypatch,
+                                                                     tmp_path):
+    """``lwrs reproduce --quick``, the CI smoke run of the tuned protocol: every experiment, a verdict per claim,
+    the tables and figures, in at most 2 minutes (about 40 s with 2 workers on the 2-core machine)."""
+    import json
+
+    pytest.importorskip("mnist1d")
+    pytest.importorskip("scipy")
+    monkeypatch.setenv("LWRS_DATA_DIR", str(mnist1d_dir))
+    assert cli.main(["reproduce", "--quick", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["preset"] == "quick" and record["preset_values"]["protocol"] == 2
+    assert record["seconds"] <= 120, record["seconds"]
+    assert {"fig1", "fig2", "fig3", "table1"} <= set(record) and all(record[n]["runs"] for n in ("fig1", "fig3"))
+    claims = [v["claim"] for v in record["verdicts"]]
+    assert len(claims) == 5 and all(v["verdict"] and v["evidence"] for v in record["verdicts"]), claims
+    for name in ("report.md", "report.rst", "fig1.png", "fig2.png", "fig3.png", "table1.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+
 # ---- options the run would ignore (review: they were accepted and recorded as if used) ---------------------------
 
 def test_options_the_optimizer_does_not_use_are_refused_in_one_line(capsys, tmp_path):
