@@ -172,9 +172,8 @@ class _Layerwise(torch.optim.Optimizer):
         closure : callable, optional
             Re-evaluates the model and returns the loss (as in torch.optim).
         norm_stats : lwrs.NormStatistics or dict, optional
-            CLARS's per-sample statistics: a :class:`lwrs.NormStatistics` with one entry per
-            parameter that has a gradient (all groups, in order), or a dict
-            ``param -> (S1, S2)``. CLARS reads its ``norm_source`` when this is not given.
+            CLARS's per-sample statistics: a :class:`lwrs.NormStatistics` with one entry per parameter that has
+            a gradient (all groups, in order), or a dict ``param -> (S1, S2)``. Else CLARS reads its ``norm_source``.
         """
         loss = None
         if _compiling():
@@ -586,11 +585,9 @@ class LAMB(_Layerwise):
         group = g.group
         adapt, decay = one_d_masks(g.params, exclude_1d=group["exclude_1d"], decay_1d=group["decay_1d"])
         decays = [group["weight_decay"] if d else 0.0 for d in decay]
-        steps = self._steps(g)
-        steps = steps if _compiling() else [int(s) for s in steps]
+        steps = [s if _compiling() else int(s) for s in self._steps(g)]
         mean = None if stats is None else (stats.sum_norms / stats.count).to(F._stat_dtype(g.params))
-        m = [self.state[p]["exp_avg"] for p in g.params]
-        v = [self.state[p]["exp_avg_sq"] for p in g.params]
+        m, v = ([self.state[p][key] for p in g.params] for key in ("exp_avg", "exp_avg_sq"))
         check_state_like(g, "exp_avg", m)
         check_state_like(g, "exp_avg_sq", v)
         L = _local  # DTensors: local shards, whole-layer norms
