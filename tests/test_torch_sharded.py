@@ -139,21 +139,25 @@ def shard(engine, model, mesh):
     return model
 
 
-def worker(rank, init_file, out_dir):
+def run_cases(rank, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
 
+    mesh = init_device_mesh("cpu", (WORLD,))
+    results = {}
+    for name, (engine, *_rest) in CASES.items():
+        model = make_model(engine, CASES[name][3])
+        forward = shard(engine, model, mesh)
+        results[name] = train(name, model, forward, rank, WORLD, count=True)
+    with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
+        pickle.dump(results, f)
+
+
+def worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        results = {}
-        for name, (engine, *_rest) in CASES.items():
-            model = make_model(engine, CASES[name][3])
-            forward = shard(engine, model, mesh)
-            results[name] = train(name, model, forward, rank, WORLD, count=True)
-        with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
-            pickle.dump(results, f)
+        run_cases(rank, out_dir)  # its models are garbage once it returns ...
     finally:
-        gc.collect()  # FSDP2's reference cycles, freed while the group is alive (see docs/distributed.rst)
+        gc.collect()  # ... and their reference cycles are freed while the group is alive (see docs/distributed.rst)
         dist.destroy_process_group()
 
 
