@@ -4,7 +4,7 @@ Every method steps its own copy of the same parameters and gradients; the method
 round-robin (interleaved) and each reports its median. The bandwidth bound is the bytes the
 minimal passes must move (28 B/param in float32: read w, g, v and write w, v for the update, read
 w and g once more for the norms) divided by the in-place bandwidth measured with ``a.add_(b)``
-in the same run. Where a method's tensors land in memory moves its time by up to 20% (LARS and
+in the same run. Where a method's tensors land in memory moves its time by up to 40% (LARS and
 CLARS on the foreach path, which do the same work, differed by 6 ms in one run), so the whole
 measurement is repeated ``--runs`` times (3) with fresh tensors, the methods allocating in a
 rotated order each time; the median over runs is reported and every run is kept.

@@ -92,11 +92,8 @@ def _bound_ok(w_norms, rates, direction_bound, buf_norms, beta, nesterov, dtypes
     s = rates * direction_bound
     d_new = beta * buf_norms + s
     w_new = w_norms + s + beta * d_new if nesterov else w_norms + d_new
-    distinct = set(dtypes)
-    if len(distinct) == 1:  # one dtype (the usual case): a scalar limit, not a tensor built from a list per layer
-        limit = torch.finfo(distinct.pop()).max
-    else:
-        limit = torch.tensor([torch.finfo(dt).max for dt in dtypes], dtype=w_norms.dtype, device=w_norms.device)
+    largest = {dt: torch.finfo(dt).max for dt in set(dtypes)}  # each dtype looked up once
+    limit = torch.tensor([largest[dt] for dt in dtypes], dtype=w_norms.dtype, device=w_norms.device)
     return torch.isfinite(w_new) & (w_new <= limit)
 
 

@@ -1,9 +1,8 @@
 // Fused CPU kernels for the lwrs LARS / CLARS / TVLARS / mNAG step (float32 and float64).
 //
 // Two passes over the parameters, the minimum the algorithm allows:
-//   1. layer_sums: for every layer k, sum w^2, sum g^2, sum d^2 (where d is given: the optimizers pass d only where
-//      the last update's bound on |d| is not valid) and, for the "norm_of_sum" form, sum (g + lambda w)^2, in one
-//      pass over w, g (and d) (blocks summed in float64; never an expansion that cancels);
+//   1. layer_sums: for every layer k, sum w^2, sum g^2, sum d^2 (where d is given) and, for the "norm_of_sum" form,
+//      sum (g + lambda w)^2, in one pass over w, g and d (blocks summed in float64; never an expansion that cancels);
 //   2. mnag_update: for every element, with s = r_k (g + lambda_k w),
 //        d <- beta d - s;  w <- w - s + beta d   (Nesterov)   or   w <- w + d   (heavy ball),
 //      in one read of w, g, d and one write of w, d. This is CLARS eq. (4) in the order of the core.

@@ -73,9 +73,6 @@ def _sums_of_squares(lists, dtype) -> torch.Tensor:
     """
     tensors = [x for row in lists for x in row]
     small = [i for i, x in enumerate(tensors) if x is not None and x.numel() < _SQ_BLOCK]
-    if len(small) == len(tensors):  # every tensor small: one multi-tensor norm, no scatter
-        norms = torch.stack(torch._foreach_norm(tensors)).double()
-        return (norms * norms).reshape(len(lists), -1).to(dtype)
     total = torch.zeros(len(tensors), dtype=torch.float64)
     if small:
         norms = torch.stack(torch._foreach_norm([tensors[i] for i in small])).double()
