@@ -266,6 +266,35 @@ def test_fused_refuses_what_it_cannot_take():
         opt.step()
 
 
+@pytest.mark.parametrize("case", ["non-contiguous weight", "non-contiguous buffer", "float16 in the second group"])
+def test_fused_names_the_parameter_it_refuses_and_updates_nothing(case):
+    """The compiled kernels check every layer themselves (no per-layer Python check at each step); a refusal is
+    turned into a message naming the group and the parameter, before any group is updated."""
+    model = make_model(dtype=torch.float32)
+    named = list(model.named_parameters())
+    opt = LARS([{"params": named[:2]}, {"params": named[2:]}], lr=1.0, fused=True)
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    last = named[-2][1]
+    if case == "non-contiguous weight":
+        last.data = last.data.t().contiguous().t()
+        last.grad = last.grad.t().contiguous().t()
+        opt.state[last]["momentum_buffer"] = opt.state[last]["momentum_buffer"].t().contiguous().t()
+        message = "fused=True needs contiguous layers with gradients of their dtype: parameter '2.weight' \\(group 1\\)"
+    elif case == "non-contiguous buffer":
+        opt.state[last]["momentum_buffer"] = opt.state[last]["momentum_buffer"].t().contiguous().t()
+        message = "the momentum buffer of parameter '2.weight' \\(group 1\\) is not"
+    else:
+        opt.param_groups[1]["params"][0].data = last.data.half()
+        last.grad = last.grad.half()
+        opt.state[last]["momentum_buffer"] = opt.state[last]["momentum_buffer"].half()
+        message = "fused=True takes float32 or float64: parameter '2.weight' \\(group 1\\) is torch.float16"
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 @pytest.mark.parametrize("foreach", [None, False])
 def test_functional_layer_equals_the_core(foreach):
     """``lwrs.backends.torch.functional`` on plain lists: LARS, MNAG (heavy ball) and LAMB against the core."""

@@ -503,3 +503,21 @@ def test_clars_skips_a_step_the_grad_scaler_found_infinite(unscale_first):
     _, opt, _ = clars_run(scaler, True, unscale_first=unscale_first, inf_at=(1,))
     assert scaler.get_scale() == 512.0  # the scaler backed off
     assert all(int(opt.state[p]["step"]) == 2 for p in opt.param_groups[0]["params"])
+
+
+@pytest.mark.parametrize("name, impl", CASES)
+def test_a_step_between_forward_and_backward_is_refused_by_autograd_as_after_torch_sgd(name, impl):
+    """Every path tells autograd it changed the weights in place (their version counters), so a backward through
+    a graph that saved the old weights fails as it does after torch.optim.SGD, rather than using the new ones.
+    (The compiled kernels wrote through raw pointers without the version bump: the backward passed silently.)"""
+    m = model()
+    backward(m)
+    opt = FACTORIES[name](m.parameters(), **IMPLS[impl])
+    x = torch.randn(4, 6, dtype=torch.float64)
+    loss = (m(x) ** 2).mean()  # the graph saves the weights
+    versions = [p._version for p in m.parameters()] + [t._version for st in opt.state.values() for t in st.values()]
+    opt.step()
+    after = [p._version for p in m.parameters()] + [t._version for st in opt.state.values() for t in st.values()]
+    assert all(a > b for a, b in zip(after, versions))  # weights, buffers and step counts
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -12,6 +12,8 @@ import torch
 from lwrs._validation import check_hyperparameter
 from lwrs.norm_statistics import NormStatistics
 
+from .distributed import is_sharded
+
 __all__ = ["Gathered", "gather", "group_statistics", "check_statistics_values", "load_checked", "check_lr", "from_grad_scaler",
            "quiet_array_api_compat", "check_scalar",
            "COMMON_DOC", "TRUST_DOC"]
@@ -25,6 +27,8 @@ class Gathered(NamedTuple):
     params: list[torch.Tensor]
     grads: list[torch.Tensor]
     labels: Labels
+    sharded: bool  # the parameters are DTensors (FSDP2, tensor parallel)
+    states: list[dict[str, Any]]  # their entries of the optimizer's state, in order
 
 
 def _label(group: dict[str, Any], index: int, j: int) -> str:
@@ -63,8 +67,9 @@ def gather(opt: torch.optim.Optimizer) -> list[Gathered]:
     """Every group's parameters with a gradient (the others are skipped, state untouched), checked: no sparse
     gradient."""
     out = []
+    state = opt.state
     for i, group in enumerate(opt.param_groups):
-        params, grads, positions = [], [], []
+        params, grads, positions, states = [], [], [], []
         for j, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
@@ -75,7 +80,8 @@ def gather(opt: torch.optim.Optimizer) -> list[Gathered]:
             params.append(p)
             grads.append(g)
             positions.append(j)
-        out.append(Gathered(i, group, params, grads, Labels(group, i, positions)))
+            states.append(state[p])
+        out.append(Gathered(i, group, params, grads, Labels(group, i, positions), is_sharded(params), states))
     return out
 
 

@@ -26,20 +26,25 @@ def load():
         # built on the machine that runs it, so -march=native is safe and lets the loops use its vector units
         # at::parallel_for expands to an OpenMP pragma here, so the extension itself needs -fopenmp
         # -ffp-contract=off: no fused multiply-add, so the decayed direction is rounded as the core rounds it
-        return build(name="lwrs_fused_cpu_v5", sources=[str(source)],
+        return build(name="lwrs_fused_cpu_v6", sources=[str(source)],
                      extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                      extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # a missing compiler or ninja: say so plainly
         raise RuntimeError(f"fused=True needs the lwrs CPU extension, which failed to build: {err}") from err
 
 
-def check_fusable(params: list[torch.Tensor], grads: list[torch.Tensor], labels: list[str] | None = None) -> None:
-    """Raise ``ValueError`` naming the first layer the fused kernels cannot take."""
-    for j, (p, g) in enumerate(zip(params, grads)):
-        k = labels[j] if labels else j
+def check_fusable(params: list[torch.Tensor], grads: list[torch.Tensor], labels: list[str] | None = None,
+                  buffers: list[torch.Tensor] | None = None) -> None:
+    """Raise ``ValueError`` naming the first layer the fused kernels cannot take (the kernels check the same
+    things themselves, so a step calls this only to name the parameter after they refused one)."""
+    bufs = buffers if buffers is not None else [None] * len(params)
+    for j, (p, g, d) in enumerate(zip(params, grads, bufs)):
+        k = labels[j] if labels is not None else j
         if p.device.type != "cpu":
             raise ValueError(f"fused=True is CPU-only: parameter {k} is on {p.device}; use foreach=True")
         if p.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"fused=True takes float32 or float64: parameter {k} is {p.dtype}; use foreach=True")
         if not (p.is_contiguous() and g.is_contiguous()) or g.dtype != p.dtype:
             raise ValueError(f"fused=True needs contiguous layers with gradients of their dtype: parameter {k}")
+        if d is not None and not d.is_contiguous():
+            raise ValueError(f"fused=True needs contiguous state: the momentum buffer of parameter {k} is not")

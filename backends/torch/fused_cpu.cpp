@@ -41,6 +41,8 @@ void check(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>
   TORCH_CHECK(a.size() == b.size(), what, ": ", a.size(), " and ", b.size(), " layers");
   for (size_t k = 0; k < a.size(); ++k) {
     TORCH_CHECK(a[k].device().is_cpu() && b[k].device().is_cpu(), what, ": layer ", k, " is not on the CPU");
+    TORCH_CHECK(a[k].scalar_type() == at::kFloat || a[k].scalar_type() == at::kDouble, what, ": layer ", k,
+                " is neither float32 nor float64");
     TORCH_CHECK(a[k].is_contiguous() && b[k].is_contiguous(), what, ": layer ", k, " is not contiguous");
     TORCH_CHECK(a[k].scalar_type() == b[k].scalar_type(), what, ": layer ", k, " mixes dtypes");
     TORCH_CHECK(a[k].numel() == b[k].numel(), what, ": layer ", k, " has mismatched sizes");
@@ -196,9 +198,29 @@ void mnag_update(const std::vector<torch::Tensor>& ws, const std::vector<torch::
       });
     }
   });
+  // written through raw pointers: bump the version counters as an in-place op does, so that autograd refuses a
+  // backward through a graph that saved the old weights (forward, step, backward), as it does after torch.optim
+  for (int64_t k = 0; k < K; ++k) {
+    torch::autograd::impl::bump_version(ws[k]);
+    torch::autograd::impl::bump_version(ds[k]);
+  }
+}
+
+// In place: every step count (a CPU tensor of one element) + 1, all checked before any changes; with the version
+// bump of an in-place op, as for the weights and buffers above.
+void increment(const std::vector<torch::Tensor>& counts) {
+  for (size_t k = 0; k < counts.size(); ++k) {
+    TORCH_CHECK(counts[k].device().is_cpu() && counts[k].numel() == 1, "increment: count ", k,
+                " is not a CPU tensor of one element");
+  }
+  for (const auto& c : counts) {
+    AT_DISPATCH_ALL_TYPES(c.scalar_type(), "increment", [&] { *c.data_ptr<scalar_t>() += 1; });
+    torch::autograd::impl::bump_version(c);
+  }
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_sums", &layer_sums, "sum w^2, g^2, d^2, (g + lambda w)^2 per layer (K, 4), float64");
   m.def("mnag_update", &mnag_update, "fused in-place mNAG update with per-layer rates");
+  m.def("increment", &increment, "every step count + 1, in place");
 }

@@ -147,7 +147,7 @@ class _Layerwise(torch.optim.Optimizer):
 
     def _steps(self, gathered: Gathered) -> list[Any]:
         """Each parameter's step count before this step (compiled: a copy, as the count is then increased)."""
-        steps = [self.state[p]["step"] for p in gathered.params]
+        steps = [st["step"] for st in gathered.states]
         return [s.clone() for s in steps] if _compiling() else steps
 
     def _init_state(self, group: dict[str, Any]) -> None:
@@ -200,9 +200,9 @@ class _Layerwise(torch.optim.Optimizer):
             return loss
         for g, plan in zip(gathered, plans):
             self._apply(g, plan, None if ok is True else ok)
-            counts = [self.state[p]["step"] for p in g.params]
+            counts = [st["step"] for st in g.states]
             if ok is True and not _compiling():
-                torch._foreach_add_(counts, 1.0)  # one call for the group's step counts
+                _increment(counts, self._impl(g))
             else:
                 for c in counts:
                     c += 1 if ok is True else ok.to(c.dtype)
@@ -258,7 +258,7 @@ class _Layerwise(torch.optim.Optimizer):
         if options.kind == "clars" and stats is None:
             raise ValueError(f"group {g.index}: CLARS needs per-sample norm statistics: pass norm_source= or "
                              "step(norm_stats=...)")
-        bufs = [self.state[p]["momentum_buffer"] for p in g.params]
+        bufs = [st["momentum_buffer"] for st in g.states]
         check_state_like(g, "momentum_buffer", bufs)
         dtype = F._stat_dtype(g.params)
         mean = None if stats is None else (stats.sum_norms / stats.count).to(dtype)
@@ -266,31 +266,47 @@ class _Layerwise(torch.optim.Optimizer):
         step = steps[0] if _compiling() else int(steps[0])
         layouts = _layouts(g)  # DTensors: local shards, whole-layer norms (one collective)
         L = _local if layouts is not None else list
-        return F.plan_momentum(L(g.params), L(g.grads), L(bufs), lr=self._lr(g), momentum=group["momentum"],
-                               nesterov=group["nesterov"], options=options, adapt=adapt, decays=decays,
-                               mean_norms=mean, step=step, implementation=self._impl(g), layouts=layouts)
+        impl = self._impl(g)
+        try:
+            return F.plan_momentum(L(g.params), L(g.grads), L(bufs), lr=self._lr(g), momentum=group["momentum"],
+                                   nesterov=group["nesterov"], options=options, adapt=adapt, decays=decays,
+                                   mean_norms=mean, step=step, implementation=impl, layouts=layouts)
+        except RuntimeError:
+            if impl == "fused":  # the compiled kernels check every layer; say which parameter they refused
+                from . import fused
+
+                fused.check_fusable(g.params, g.grads, g.labels, bufs)
+            raise
 
     def _impl(self, g: Gathered) -> str:
         impl = self.implementation
-        if impl == "fused" and _layouts(g) is not None:
-            return "foreach"  # DTensors: the fused kernels take the foreach path
-        if impl == "fused" and not _compiling():
-            from . import fused
-
-            fused.check_fusable(g.params, g.grads, g.labels)
-        return impl
+        return "foreach" if impl == "fused" and g.sharded else impl  # DTensors: the fused kernels take foreach
 
     def _apply(self, g: Gathered, plan: Any, ok: torch.Tensor | None) -> None:
-        bufs = [self.state[p]["momentum_buffer"] for p in g.params]
+        bufs = [st["momentum_buffer"] for st in g.states]
         L = _local if _layouts(g) is not None else list
         F.apply_momentum(L(g.params), L(g.grads), L(bufs), plan.diagnostics.rates, plan.decays,
                          momentum=g.group["momentum"], nesterov=g.group["nesterov"], implementation=self._impl(g),
                          ok=ok)
 
 
+def _increment(counts: list[torch.Tensor], impl: str) -> None:
+    """Every step count + 1: one call (the fused extension's loop where it is in use: on the CPU, one
+    multi-tensor call still dispatches once per count)."""
+    if impl == "fused":
+        from . import fused
+
+        try:
+            fused.load().increment(counts)
+            return
+        except RuntimeError:  # a count the loop does not take (not a one-element CPU tensor): checked before any
+            pass
+    torch._foreach_add_(counts, 1.0)
+
+
 def _layouts(g: Gathered) -> list[torch.Tensor] | None:
     """The group's parameters when they are DTensors (FSDP2, tensor parallel), else None."""
-    return g.params if distributed.is_sharded(g.params) else None
+    return g.params if g.sharded else None
 
 
 def _momentum_defaults(lr, momentum, weight_decay, nesterov, exclude_1d, decay_1d, on_nonfinite, **more):
@@ -587,7 +603,7 @@ class LAMB(_Layerwise):
         decays = [group["weight_decay"] if d else 0.0 for d in decay]
         steps = [s if _compiling() else int(s) for s in self._steps(g)]
         mean = None if stats is None else (stats.sum_norms / stats.count).to(F._stat_dtype(g.params))
-        m, v = ([self.state[p][key] for p in g.params] for key in ("exp_avg", "exp_avg_sq"))
+        m, v = ([st[key] for st in g.states] for key in ("exp_avg", "exp_avg_sq"))
         check_state_like(g, "exp_avg", m)
         check_state_like(g, "exp_avg_sq", v)
         L = _local  # DTensors: local shards, whole-layer norms
@@ -596,5 +612,5 @@ class LAMB(_Layerwise):
                                steps=steps, mean_norms=mean, implementation=self.implementation, layouts=_layouts(g))
 
     def _apply(self, g, plan, ok):
-        F.apply_lamb(_local(g.params), _local([self.state[p]["exp_avg"] for p in g.params]),
-                         _local([self.state[p]["exp_avg_sq"] for p in g.params]), plan, ok)
+        F.apply_lamb(_local(g.params), _local([st["exp_avg"] for st in g.states]),
+                         _local([st["exp_avg_sq"] for st in g.states]), plan, ok)
