@@ -216,7 +216,9 @@ def _update_foreach(params, grads, buffers, rates, decays, beta, nesterov, ok=No
 def _update_multi(params, grads, buffers, rates: torch.Tensor, decays, beta, nesterov) -> None:
     """The passes of :func:`_update_foreach` as ``torch._foreach_*`` calls (per-layer rates as 0-d views)."""
     lam = torch.tensor([float(x) for x in decays], dtype=rates.dtype)
-    neg_r = list((-rates).unbind(0))
+    # the 0-d factors in the parameters' dtype (the product is formed in it anyway): no conversion per layer
+    dtype = params[0].dtype if len({p.dtype for p in params}) == 1 else rates.dtype
+    neg_r = list((-rates).to(dtype).unbind(0))
     decayed = [k for k, x in enumerate(decays) if x]
     if nesterov:
         torch._foreach_add_(params, buffers, alpha=-beta)
@@ -225,7 +227,7 @@ def _update_multi(params, grads, buffers, rates: torch.Tensor, decays, beta, nes
         torch._foreach_mul_(buffers, beta)
     torch._foreach_addcmul_(buffers, grads, neg_r)
     if decayed:
-        neg_r_lam = list((-(rates * lam)[decayed]).unbind(0))
+        neg_r_lam = list((-(rates * lam)[decayed]).to(dtype).unbind(0))
         torch._foreach_addcmul_([buffers[k] for k in decayed], [params[k] for k in decayed], neg_r_lam)
     torch._foreach_add_(params, buffers, alpha=1.0 + beta if nesterov else 1.0)
 
