@@ -521,3 +521,101 @@ def test_a_step_between_forward_and_backward_is_refused_by_autograd_as_after_tor
     assert all(a > b for a, b in zip(after, versions))  # weights, buffers and step counts
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_a_step_refused_under_grad_scaler_leaves_the_gradients_scaled_and_a_retry_is_exact():
+    """GradScaler.step hands CLARS the loss scale; the gradients were unscaled before the checks, so a refused step
+    left them divided by the scale (and the scaler's attributes on the optimizer), and the retry divided again."""
+    from lwrs.backends.torch import PerSampleNorms
+
+    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.randn(16, 2)
+
+    def setup():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+        opt = CLARS(m.parameters(), lr=1.0, eta=0.01, norm_source=PerSampleNorms(m))
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale(torch.nn.functional.mse_loss(m(x), y)).backward()
+        return m, opt, scaler
+
+    m, opt, scaler = setup()
+    scaler.step(opt)
+    expected = [p.detach().clone() for p in m.parameters()]
+    m, opt, scaler = setup()
+    grads = [p.grad.clone() for p in m.parameters()]
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr must lie"):
+        scaler.step(opt)
+    assert all(torch.equal(p.grad, g) for p, g in zip(m.parameters(), grads))
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
+    opt.param_groups[0]["lr"] = 1.0
+    scaler.step(opt)
+    assert all(torch.equal(p, e) for p, e in zip(m.parameters(), expected))
+
+
+@pytest.mark.parametrize("name, impl", CASES)
+def test_a_refused_state_dict_leaves_the_optimizer_as_it_was(name, impl):
+    """The hyperparameters were checked after torch's load had replaced groups and state: the refused state stayed
+    loaded and every later step failed."""
+    import copy
+
+    m = model()
+    opt = FACTORIES[name](m.parameters(), **IMPLS[impl])
+    backward(m, 0)
+    opt.step()
+    bad = copy.deepcopy(opt.state_dict())
+    key = "betas" if name == "lamb" else "momentum"
+    bad["param_groups"][0][key] = (1.5, 0.999) if name == "lamb" else 1.5
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][k][s], v) for k, st in before["state"].items() for s, v in st.items())
+    backward(m, 1)
+    opt.step()  # still steps
+
+
+def test_a_refused_param_group_is_not_added():
+    m = model()
+    opt = LARS(m[0].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="group 1: momentum"):
+        opt.add_param_group({"params": m[2].parameters(), "momentum": 1.5})
+    assert len(opt.param_groups) == 1
+    backward(m, 0)
+    opt.step()
+
+
+@pytest.mark.parametrize("name, impl", CASES)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_steps_like_the_original(name, impl, how):
+    """torch.optim pickles only defaults, state and param_groups: the copy lost foreach/fused and could not step."""
+    import copy
+    import pickle
+
+    m = model()
+    opt = FACTORIES[name](m.parameters(), **IMPLS[impl])
+    backward(m, 0)
+    opt.step()
+    m2, opt2 = copy.deepcopy((m, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((m, opt)))
+    assert opt2.implementation == opt.implementation
+    for mm, oo in ((m, opt), (m2, opt2)):
+        backward(mm, 1)
+        oo.step()
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+    assert len(opt2.diagnostics) == 1
+
+
+def test_duplicate_complex_and_integer_parameters_and_both_flags_are_refused_by_name():
+    m = model()
+    named = list(m.named_parameters())
+    with pytest.raises(ValueError, match="parameter 'again' \\(group 0\\) appears twice"):
+        LARS(named + [("again", m[0].weight)], lr=0.1)
+    with pytest.raises(ValueError, match="parameter 1 of group 0 appears twice"):
+        LARS([m[0].weight, m[0].weight], lr=0.1)
+    with pytest.raises(TypeError, match="parameter 0 of group 0 is torch.complex64: LARS takes real floating-point"):
+        LARS([torch.zeros(2, dtype=torch.complex64, requires_grad=True)], lr=0.1)
+    with pytest.raises(TypeError, match="is torch.int64"):
+        MNAG([torch.zeros(2, dtype=torch.long)], lr=0.1)
+    with pytest.raises(ValueError, match="fused=True and foreach=True cannot be combined"):
+        LARS(m.parameters(), lr=0.1, foreach=True, fused=True)

@@ -4,7 +4,7 @@ group before it updates any, and the checks of a loaded state."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -160,31 +160,57 @@ def check_statistics_values(g: Gathered, stats: NormStatistics, diagnostics: Any
             "batch, or not reset by zero_grad()? No group was updated")
 
 
-def from_grad_scaler(opt: Any, norm_stats: Any) -> bool:
+def from_grad_scaler(opt: Any, norm_stats: Any) -> tuple[bool, Callable[[], None] | None]:
     """The part of a step called by ``GradScaler.step`` (torch's protocol for ``_step_supports_amp_scaling``):
-    ``False`` when the scaler found an inf or NaN (the step is skipped, as GradScaler does).
+    ``(False, None)`` when the scaler found an inf or NaN (the step is skipped, as GradScaler does), else
+    ``(True, undo)``, ``undo`` being ``None`` unless the gradients were unscaled here.
 
     The scaler sets ``opt.found_inf`` and, unless ``GradScaler.unscale_`` already ran, ``opt.grad_scale``
     and leaves the gradients scaled: they are unscaled here and the statistics with the same scale. After
     ``unscale_`` the scaler does not pass its scale, and the statistics recorded from the scaled backward
     would be off by the loss scale: the optimizer needs ``grad_scaler=`` then, and refuses the step without.
+    ``undo``, called when the step is refused before any update, scales the gradients back and drops the
+    scaler's attributes (which ``GradScaler.step`` removes only after a step that returned), so that a retry
+    unscales them once, as the first try did.
     """
     found_inf = getattr(opt, "found_inf", None)
     if found_inf is None:
-        return True
+        return True, None
     scale = getattr(opt, "grad_scale", None)
+
+    def forget() -> None:
+        for name in ("found_inf", "grad_scale"):
+            opt.__dict__.pop(name, None)
+
     if (scale is None and opt.grad_scaler is None and norm_stats is None
             and getattr(opt, "norm_source", None) is not None):
+        forget()
         raise ValueError(f"{type(opt).__name__} is stepped by a GradScaler after GradScaler.unscale_, but was "
                          "not given the scaler: the per-sample statistics were recorded from the scaled backward "
                          "and their scale is unknown here; pass grad_scaler=scaler to the optimizer. "
                          "No group was updated")
     if float(found_inf):
-        return False
-    if scale is not None:
-        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        torch._foreach_mul_(grads, scale.double().reciprocal().float())  # as GradScaler.unscale_ does
-    return True
+        return False, None
+    if scale is None:
+        return True, forget
+    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    originals = [g.clone() for g in grads] if _inexact_reciprocal(scale) else None
+    torch._foreach_mul_(grads, scale.double().reciprocal().float())  # as GradScaler.unscale_ does
+
+    def undo() -> None:
+        if originals is None:  # a power of two: multiplying back is exact
+            torch._foreach_mul_(grads, scale.float())
+        else:
+            torch._foreach_copy_(grads, originals)
+        forget()
+
+    return True, undo
+
+
+def _inexact_reciprocal(scale: torch.Tensor) -> bool:
+    """Whether unscaling by ``scale`` may round (a scale that is not a power of two; GradScaler's are)."""
+    mantissa, _ = math.frexp(float(scale))
+    return mantissa != 0.5
 
 
 def check_scalar(where: str, value: Any, **bounds: Any) -> None:

@@ -29,6 +29,7 @@ by the current rate.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,7 +44,7 @@ from lwrs.rates import TrustOptions
 from . import distributed
 from . import functional as F
 from .distributed import local as _local
-from ._groups import (COMMON_DOC, TRUST_DOC, Gathered, check_lr, check_scalar, check_state_like,
+from ._groups import (COMMON_DOC, TRUST_DOC, Gathered, _label, check_lr, check_scalar, check_state_like,
                       check_statistics_values, from_grad_scaler, gather, group_statistics, load_checked,
                       quiet_array_api_compat)
 
@@ -79,12 +80,27 @@ class _Layerwise(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, foreach: bool | None,
                  fused: bool | None, norm_source: Any = None, grad_scaler: Any = None):
+        if foreach and fused:
+            raise ValueError("fused=True and foreach=True cannot be combined (as in torch.optim): pick one")
         self.foreach = foreach
         self.fused = bool(fused)
         self.norm_source = norm_source
         self.grad_scaler = grad_scaler
         self._diagnostics: list[list[LayerDiagnostics]] = [[]]
         super().__init__(params, dict(defaults, optimizer=self._state_kind))
+
+    _kept_on_copy = ("foreach", "fused", "norm_source", "grad_scaler")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch.optim's state plus what the constructor was given, so that ``copy.deepcopy`` and pickle give an
+        optimizer that steps (torch.optim keeps only ``defaults``, ``state`` and ``param_groups``)."""
+        return dict(super().__getstate__(), **{k: self.__dict__.get(k) for k in self._kept_on_copy})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for k in self._kept_on_copy:
+            self.__dict__.setdefault(k, False if k == "fused" else None)
+        self._diagnostics = [[]]
 
     @property
     def diagnostics(self) -> list[LayerDiagnostics]:
@@ -105,9 +121,30 @@ class _Layerwise(torch.optim.Optimizer):
         the first step does not change the state's structure: ``torch.compile(opt.step)`` then
         compiles once.
         """
-        super().add_param_group(param_group)
-        self._check_group(len(self.param_groups) - 1, self.param_groups[-1])
+        with warnings.catch_warnings():  # a duplicate parameter is refused below, naming it
+            warnings.filterwarnings("ignore", message="optimizer contains a parameter group with duplicate")
+            super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            self._check_parameters(index, self.param_groups[-1])
+            self._check_group(index, self.param_groups[-1])
+        except BaseException:
+            self.param_groups.pop()  # refused: not added
+            raise
         self._init_state(self.param_groups[-1])
+
+    def _check_parameters(self, index: int, group: dict[str, Any]) -> None:
+        """Real floating-point parameters, each once: the per-layer norms and rates are defined for those (a
+        parameter listed twice would be stepped twice per step, differently by each implementation)."""
+        seen: set[int] = set()
+        for j, p in enumerate(group["params"]):
+            if id(p) in seen:
+                raise ValueError(f"parameter {_label(group, index, j)} appears twice in its group; list it once")
+            seen.add(id(p))
+            if not p.is_floating_point():
+                raise TypeError(f"parameter {_label(group, index, j)} is {p.dtype}: {type(self).__name__} takes "
+                                "real floating-point parameters (for a complex one, optimize torch.view_as_real "
+                                "of it)")
 
     def _check_group(self, index: int, group: dict[str, Any]) -> None:
         """Check one group's hyperparameters on the host (no device synchronisation)."""
@@ -139,10 +176,18 @@ class _Layerwise(torch.optim.Optimizer):
     # ---- state ------------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state, refusing one from another optimizer or with a parameter missing (the message says which)."""
-        load_checked(self, state_dict)
-        for i, group in enumerate(self.param_groups):
-            self._check_group(i, group)
+        """Load a state, refusing one from another optimizer or with a parameter missing (the message says which).
+
+        A refused state leaves the optimizer as it was."""
+        before = self.state, self.param_groups  # torch's load replaces both objects; they stay intact
+        try:
+            load_checked(self, state_dict)
+            for i, group in enumerate(self.param_groups):
+                self._check_group(i, group)
+        except BaseException:
+            self.state, self.param_groups = before
+            raise
+        for group in self.param_groups:
             self._init_state(group)  # entries a state saved before its first step lacks
 
     def _steps(self, gathered: Gathered) -> list[Any]:
@@ -178,22 +223,17 @@ class _Layerwise(torch.optim.Optimizer):
         loss = None
         if _compiling():
             quiet_array_api_compat()
-        if not from_grad_scaler(self, norm_stats):  # GradScaler.step found an inf: skipped
+        go, undo = from_grad_scaler(self, norm_stats)
+        if not go:  # GradScaler.step found an inf: skipped
             return loss
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        gathered = gather(self)  # refuses sparse gradients, naming group and parameter
-        for g in gathered:
-            self._check_group(g.index, g.group)
-        gathered = [g for g in gathered if g.params]
-        stats = group_statistics(self, gathered, norm_stats)
-        plans = [self._plan(g, s) for g, s in zip(gathered, stats)]
-        if not _compiling():
-            for g, s, plan in zip(gathered, stats, plans):
-                if s is not None and self._uses_statistics:
-                    check_statistics_values(g, s, plan.diagnostics, self._statistics_denominators(g, plan))
-        ok = self._decide(gathered, plans)
+        if undo is None:
+            loss, gathered, plans, ok = self._prepare(closure, norm_stats)
+        else:
+            try:
+                loss, gathered, plans, ok = self._prepare(closure, norm_stats)
+            except BaseException:
+                undo()  # refused before any update: the gradients as GradScaler handed them over
+                raise
         if ok is False:  # skipped on the host: nothing changes
             self._diagnostics[0] = [p.diagnostics._replace(skipped=True, rates=torch.zeros_like(p.diagnostics.rates))
                                     for p in plans]
@@ -210,6 +250,25 @@ class _Layerwise(torch.optim.Optimizer):
         # and guards only on the box's length, so a new list each step does not recompile
         self._diagnostics[0] = [p.diagnostics if ok is True else p.diagnostics._replace(skipped=~ok) for p in plans]
         return loss
+
+    def _prepare(self, closure: Any, norm_stats: Any) -> tuple[Any, list[Gathered], list[Any], bool | torch.Tensor]:
+        """Everything a step does before it changes anything: the closure, the gathering and checks of every
+        group, the plans, and the decision (``_decide``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        gathered = gather(self)  # refuses sparse gradients, naming group and parameter
+        for g in gathered:
+            self._check_group(g.index, g.group)
+        gathered = [g for g in gathered if g.params]
+        stats = group_statistics(self, gathered, norm_stats)
+        plans = [self._plan(g, s) for g, s in zip(gathered, stats)]
+        if not _compiling():
+            for g, s, plan in zip(gathered, stats, plans):
+                if s is not None and self._uses_statistics:
+                    check_statistics_values(g, s, plan.diagnostics, self._statistics_denominators(g, plan))
+        return loss, gathered, plans, self._decide(gathered, plans)
 
     _uses_statistics = False
 
