@@ -9,6 +9,12 @@ CLARS on the foreach path, which do the same work, differed by 6 ms in one run),
 measurement is repeated ``--runs`` times (3) with fresh tensors, the methods allocating in a
 rotated order each time; the median over runs is reported and every run is kept.
 
+The run also measures the read bandwidth (``torch.dot``, two reads): on one core a pass costs
+its reads (a line written right after it is read rides along), so the 28 B/param of the bound are
+worth 28 × 8/12 ≈ 18.7 B of reads, and ``fused=True``, which reads w, g and v in both passes
+(24 B/param: the norms pass reads v to check the state before any update), cannot come in under
+``fused_read_floor_ms`` = 24 B/param over the read bandwidth, about 1.3× the bound.
+
 Run ``python benchmarks/optimizer_step.py`` (``--quick`` for a smoke run); it writes
 ``benchmarks/results/optimizer_step.json``.
 """
@@ -94,6 +100,23 @@ def inplace_bandwidth(numel: int, repeats: int) -> float:
     return 12 * numel / min(times)
 
 
+def read_bandwidth(numel: int, repeats: int) -> float:
+    """Bytes per second of ``torch.dot(a, b)`` (read a, read b, write nothing) on float32 buffers already touched.
+
+    On one core the reads set the pace: ``a.add_(b)`` (two reads and the write of a line just read) takes about
+    as long as this dot product of the same length, so a pass costs its reads.
+    """
+    a, b = torch.ones(numel), torch.ones(numel)
+    for _ in range(3):
+        torch.dot(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.dot(a, b)
+        times.append(time.perf_counter() - t0)
+    return 8 * numel / min(times)
+
+
 def bench(shapes, repeats: int, rotate: int = 0) -> dict[str, float]:
     """Median ms of every method; ``rotate`` shifts the order in which the methods allocate their tensors."""
     gen = torch.Generator().manual_seed(0)
@@ -127,6 +150,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 25
     bandwidth = inplace_bandwidth(2**22 if args.quick else 2**26, repeats)
+    reads = read_bandwidth(2**22 if args.quick else 2**26, repeats)
     results = {}
     for set_name, make in PARAMETER_SETS.items():
         shapes = make()
@@ -134,12 +158,15 @@ def main(argv=None) -> int:
         runs = [bench(shapes, repeats, rotate=3 * r) for r in range(1 if args.quick else args.runs)]
         medians = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
         bound_ms = 1e3 * 28 * numel / bandwidth
+        # fused=True reads w, g and v twice (the norms pass reads v too, to check the state before any update)
+        design_floor_ms = 1e3 * 24 * numel / reads
         results[set_name] = {
-            "tensors": len(shapes), "parameters": numel, "bound_ms": bound_ms,
+            "tensors": len(shapes), "parameters": numel, "bound_ms": bound_ms, "fused_read_floor_ms": design_floor_ms,
             "median_ms": medians, "ratio_to_bound": {k: v / bound_ms for k, v in medians.items()},
             "median_ms_per_run": runs,
         }
-        print(f"\n{set_name}: {len(shapes)} tensors, {numel:,} parameters, bandwidth bound {bound_ms:.1f} ms")
+        print(f"\n{set_name}: {len(shapes)} tensors, {numel:,} parameters, bandwidth bound {bound_ms:.1f} ms, "
+              f"read floor of the fused design {design_floor_ms:.1f} ms")
         for name, ms in sorted(medians.items(), key=lambda kv: kv[1]):
             print(f"  {name:<38} {ms:8.2f} ms   {ms / bound_ms:5.2f} x bound")
     write_record(args.out, "python benchmarks/optimizer_step.py" + (" --quick" if args.quick else "")
@@ -148,8 +175,10 @@ def main(argv=None) -> int:
                  ("timm", "pytorch_optimizer"),
                  settings=f"float32; lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, trust coefficient 1e-3; "
                           f"{args.threads} torch thread(s)",
-                 inplace_bandwidth_GBps=bandwidth / 1e9, repeats=repeats, results=results)
-    print(f"\nin-place bandwidth {bandwidth / 1e9:.1f} GB/s; wrote {args.out.name}")
+                 inplace_bandwidth_GBps=bandwidth / 1e9, read_bandwidth_GBps=reads / 1e9, repeats=repeats,
+                 results=results)
+    print(f"\nin-place bandwidth {bandwidth / 1e9:.1f} GB/s, read bandwidth {reads / 1e9:.1f} GB/s; "
+          f"wrote {args.out.name}")
     return 0
 
 

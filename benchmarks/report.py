@@ -72,6 +72,14 @@ def optimizer_step(record: dict) -> list[str]:
     res = record["results"]["resnet50"]
     peer = res["median_ms"][STEP_PEER]
     lars_peers = {p: res["median_ms"][p] for p in STEP_LARS_PEERS if p in res["median_ms"]}
+    if "fused_read_floor_ms" in res and "read_bandwidth_GBps" in record:
+        fused = {m: ms for m, ms in res["median_ms"].items() if m.startswith("lwrs") and "fused" in m}
+        floor = res["fused_read_floor_ms"]
+        out += [f"Read floor of ``fused=True``: its two passes read w, g and v each (24 B/param; the norms pass reads "
+                f"v to check the state before any update). At the read bandwidth measured in the run "
+                f"({record['read_bandwidth_GBps']:.0f} GB/s, a dot product) that is {floor:.1f} ms, "
+                f"{floor / res['bound_ms']:.2f}× the bound; the fused steps take "
+                + ", ".join(f"{ms / floor:.2f}× that floor ({m})" for m, ms in fused.items()) + ".", ""]
     out += [f"Verdicts on ResNet-50 shapes (targets: the default foreach path within {STEP_PEER_TARGET}× "
             f"{STEP_PEER} and faster than {' and '.join(STEP_LARS_PEERS)}; ``fused=True`` within "
             f"{STEP_BOUND_TARGET}× the bound):", ""]
