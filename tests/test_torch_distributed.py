@@ -52,7 +52,7 @@ def worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         run_ddp(rank, out_dir)
-        # the recorded model (PerSampleNorms's hooks make it a reference cycle) and its DDP wrapper are freed
+        # the DDP wrapper (which can be a reference cycle of its own) is freed
         # while the group is alive: left to interpreter shutdown, gloo aborted the process (about 1 run in 12)
         gc.collect()
         assert not [o for o in gc.get_objects() if isinstance(o, torch.nn.parallel.DistributedDataParallel)]

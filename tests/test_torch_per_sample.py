@@ -140,15 +140,16 @@ def test_fused_mode_builds_only_where_it_beats_the_ghost_norm(monkeypatch):
     built = []
     original = per_sample_fused._SequenceLinearLayer.per_sample
 
-    def spy(self, x, grad_out, out=None):
-        built.append(self.module)
-        return original(self, x, grad_out, out=out)
+    def spy(self, x, grad_out, weight_shape, out=None):
+        built.append((id(self), tuple(weight_shape)))
+        return original(self, x, grad_out, weight_shape, out=out)
 
     monkeypatch.setattr(per_sample_fused._SequenceLinearLayer, "per_sample", spy)
     short(torch.randint(0, 5, (B, 3))).sum().backward()  # T = 3: the ghost norm or a hook build
     assert built == []
     long_(torch.randn(B, 8, 4)).sum().backward()
-    assert set(built) == {long_.a, long_.b}
+    assert len({layer for layer, _ in built}) == 2  # one layer object per module: a and b
+    assert {shape for _, shape in built} == {tuple(long_.a.weight.shape), tuple(long_.b.weight.shape)}
 
 
 def test_fused_layers_share_one_chunk_buffer_across_steps():

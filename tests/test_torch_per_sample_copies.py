@@ -178,3 +178,34 @@ def test_clars_with_a_grad_scaler_near_the_float32_limit_steps():
         factors.append(opt.diagnostics[0].clars_factors)
     assert scaler.get_scale() == 2.0**100  # not a skipped step
     torch.testing.assert_close(factors[1], factors[0], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["conv", "sequence", "attention"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_recorded_model_is_freed_by_reference_counting(kind, fused):
+    """A module given its own forward (fused convolutions and long-sequence Linears, attention) held itself through
+    it: the model was a reference cycle, kept with everything it holds (DistributedDataParallel's hooks on its
+    parameters, hence the process group's work) until a garbage collection, at interpreter shutdown if none came
+    first, where gloo could abort the process."""
+    import gc
+    import weakref
+
+    if kind == "conv":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 2)).double()
+        make = lambda b: torch.randn(b, 1, 8, 8, dtype=torch.float64)  # noqa: E731
+    else:
+        model, make = _model(kind)
+    norms = PerSampleNorms(model, fused=fused)
+    opt = CLARS(model.parameters(), lr=0.1, norm_source=norms)
+    model(make(4)).sum().backward()
+    opt.step()
+    refs = [weakref.ref(m) for m in model.modules()] + [weakref.ref(norms)]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del model, norms, opt
+        assert [r() for r in refs[:-1] if r() is not None] == []
+    finally:
+        if enabled:
+            gc.enable()

@@ -224,8 +224,10 @@ class PerSampleNorms:
         self.subsample, self.batch_norm, self.all_reduce, self.batch_dim = subsample, batch_norm, all_reduce, batch_dim
         self.fused = fused
         self._handles: list[Any] = []
-        self._fused_modules: list[torch.nn.Module] = []
-        self._attention_modules: list[tuple[torch.nn.Module, Any]] = []
+        # the modules given their own forward, held weakly: the recorder is reachable from their forwards, and
+        # holding them would make the model a reference cycle (freed only by a garbage collection)
+        self._fused_modules: list[weakref.ref] = []
+        self._attention_modules: list[tuple[weakref.ref, Any]] = []
         self._workspace: dict = {}  # the fused layers' shared chunk buffer
         self._owner: dict[torch.nn.Parameter, str] = {}
         self._bn_params: set[torch.nn.Parameter] = set()
@@ -234,7 +236,8 @@ class PerSampleNorms:
         self._live: dict[torch.nn.Parameter, weakref.WeakSet] = {}  # parameter -> its recorded uses
         self._tasks: dict[int, dict] = {}  # backward pass -> parameter -> [(rows, tensor, built, name)]
         self._batch: int | None = None  # the model input's batch size, during its forward
-        self._fsdp = distributed.fsdp_modules(model)  # FSDP2: unsharded parameter -> sharded (see _canonical)
+        # FSDP2: unsharded parameter -> sharded (see _canonical); weakly, as the modules above
+        self._fsdp = [weakref.ref(m) for m in distributed.fsdp_modules(model)]
         self._unsharded: dict[int, torch.nn.Parameter] = {}
         for module in model.modules():  # a copy of a recorded model: make it plain again
             per_sample_fused.drop_copied(module)
@@ -267,12 +270,10 @@ class PerSampleNorms:
             if per_sample_attention.supported(module):
                 linear = self._attention_linear(label)
                 per_sample_attention.install(module, linear, self._begin_attention(label))
-                self._attention_modules.append((module, linear))
+                self._attention_modules.append((weakref.ref(module), linear))
             elif fused and batch_dim == 0 and per_sample_fused.fusable(module) and "forward" not in module.__dict__:
-                per_sample_fused.install(module, self._begin_fused(module),
-                                         lambda inputs, output, m=module: self._forward_hook(m, inputs, output),
-                                         self._workspace)
-                self._fused_modules.append(module)  # (a module another recorder already fused gets hooks)
+                per_sample_fused.install(module, self._begin_fused(label), self._forward_hook, self._workspace)
+                self._fused_modules.append(weakref.ref(module))  # (a module another recorder already fused gets hooks)
             else:
                 self._handles.append(module.register_forward_hook(self._forward_hook))
         if refused:
@@ -304,10 +305,12 @@ class PerSampleNorms:
         for h in self._handles:
             h.remove()
         self._handles = []
-        for module in self._fused_modules:
-            per_sample_fused.uninstall(module)
-        for module, linear in self._attention_modules:
-            per_sample_attention.uninstall(module, linear)
+        for ref in self._fused_modules:
+            if (module := ref()) is not None:
+                per_sample_fused.uninstall(module)
+        for ref, linear in self._attention_modules:
+            if (module := ref()) is not None:
+                per_sample_attention.uninstall(module, linear)
         self._fused_modules, self._attention_modules = [], []
         self._workspace.clear()
 
@@ -316,7 +319,7 @@ class PerSampleNorms:
     def _canonical(self, p: Any) -> Any:
         """The sharded parameter (the optimizer's) for FSDP2's unsharded copy ``p``; any other ``p`` itself."""
         if id(p) not in self._unsharded:
-            self._unsharded = distributed.fsdp_unsharded_to_sharded(self._fsdp)
+            self._unsharded = distributed.fsdp_unsharded_to_sharded([m for r in self._fsdp if (m := r()) is not None])
             self._unsharded.setdefault(id(p), p)
         return self._unsharded[id(p)]
 
@@ -348,10 +351,8 @@ class PerSampleNorms:
             self._pending[module_id] = 1
         self._check_batch(label, x.shape[dim], tuple(x.shape), dim)
 
-    def _begin_fused(self, module: torch.nn.Module):
-        label = self._names[id(module)]
-
-        def begin(x: torch.Tensor) -> _Call:
+    def _begin_fused(self, label: str):
+        def begin(module: torch.nn.Module, x: torch.Tensor) -> _Call:
             _refuse_tensor_parallel(module, [x, *module.parameters(recurse=False)])
             self._start(id(module), label, x, 0)
             roles = {r: (getattr(module, r), None) for r in ("weight", "bias")

@@ -191,7 +191,6 @@ def install(module: torch.nn.MultiheadAttention, linear: Callable[..., torch.Ten
         raise RuntimeError(f"{module} already has an instance-level forward; cannot record its per-sample norms")
     recorders = _Recorders([(linear, begin)])
     module.__dict__[_RECORDERS] = recorders
-    ordinary = module.forward
 
     def recorded(x, weight, bias, rows, bias_rows):
         y = recorders[0][0](x, weight, bias, rows, bias_rows)
@@ -199,11 +198,12 @@ def install(module: torch.nn.MultiheadAttention, linear: Callable[..., torch.Ten
             other(x, weight, bias, rows, bias_rows, y=y)
         return y
 
-    def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
+    def forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any,
+                **kwargs: Any):
         params = [p for p in module.parameters() if p.requires_grad]
         if (not params or not torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
                 or query.dim() != 3 or query.is_nested):
-            return ordinary(query, key, value, *args, **kwargs)
+            return type(module).forward(module, query, key, value, *args, **kwargs)
         dim = 0 if module.batch_first else 1
         for _, begin_one in recorders:
             begin_one(module, query.shape[dim], tuple(query.shape), dim)

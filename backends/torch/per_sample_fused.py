@@ -65,22 +65,27 @@ class InstanceForward:
     --------
     >>> import copy, torch
     >>> lin = torch.nn.Linear(2, 2)
-    >>> lin.forward = InstanceForward(lin, lambda x: torch.zeros(1))
+    >>> lin.forward = InstanceForward(lin, lambda module, x: torch.zeros(1))
     >>> twin = copy.deepcopy(lin); x = torch.randn(3, 2)
     >>> lin(x).shape, bool(torch.equal(twin(x), torch.nn.functional.linear(x, twin.weight, twin.bias)))
     (torch.Size([1]), True)
+
+    ``function`` is called with the module first. The module is held weakly and ``function`` must
+    not hold it either, so that a recorded module is no reference cycle: it is freed as soon as its
+    last reference goes, like any module (a cycle kept it, and what it holds, such as the hooks
+    DistributedDataParallel puts on its parameters, until a garbage collection).
     """
 
     __slots__ = ("module", "function")
 
     def __init__(self, module: torch.nn.Module, function: Callable[..., Any]):
-        self.module, self.function = module, function
+        self.module, self.function = weakref.ref(module), function
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.function(*args, **kwargs)
+        return self.function(self.module(), *args, **kwargs)
 
     def __reduce__(self) -> tuple:  # copy.deepcopy and pickle: the copy's module gets its class's forward
-        return (_ClassForward, (self.module,))
+        return (_ClassForward, (self.module(),))
 
 
 class _ClassForward:
@@ -150,7 +155,7 @@ def _sum_and_sq_norms(layer: "_Layer", x: torch.Tensor, grad_out: torch.Tensor, 
     """
     batch = x.shape[0]
     if keep:  # a parameter with several contributions in this pass: its contributions are summed later
-        g = layer.per_sample(x, grad_out)
+        g = layer.per_sample(x, grad_out, weight.shape)
         return g.sum(dim=0), sq_norms_of(g), g
     chunk = max(1, min(batch, _CHUNK_ELEMENTS // max(1, weight.numel())))
     dtype = _stat_dtype(x)
@@ -160,7 +165,7 @@ def _sum_and_sq_norms(layer: "_Layer", x: torch.Tensor, grad_out: torch.Tensor, 
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
         out = buffer[: stop - start] if buffer is not None else None
-        g = layer.per_sample(x[start:stop], grad_out[start:stop], out=out)  # (chunk, *weight.shape)
+        g = layer.per_sample(x[start:stop], grad_out[start:stop], weight.shape, out=out)  # (chunk, *weight.shape)
         sq_norms[start:stop] = sq_norms_of(g)
         if with_sum:
             chunk_sum = g.sum(dim=0)
@@ -222,14 +227,14 @@ def conv_per_sample(module: torch.nn.Module, x: torch.Tensor, grad_out: torch.Te
     >>> bool(torch.allclose(g.sum(dim=0), torch.nn.grad.conv1d_weight(x, conv.weight.shape, d)))
     True
     """
-    return _ConvLayer(module).per_sample(x, grad_out)
+    return _ConvLayer(module).per_sample(x, grad_out, module.weight.shape)
 
 
 class _Layer:
     """How one module's forward, input gradient and per-sample gradients are computed."""
 
     def __init__(self, module: torch.nn.Module, workspace: dict | None = None):
-        self.module = module
+        # (the module's settings are read here; the layer holds no reference to the module, see InstanceForward)
         # shared by the layers of one recorder (their backward passes run one at a time): one chunk's buffer,
         # kept between steps so that it is not allocated (and faulted in) again at every backward
         self.workspace = {} if workspace is None else workspace
@@ -252,13 +257,13 @@ class _Layer:
     def input_grad(self, x, weight, grad_out):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def per_sample(self, x, grad_out, out=None):  # pragma: no cover - abstract
+    def per_sample(self, x, grad_out, weight_shape, out=None):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def per_sample_bias(self, grad_out):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def applies(self, x: torch.Tensor) -> bool:
+    def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return True
 
 
@@ -271,21 +276,22 @@ class _ConvLayer(_Layer):
         self._weight = torch.nn.grad.conv2d_weight if two_d else torch.nn.grad.conv1d_weight
         m = module
         self._args = dict(stride=m.stride, padding=m.padding, dilation=m.dilation)
+        self._groups = m.groups
 
     def op(self, x, weight, bias):
-        return self._conv(x, weight, bias, groups=self.module.groups, **self._args)
+        return self._conv(x, weight, bias, groups=self._groups, **self._args)
 
     def input_grad(self, x, weight, grad_out):
-        return self._input(x.shape, weight, grad_out, groups=self.module.groups, **self._args)
+        return self._input(x.shape, weight, grad_out, groups=self._groups, **self._args)
 
-    def per_sample(self, x, grad_out, out=None):  # no ``out``: the weight-gradient call allocates
+    def per_sample(self, x, grad_out, weight_shape, out=None):  # no ``out``: the weight-gradient call allocates
         # the batch folded into the groups: every sample's weight gradient in one call
         dtype = _stat_dtype(x)
         x, d = x.to(dtype), grad_out.to(dtype)
-        b, w = x.shape[0], self.module.weight
-        g = self._weight(x.reshape(1, -1, *x.shape[2:]), (b * w.shape[0], *w.shape[1:]),
-                         d.reshape(1, -1, *d.shape[2:]), groups=b * self.module.groups, **self._args)
-        return g.reshape(b, *w.shape)
+        b, w = x.shape[0], tuple(weight_shape)
+        g = self._weight(x.reshape(1, -1, *x.shape[2:]), (b * w[0], *w[1:]),
+                         d.reshape(1, -1, *d.shape[2:]), groups=b * self._groups, **self._args)
+        return g.reshape(b, *w)
 
     def per_sample_bias(self, grad_out):
         d = grad_out.to(_stat_dtype(grad_out))
@@ -301,7 +307,7 @@ class _SequenceLinearLayer(_Layer):
     def input_grad(self, x, weight, grad_out):
         return grad_out @ weight.to(grad_out.dtype)
 
-    def per_sample(self, x, grad_out, out=None):
+    def per_sample(self, x, grad_out, weight_shape, out=None):
         dtype = _stat_dtype(x)
         a = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
         d = grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1]).to(dtype)
@@ -311,9 +317,9 @@ class _SequenceLinearLayer(_Layer):
         d = grad_out.to(_stat_dtype(grad_out))
         return d.reshape(d.shape[0], -1, d.shape[-1]).sum(dim=1)
 
-    def applies(self, x: torch.Tensor) -> bool:
+    def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         # one row per sample (ndim 2): the hook path's ||a_i||^2 ||d_i||^2 is cheaper
-        return linear_applies(x, self.module.weight)
+        return linear_applies(x, weight)
 
 
 def fusable(module: torch.nn.Module) -> bool:
@@ -372,9 +378,9 @@ def install(module: torch.nn.Module, begin: Callable[[torch.Tensor], Any], fallb
             workspace: dict | None = None) -> None:
     r"""Route ``module``'s forward through the fused per-sample weight gradient.
 
-    ``begin(x)`` is called before a fused forward and returns the recorder of
+    ``begin(module, x)`` is called before a fused forward and returns the recorder of
     that call (see :func:`fused_linear` for what it receives in backward);
-    ``fallback(inputs, output)`` is called after an ordinary forward when the
+    ``fallback(module, inputs, output)`` is called after an ordinary forward when the
     fused form does not apply, so that the caller can measure it another way;
     ``workspace`` (a dict) holds one chunk's buffer between steps and may be
     shared by the layers of one model. :func:`uninstall` restores the module. (Reference: CLARS eq. 5's
@@ -388,7 +394,7 @@ def install(module: torch.nn.Module, begin: Callable[[torch.Tensor], Any], fallb
     ...     def enter(self): pass
     ...     def want(self, role): return False
     ...     def record(self, role, t, built): seen.append((role, t.shape))
-    >>> install(conv, lambda x: Rec(), lambda i, o: None)
+    >>> install(conv, lambda m, x: Rec(), lambda m, i, o: None)
     >>> conv(torch.randn(4, 1, 8)).sum().backward(); uninstall(conv); seen
     [('weight', torch.Size([4])), ('bias', torch.Size([4]))]
     """
@@ -397,18 +403,17 @@ def install(module: torch.nn.Module, begin: Callable[[torch.Tensor], Any], fallb
         raise RuntimeError(f"{module} already has an instance-level forward; cannot fuse its per-sample gradients")
     layer = (_ConvLayer if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) else _SequenceLinearLayer)(
         module, workspace)
-    ordinary = module.forward
 
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(module: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         weight, bias = module.weight, module.bias
         use = (not args and not kwargs and torch.is_grad_enabled() and weight.requires_grad
                and not torch._C._are_functorch_transforms_active()
-               and not torch.is_autocast_enabled(x.device.type) and layer.applies(x))
+               and not torch.is_autocast_enabled(x.device.type) and layer.applies(x, weight))
         if not use:
-            out = ordinary(x, *args, **kwargs)
-            fallback((x, *args), out)
+            out = type(module).forward(module, x, *args, **kwargs)
+            fallback(module, (x, *args), out)
             return out
-        return _PerSampleWeightGrad.apply(x, weight, bias, layer, begin(x))
+        return _PerSampleWeightGrad.apply(x, weight, bias, layer, begin(module, x))
 
     module.forward = InstanceForward(module, forward)
 
