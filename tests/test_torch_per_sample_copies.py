@@ -209,3 +209,49 @@ def test_a_recorded_model_is_freed_by_reference_counting(kind, fused):
     finally:
         if enabled:
             gc.enable()
+
+
+def test_conv_settings_changed_after_recording_are_followed_or_refused():
+    """The fused convolution kept the stride, padding and dilation it was installed with (a changed module gave
+    another output shape than the plain one), and a padding mode set later was never checked."""
+    from lwrs.backends.torch import UnsupportedModuleError
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    conv = nn.Conv2d(1, 2, 3).double()
+    plain = copy.deepcopy(conv)
+    norms = PerSampleNorms(conv)
+    for c in (conv, plain):
+        c.stride, c.dilation, c.padding = (1, 1), (2, 2), (2, 2)
+    torch.testing.assert_close(conv(x), plain(x))
+    conv.padding_mode = "circular"
+    with pytest.raises(UnsupportedModuleError, match="padding_mode='circular'"):
+        conv(x)
+    norms.remove()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_unbatched_inputs_and_old_weight_norm_are_refused_clearly(fused):
+    from lwrs.backends.torch import UnsupportedModuleError
+
+    conv, lin = nn.Conv1d(3, 2, 3), nn.Linear(4, 2)
+    for module, x in ((conv, torch.randn(3, 10)), (lin, torch.randn(4))):
+        PerSampleNorms(module, fused=fused)
+        with pytest.raises(ValueError, match=r"unbatched input of shape .*add one: x\[None\]"):
+            module(x)
+    for wrap, which in ((torch.nn.utils.weight_norm, "weight_norm"), (torch.nn.utils.spectral_norm, "spectral_norm")):
+        with pytest.raises(UnsupportedModuleError, match=f"torch.nn.utils.{which}"):
+            PerSampleNorms(wrap(nn.Conv2d(1, 2, 3)), fused=fused)
+
+
+def test_a_fused_module_takes_its_input_by_keyword_and_a_forward_kept_apart_says_what_happened():
+    conv = nn.Conv2d(1, 2, 3).double()
+    plain = copy.deepcopy(conv)
+    norms = PerSampleNorms(conv)
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(conv(input=x), plain(x))
+    forward = conv.forward
+    del conv
+    with pytest.raises(RuntimeError, match="belongs to a recorded module that has been freed"):
+        forward(x)
+    norms.remove()

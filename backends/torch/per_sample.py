@@ -346,15 +346,24 @@ class PerSampleNorms:
                 "(batch_dim=1 for sequence-first inputs; tokens folded into the batch, e.g. x.reshape(B * T, F), "
                 "cannot be measured, and an input without the batch axis, e.g. position ids, must be expanded to it)")
 
-    def _start(self, module_id: int, label: str, x: torch.Tensor, dim: int) -> None:
+    def _start(self, module: torch.nn.Module, label: str, x: torch.Tensor, dim: int) -> None:
+        reason = per_sample_layers.refusal(module)  # (a setting changed after the recorder was attached)
+        if reason:
+            raise UnsupportedModuleError(f"per-sample norms are not available for {label} "
+                                         f"({type(module).__name__}: {reason})")
+        batched = (3 if isinstance(module, torch.nn.Conv1d) else 4 if isinstance(module, torch.nn.Conv2d)
+                   else 2 if isinstance(module, torch.nn.Linear) else 0)
+        if x.ndim < batched:
+            raise ValueError(f"{label} ({type(module).__name__}) got an unbatched input of shape {tuple(x.shape)}: "
+                             "per-sample norms need the samples along a batch dimension (add one: x[None])")
         if _graph_task() == -1:
-            self._pending[module_id] = 1
+            self._pending[id(module)] = 1
         self._check_batch(label, x.shape[dim], tuple(x.shape), dim)
 
     def _begin_fused(self, label: str):
         def begin(module: torch.nn.Module, x: torch.Tensor) -> _Call:
             _refuse_tensor_parallel(module, [x, *module.parameters(recurse=False)])
-            self._start(id(module), label, x, 0)
+            self._start(module, label, x, 0)
             roles = {r: (getattr(module, r), None) for r in ("weight", "bias")
                      if getattr(module, r) is not None and getattr(module, r).requires_grad}
             return _Call(self, label, roles)
@@ -433,7 +442,7 @@ class PerSampleNorms:
             return
         label, dim = self._names[id(module)], self.batch_dim
         _refuse_tensor_parallel(module, [inputs[0], output])  # (FSDP2 has resharded the weights by now)
-        self._start(id(module), label, inputs[0], dim)
+        self._start(module, label, inputs[0], dim)
         x = inputs[0].detach()
         x = x.movedim(dim, 0) if dim else x
         handler = per_sample_layers.handler(module)

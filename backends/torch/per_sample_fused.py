@@ -82,7 +82,12 @@ class InstanceForward:
         self.module, self.function = weakref.ref(module), function
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.function(self.module(), *args, **kwargs)
+        module = self.module()
+        if module is None:  # a forward kept apart from its module (or a copy.copy's), after the module was freed
+            raise RuntimeError("this forward belongs to a recorded module that has been freed (a forward saved "
+                               "apart from its module, or the forward of a copy.copy of one): call the module "
+                               "itself, or copy it with copy.deepcopy")
+        return self.function(module, *args, **kwargs)
 
     def __reduce__(self) -> tuple:  # copy.deepcopy and pickle: the copy's module gets its class's forward
         return (_ClassForward, (self.module(),))
@@ -401,17 +406,20 @@ def install(module: torch.nn.Module, begin: Callable[[torch.Tensor], Any], fallb
     drop_copied(module)
     if "forward" in module.__dict__:
         raise RuntimeError(f"{module} already has an instance-level forward; cannot fuse its per-sample gradients")
-    layer = (_ConvLayer if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) else _SequenceLinearLayer)(
-        module, workspace)
+    kind = _ConvLayer if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) else _SequenceLinearLayer
+    workspace = {} if workspace is None else workspace
 
-    def forward(module: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # one input, by position or as ``input=``; anything else takes the ordinary forward
+        x = args[0] if len(args) == 1 and not kwargs else kwargs.get("input") if not args and len(kwargs) == 1 else None
         weight, bias = module.weight, module.bias
-        use = (not args and not kwargs and torch.is_grad_enabled() and weight.requires_grad
+        layer = kind(module, workspace)  # the module's settings of this call (stride, padding, ...)
+        use = (isinstance(x, torch.Tensor) and torch.is_grad_enabled() and weight.requires_grad
                and not torch._C._are_functorch_transforms_active()
                and not torch.is_autocast_enabled(x.device.type) and layer.applies(x, weight))
         if not use:
-            out = type(module).forward(module, x, *args, **kwargs)
-            fallback(module, (x, *args), out)
+            out = type(module).forward(module, *args, **kwargs)
+            fallback(module, args or tuple(kwargs.values()), out)
             return out
         return _PerSampleWeightGrad.apply(x, weight, bias, layer, begin(module, x))
 

@@ -215,6 +215,14 @@ def refusal(module: torch.nn.Module) -> str | None:
     >>> refusal(torch.nn.Conv1d(1, 1, 3, padding="same")), refusal(torch.nn.Conv1d(1, 1, 3))
     ("padding='same' (per-sample norms need numeric padding and padding_mode='zeros')", None)
     """
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)):
+            which = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+            return (f"torch.nn.utils.{which} (it recomputes {hook.name!r} from other parameters before the forward; "
+                    f"torch.nn.utils.parametrizations.{which} is refused too)")
     if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)):
         if isinstance(module.padding, str):
             return f"padding={module.padding!r} (per-sample norms need numeric padding and padding_mode='zeros')"
