@@ -120,6 +120,18 @@ def _recording() -> bool:
     return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
 
 
+def _unchanged(p: torch.nn.Parameter, before: tuple[Any, int]) -> bool:
+    """Whether ``p.grad`` is still what it was before a backward pass (so the pass did not accumulate into it);
+    a sharded parameter's gradient is set by FSDP2 after the pass, so it counts as changed."""
+    if distributed.is_sharded([p]):
+        return False
+    ref, version = before
+    grad = p.grad
+    if ref is None:
+        return grad is None
+    return grad is ref() and grad._version == version
+
+
 def _refuse_tensor_parallel(module: torch.nn.Module, tensors: list) -> None:
     """Tensor-parallel layers compute with DTensors (FSDP2 gives the forward whole, plain weights): their
     per-sample norms would be a shard's."""
@@ -160,7 +172,11 @@ class _Call:
         role = self.norms._canonical(role) if self.norms._fsdp and isinstance(role, torch.Tensor) else role
         if role in self.roles:
             p, rows = self.roles[role]
-            self.norms._tasks[_graph_task()].setdefault(p, []).append((rows, tensor, built, self.name))
+            task = _graph_task()
+            before = self.norms._grads_before.setdefault(task, {})
+            if p not in before:  # p.grad before this pass accumulates into it (autograd does so after every use)
+                before[p] = (None, 0) if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+            self.norms._tasks[task].setdefault(p, []).append((rows, tensor, built, self.name))
 
 
 class PerSampleNorms:
@@ -299,6 +315,8 @@ class PerSampleNorms:
         self._seen: dict[torch.nn.Parameter, Any] = {}  # p.grad after the last backward (a weak reference)
         self._pending: dict[int, int] = {}
         self._tasks.clear()  # (a backward pass that raised never reached its end)
+        self._grads_before: dict[int, dict] = {}  # backward pass -> parameter -> its gradient before the pass
+        self._double_backward: str | None = None  # a layer recorded in a create_graph=True pass
 
     def remove(self) -> None:
         """Detach the hooks from the model (and give fused and attention modules their own forward back)."""
@@ -466,6 +484,8 @@ class PerSampleNorms:
     def _enter(self, call: _Call) -> None:
         """A recorded use receives its gradient: open the pass's record (once per backward pass)."""
         call.consumed = True
+        if torch.is_grad_enabled() and self._double_backward is None:  # create_graph=True: see sums()
+            self._double_backward = call.name
         task = _graph_task()
         if task not in self._tasks:
             if not self._tasks:
@@ -484,7 +504,10 @@ class PerSampleNorms:
         return False
 
     def _end_pass(self, task: int) -> None:
+        before = self._grads_before.pop(task, {})
         for p, pieces in self._tasks.pop(task).items():
+            if p in before and _unchanged(p, before[p]):
+                continue  # a pass that did not accumulate into p.grad (torch.autograd.grad, backward(inputs=...))
             self._add(p, per_sample_layers.combine(p, pieces))
         if not self._tasks:  # after the other end-of-backward callbacks (DistributedDataParallel's)
             torch.autograd.Variable._execution_engine.queue_callback(self._note_grads)
@@ -522,6 +545,11 @@ class PerSampleNorms:
         if self._copy:
             raise RuntimeError("this PerSampleNorms is a copy (copy.deepcopy or pickle), which records nothing: "
                                "attach a new PerSampleNorms to the copied model")
+        if self._double_backward is not None:
+            raise RuntimeError(
+                f"per-sample statistics are not exact after a backward with create_graph=True (through layer "
+                f"{self._double_backward}): a later backward through that graph (a gradient penalty) adds to p.grad "
+                "contributions the recorder cannot split per sample; no statistics until reset()")
         out, params = {}, list(params)
         for p in per_sample_staleness.stale(self._seen, self._s1, [p for p in params if p in self._s1]):
             raise RuntimeError(
