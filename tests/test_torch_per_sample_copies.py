@@ -314,3 +314,31 @@ def test_statistics_after_a_create_graph_backward_are_refused():
     model.zero_grad()
     model(x.detach()).sum().backward()
     assert set(norms.sums(model.parameters())) == set(model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_functional_call_with_substituted_parameters_is_not_recorded(kind):
+    """torch.func.functional_call on a recorded model: the hook path raised a KeyError (whose message was a printed
+    tensor) inside backward; the fused path recorded under the substitutes and kept every one of them alive."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 1)).double()
+        x = torch.randn(4, 1, 6, 6, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        x = torch.randn(4, 3, dtype=torch.float64)
+    plain = copy.deepcopy(model)
+    norms = PerSampleNorms(model)
+    subs = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    twin = {k: v.detach().clone().requires_grad_() for k, v in plain.named_parameters()}
+    torch.func.functional_call(model, subs, (x,)).square().sum().backward()
+    torch.func.functional_call(plain, twin, (x,)).square().sum().backward()
+    for k in subs:
+        torch.testing.assert_close(subs[k].grad, twin[k].grad)  # the substitutes' gradients, as without a recorder
+    assert all(p.grad is None for p in model.parameters()) and not norms._live
+    del subs, twin
+    model(x).square().sum().backward()  # the model's own pass: recorded exactly
+    expected = _oracle_s1(model, x, lambda out: out.square().sum())
+    got = norms.sums(model.parameters())
+    for name, p in model.named_parameters():
+        assert float(got[p][0]) == pytest.approx(expected[name], rel=1e-10)

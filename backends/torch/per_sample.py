@@ -155,6 +155,9 @@ class _Call:
         if norms._fsdp:  # FSDP2 computes with unsharded copies: record under the sharded parameters
             c = norms._canonical
             roles = {c(r) if isinstance(r, torch.Tensor) else r: (c(p), rows) for r, (p, rows) in roles.items()}
+        # only the model's own parameters: tensors substituted for them (torch.func.functional_call) get their
+        # gradients elsewhere than p.grad, so nothing is recorded for them (nor kept alive here)
+        roles = {r: (p, rows) for r, (p, rows) in roles.items() if p in norms._owner}
         self.norms, self.name, self.roles = norms, name, roles
         self.counted, self.consumed = _graph_task() == -1, False
         for p, _ in roles.values():
@@ -473,7 +476,7 @@ class PerSampleNorms:
             self._pending[id(module)] = 0
             d = grad_output.detach()
             wants = {p: call.want(p) for p in call.roles}
-            want = (lambda p: wants[self._canonical(p)]) if self._fsdp else wants.__getitem__
+            want = (lambda p: wants.get(self._canonical(p), False)) if self._fsdp else (lambda p: wants.get(p, False))
             for p, t in handler(module, x, d.movedim(dim, 0) if dim else d, want, **extra).items():
                 call.record(p, t, want(p))
 
