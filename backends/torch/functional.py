@@ -222,7 +222,8 @@ def _update_multi(params, grads, buffers, rates: torch.Tensor, decays, beta, nes
     decayed = [k for k, x in enumerate(decays) if x]
     if nesterov:
         torch._foreach_add_(params, buffers, alpha=-beta)
-        torch._foreach_mul_(buffers, (beta * (1.0 - rates * lam)).tolist())
+        # 0-d factors, not Python floats: on the CPU a list of floats costs a conversion per layer
+        torch._foreach_mul_(buffers, list((beta * (1.0 - rates * lam)).to(dtype).unbind(0)))
     else:
         torch._foreach_mul_(buffers, beta)
     torch._foreach_addcmul_(buffers, grads, neg_r)

@@ -350,8 +350,8 @@ class _Layerwise(torch.optim.Optimizer):
 
 
 def _increment(counts: list[torch.Tensor], impl: str) -> None:
-    """Every step count + 1: one call (the fused extension's loop where it is in use: on the CPU, one
-    multi-tensor call still dispatches once per count)."""
+    """Every step count + 1: the fused extension's loop where it is in use (on the CPU, one multi-tensor call
+    still dispatches once per count), else one multi-tensor call."""
     if impl == "fused":
         from . import fused
 
@@ -360,7 +360,9 @@ def _increment(counts: list[torch.Tensor], impl: str) -> None:
             return
         except RuntimeError:  # a count the loop does not take (not a one-element CPU tensor): checked before any
             pass
-    torch._foreach_add_(counts, 1.0)
+    # a list of 0-d ones, not the number 1: on the CPU a number costs a conversion per count
+    ones = {key: torch.ones((), dtype=key[0], device=key[1]) for key in {(c.dtype, c.device) for c in counts}}
+    torch._foreach_add_(counts, [ones[c.dtype, c.device] for c in counts])
 
 
 def _layouts(g: Gathered) -> list[torch.Tensor] | None:
