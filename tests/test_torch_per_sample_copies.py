@@ -342,3 +342,20 @@ def test_functional_call_with_substituted_parameters_is_not_recorded(kind):
     got = norms.sums(model.parameters())
     for name, p in model.named_parameters():
         assert float(got[p][0]) == pytest.approx(expected[name], rel=1e-10)
+
+
+def test_a_new_recorder_on_a_copy_removes_the_copied_recorders_hooks():
+    """A deepcopy of a recorded model carries its recorder's (inert) root hooks; a recorder attached to the copy
+    stacked its own beside them."""
+    model, make = _model("plain")
+    PerSampleNorms(model)
+    twin = copy.deepcopy(model)
+    norms = PerSampleNorms(twin)
+    counts = {len(getattr(twin, name)) for name in ("_forward_pre_hooks", "_forward_hooks")}
+    assert counts == {1}  # the new recorder's root hooks only
+    x = make(4)
+    twin(x).square().sum().backward()
+    expected = _oracle_s1(twin, x, lambda out: out.square().sum())
+    got = norms.sums(twin.parameters())
+    for name, p in twin.named_parameters():
+        assert float(got[p][0]) == pytest.approx(expected[name], rel=1e-10)

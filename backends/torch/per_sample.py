@@ -260,6 +260,7 @@ class PerSampleNorms:
         self._unsharded: dict[int, torch.nn.Parameter] = {}
         for module in model.modules():  # a copy of a recorded model: make it plain again
             per_sample_fused.drop_copied(module)
+            _drop_copied_hooks(module)
         inside_attention = {id(m.out_proj) for m in model.modules() if per_sample_attention.supported(m)}
         refused = []
         for name, module in model.named_modules():
@@ -623,6 +624,17 @@ class PerSampleNorms:
         if self.all_reduce and not ready:
             raise RuntimeError("all_reduce=True needs an initialised torch.distributed process group")
         return bool(self.all_reduce)
+
+
+def _drop_copied_hooks(module: torch.nn.Module) -> None:
+    """Remove the hooks of copied (inert) recorders that ``copy.deepcopy`` of a recorded model carried over."""
+    for name in ("_forward_pre_hooks", "_forward_hooks"):
+        hooks = getattr(module, name)
+        for key in [k for k, h in hooks.items()
+                    if isinstance(getattr(h, "__self__", None), PerSampleNorms) and h.__self__._copy]:
+            del hooks[key]
+            for extra in (f"{name}_with_kwargs", f"{name}_always_called"):
+                getattr(module, extra, {}).pop(key, None)
 
 
 def _copied_recorder() -> PerSampleNorms:
