@@ -1,6 +1,7 @@
 """Independent NumPy float64 oracles, written straight from the papers.
 
-Nothing here imports lwrs. The momentum oracle keeps the paper's own pair
+Nothing here imports lwrs. The per-sample oracles at the end (torch.func, imported where used) give
+the exact per-sample gradient-norm statistics the recorder must match. The momentum oracle keeps the paper's own pair
 (w, v) of CLARS eq. (4) rather than lwrs's trace d = v_{t+1} - v_t, so that the
 two implementations share no algebra.
 """
@@ -137,3 +138,30 @@ class LambOracle:
 def tvlars_phi(t, *, decay, delay, alpha=1.0, gamma_min=0.0):
     """phi_t = 1 / (alpha + exp(lambda (t - d_e))) + gamma_min, straight from the formula."""
     return 1.0 / (alpha + math.exp(decay * (t - delay))) + gamma_min
+
+
+def per_sample_norm_sums(model, grads):
+    """name -> (sum_i |g_i|, sum_i |g_i|^2) of per-sample gradients ``grads`` (name -> (B, *shape) tensor)."""
+    import torch
+
+    out = {}
+    for name, _ in model.named_parameters():
+        g = grads[name]
+        n = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
+        out[name] = (n.sum(), (n * n).sum())
+    return out
+
+
+def vmap_oracle(model, loss_one, inputs, dims):
+    """name -> (sum_i |g_i|, sum_i |g_i|^2), g_i the gradient of sample i's loss, by torch.func ``vmap(grad)``
+    over samples run as batches of one (``loss_one(f, *sample)``, ``f`` the model; ``dims`` the sample axes)."""
+    import torch
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, *sample):
+        batch_of_one = [x.unsqueeze(d) for x, d in zip(sample, dims)]
+        return loss_one(lambda *a, **kw: torch.func.functional_call(model, p, a, kw), *batch_of_one)
+
+    grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, *dims))(params, *inputs)
+    return per_sample_norm_sums(model, grads)

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lwrs.backends.torch import CLARS, PerSampleNorms  # noqa: E402
+from oracles import vmap_oracle  # noqa: E402
 
 nn = torch.nn
 
@@ -258,12 +259,8 @@ def test_a_fused_module_takes_its_input_by_keyword_and_a_forward_kept_apart_says
 
 
 def _oracle_s1(model, x, loss_of_output):
-    """Per parameter, the sum over samples of the norm of the sample's own loss gradient (torch.func)."""
-    from torch.func import functional_call, grad, vmap
-
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    g = vmap(grad(lambda p, xi: loss_of_output(functional_call(model, p, (xi[None],)))), in_dims=(None, 0))(params, x)
-    return {k: float(g[k].reshape(x.shape[0], -1).norm(dim=1).sum()) for k in params}
+    """name -> the sum over samples of the norm of each sample's own loss gradient (torch.func)."""
+    return {k: float(s1) for k, (s1, _) in vmap_oracle(model, lambda f, xi: loss_of_output(f(xi)), (x,), (0,)).items()}
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
@@ -282,7 +279,7 @@ def test_a_pass_that_does_not_accumulate_into_the_gradient_is_not_counted(kind, 
     loss = lambda out: out.square().sum()  # noqa: E731
     if zero == "accumulate":  # micro-batch 1, an input-gradient pass, micro-batch 2
         loss(model(x1)).backward()
-        xs, x = [x1, x2], torch.cat([x1, x2])
+        x = torch.cat([x1, x2])
     else:  # gradients zeroed in place, then the adversarial pass, then the backward
         loss(model(x1)).backward()
         model.zero_grad(set_to_none=False)

@@ -14,23 +14,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lwrs.backends.torch import PerSampleNorms, UnsupportedModuleError  # noqa: E402
+from oracles import per_sample_norm_sums, vmap_oracle  # noqa: E402
 
 nn = torch.nn
 F = torch.nn.functional
 B, T, E = 4, 5, 8
 TOL = dict(rtol=1e-10, atol=1e-13)
-
-
-def vmap_oracle(model, loss_one, inputs, dims):
-    """param -> (sum_i |g_i|, sum_i |g_i|^2), g_i the gradient of sample i's loss, by vmap(grad)."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def one(p, *sample):
-        batch_of_one = [x.unsqueeze(d) for x, d in zip(sample, dims)]
-        return loss_one(lambda *a, **kw: torch.func.functional_call(model, p, a, kw), *batch_of_one)
-
-    grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, *dims))(params, *inputs)
-    return _sums(model, grads)
 
 
 def autograd_oracle(model, per_sample_losses, inputs):
@@ -42,17 +31,8 @@ def autograd_oracle(model, per_sample_losses, inputs):
     losses = per_sample_losses(model, *inputs)
     params = [p for _, p in model.named_parameters()]
     per_sample = [torch.autograd.grad(loss, params, retain_graph=True) for loss in losses]
-    return _sums(model, {name: torch.stack([g[k] for g in per_sample])
+    return per_sample_norm_sums(model, {name: torch.stack([g[k] for g in per_sample])
                          for k, (name, _) in enumerate(model.named_parameters())})
-
-
-def _sums(model, grads):
-    out = {}
-    for name, p in model.named_parameters():
-        g = grads[name]
-        n = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
-        out[name] = (n.sum(), (n * n).sum())
-    return out
 
 
 def assert_exact(model, norms, want, what=""):

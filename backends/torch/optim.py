@@ -41,7 +41,6 @@ from lwrs.diagnostics import LayerDiagnostics
 from lwrs.masks import one_d_masks
 from lwrs.rates import TrustOptions
 
-from . import distributed
 from . import functional as F
 from .distributed import local as _local
 from ._groups import (COMMON_DOC, TRUST_DOC, Gathered, _label, check_lr, check_scalar, check_state_like,

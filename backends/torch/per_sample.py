@@ -123,13 +123,7 @@ def _recording() -> bool:
 def _unchanged(p: torch.nn.Parameter, before: tuple[Any, int]) -> bool:
     """Whether ``p.grad`` is still what it was before a backward pass (so the pass did not accumulate into it);
     a sharded parameter's gradient is set by FSDP2 after the pass, so it counts as changed."""
-    if distributed.is_sharded([p]):
-        return False
-    ref, version = before
-    grad = p.grad
-    if ref is None:
-        return grad is None
-    return grad is ref() and grad._version == version
+    return not distributed.is_sharded([p]) and per_sample_staleness.unchanged(p, before)
 
 
 def _refuse_tensor_parallel(module: torch.nn.Module, tensors: list) -> None:
@@ -178,7 +172,7 @@ class _Call:
             task = _graph_task()
             before = self.norms._grads_before.setdefault(task, {})
             if p not in before:  # p.grad before this pass accumulates into it (autograd does so after every use)
-                before[p] = (None, 0) if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+                before[p] = per_sample_staleness.grad_state(p)
             self.norms._tasks[task].setdefault(p, []).append((rows, tensor, built, self.name))
 
 

@@ -19,7 +19,26 @@ from typing import Any
 
 import torch
 
-__all__ = ["note", "stale"]
+__all__ = ["grad_state", "unchanged", "note", "stale"]
+
+
+def grad_state(p: torch.nn.Parameter) -> tuple[Any, int]:
+    """``(weak reference to p.grad or None, its version counter)``: what :func:`unchanged` compares with."""
+    return (None, 0) if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+
+
+def unchanged(p: torch.nn.Parameter, state: tuple[Any, int]) -> bool:
+    """Whether ``p.grad`` is the tensor of :func:`grad_state` ``state``, not changed in place since (or still None).
+
+    >>> import torch
+    >>> w = torch.ones(2, requires_grad=True); before = grad_state(w)
+    >>> (3 * w).sum().backward(); unchanged(w, before), unchanged(w, grad_state(w))
+    (False, True)
+    """
+    ref, version = state
+    if ref is None:
+        return p.grad is None
+    return p.grad is ref() and p.grad._version == version
 
 
 def note(params: Iterable[torch.nn.Parameter]) -> dict[torch.nn.Parameter, tuple[Any, int]]:
@@ -32,7 +51,7 @@ def note(params: Iterable[torch.nn.Parameter]) -> dict[torch.nn.Parameter, tuple
     >>> seen = note([w]); _ = w.grad.zero_(); stale(seen, {w: torch.tensor(6.0)}, [w]) == {w}
     True
     """
-    return {p: (None, 0) if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params}
+    return {p: grad_state(p) for p in params}
 
 
 def stale(seen: dict, sums: dict, params: Iterable[torch.nn.Parameter]) -> set[torch.nn.Parameter]:
