@@ -29,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import per_sample_fused
 
@@ -215,9 +217,6 @@ def refusal(module: torch.nn.Module) -> str | None:
     >>> refusal(torch.nn.Conv1d(1, 1, 3, padding="same")), refusal(torch.nn.Conv1d(1, 1, 3))
     ("padding='same' (per-sample norms need numeric padding and padding_mode='zeros')", None)
     """
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, (WeightNorm, SpectralNorm)):
             which = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
