@@ -356,3 +356,36 @@ def test_a_new_recorder_on_a_copy_removes_the_copied_recorders_hooks():
     got = norms.sums(twin.parameters())
     for name, p in twin.named_parameters():
         assert float(got[p][0]) == pytest.approx(expected[name], rel=1e-10)
+
+
+@pytest.mark.parametrize("capture", ["jit.trace", "export"])
+@pytest.mark.parametrize("kind", ["rows", "sequence", "conv", "attention"])
+def test_tracing_or_exporting_a_recorded_model_leaves_the_recording_out(kind, capture):
+    """``torch.jit.trace`` of a recorded model failed ("Graphs differed across invocations": the recording's
+    hooks ran inside the trace), and ``torch.export`` baked the recording's norms into the exported program. Both
+    now capture the model alone, and the recorder keeps measuring the live model exactly."""
+    if kind == "conv":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 1)).double()
+        batch = lambda b: torch.randn(b, 1, 6, 6, dtype=torch.float64)  # noqa: E731
+    else:
+        model, batch = _model(kind)
+    norms = PerSampleNorms(model)
+    x = batch(4)
+    if capture == "jit.trace":
+        traced = torch.jit.trace(model, (x,))
+        graph = str(traced.inlined_graph)
+    else:
+        traced = torch.export.export(model, (x,)).module()
+        graph = str(traced.graph)
+    assert "vector_norm" not in graph and "detach" not in graph, graph  # the recording's ops
+    x2 = batch(4)
+    torch.testing.assert_close(traced(x2), model(x2), rtol=1e-12, atol=1e-12)
+    assert not norms._s1  # nothing recorded by the capture
+    loss = lambda out: out.square().sum()  # noqa: E731
+    loss(model(x2)).backward()
+    expected = _oracle_s1(model, x2, loss)
+    got = norms.sums(model.parameters())
+    for name, p in model.named_parameters():
+        assert float(got[p][0]) == pytest.approx(expected[name], rel=1e-10)
+    norms.remove()

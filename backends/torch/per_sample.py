@@ -116,8 +116,7 @@ def _graph_task() -> int:
     return torch._C._current_graph_task_id()
 
 
-def _recording() -> bool:
-    return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+_recording = per_sample_fused.recording
 
 
 def _unchanged(p: torch.nn.Parameter, before: tuple[Any, int]) -> bool:
@@ -433,7 +432,7 @@ class PerSampleNorms:
         """Before a BatchNorm's forward: the measured layers that already ran in this pass are upstream of it."""
         if self._copy:
             return None
-        if not (module.training and torch.is_grad_enabled()) or torch._C._are_functorch_transforms_active():
+        if not (module.training and _recording()):
             return
         upstream = tuple(sorted(self._names[k] for k, pending in self._pending.items() if pending))
         if not upstream:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .per_sample_fused import InstanceForward, drop_copied
+from .per_sample_fused import InstanceForward, drop_copied, recording
 
 __all__ = ["install", "refusal", "supported", "uninstall"]
 
@@ -201,8 +201,7 @@ def install(module: torch.nn.MultiheadAttention, linear: Callable[..., torch.Ten
     def forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any,
                 **kwargs: Any):
         params = [p for p in module.parameters() if p.requires_grad]
-        if (not params or not torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
-                or query.dim() != 3 or query.is_nested):
+        if (not params or not recording() or query.dim() != 3 or query.is_nested):
             return type(module).forward(module, query, key, value, *args, **kwargs)
         dim = 0 if module.batch_first else 1
         for _, begin_one in recorders:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["InstanceForward", "conv_per_sample", "conv_sq_norms", "fused_linear", "fusable", "install", "linear_applies",
-           "uninstall"]
+           "recording", "uninstall"]
 
 # Per-sample gradients built at a time, in elements (4 MiB in float32): small enough to stay in cache and
 # to bound the memory, large enough that each chunk is one efficient batched call.
@@ -50,6 +50,19 @@ _CHUNK_ELEMENTS = 1 << 20
 # A Linear on sequences is fused when T^2 (p + d) >= _GHOST_FACTOR * p * d: below that the ghost norm
 # (two T x T Gram matrices per sample, beside autograd's weight gradient) costs less than building.
 _GHOST_FACTOR = 16
+
+
+def recording() -> bool:
+    """Whether a forward pass now is one to record: gradients on, no torch.func transform, and no graph capture.
+
+    Under ``torch.jit.trace`` and ``torch.export`` the recorded layers run their ordinary forward and no hook
+    records: the captured graph is the model's alone, and the recorder goes on measuring the live model.
+
+    >>> recording()
+    True
+    """
+    return (torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+            and not torch.jit.is_tracing() and not torch.compiler.is_exporting())
 
 
 class InstanceForward:
@@ -414,8 +427,7 @@ def install(module: torch.nn.Module, begin: Callable[[torch.Tensor], Any], fallb
         x = args[0] if len(args) == 1 and not kwargs else kwargs.get("input") if not args and len(kwargs) == 1 else None
         weight, bias = module.weight, module.bias
         layer = kind(module, workspace)  # the module's settings of this call (stride, padding, ...)
-        use = (isinstance(x, torch.Tensor) and torch.is_grad_enabled() and weight.requires_grad
-               and not torch._C._are_functorch_transforms_active()
+        use = (isinstance(x, torch.Tensor) and weight.requires_grad and recording()
                and not torch.is_autocast_enabled(x.device.type) and layer.applies(x, weight))
         if not use:
             out = type(module).forward(module, *args, **kwargs)
