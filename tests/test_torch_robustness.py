@@ -450,6 +450,56 @@ def test_a_state_saved_before_the_optimizer_was_recorded_still_loads():
     assert opt.state_dict()["param_groups"][0]["optimizer"] == "LARS"
 
 
+@pytest.mark.parametrize("name", ["lars", "mnag", "tvlars", "lamb"])
+@pytest.mark.parametrize("order", ["scheduler after load", "scheduler before load"])
+def test_a_state_with_a_schedulers_keys_loads_as_in_torch_optim(name, order):
+    """Schedulers add keys to the groups (``initial_lr``; OneCycleLR's ``max_lr``, ``min_lr``, momenta): a state
+    saved with them loads into an optimizer made without a scheduler (then one is made with ``last_epoch``), and
+    a state saved without them into one that has a scheduler, as with torch.optim.SGD; both were refused as
+    "another optimizer" (review-torch-3, 3)."""
+    make = FACTORIES[name]
+    m = model()
+    opt = make(m.parameters())
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=10,
+                                                cycle_momentum=name in ("lars", "mnag", "tvlars"))
+    for seed in range(3):
+        backward(m, seed)
+        opt.step()
+        sched.step()
+    saved, saved_sched = opt.state_dict(), sched.state_dict()
+    bare = make(model().parameters()).state_dict()
+    m2 = model()
+    opt2 = make(m2.parameters())
+    if order == "scheduler after load":
+        opt2.load_state_dict(saved)
+        sched2 = torch.optim.lr_scheduler.OneCycleLR(opt2, max_lr=0.5, total_steps=10, last_epoch=2,
+                                                     cycle_momentum=name in ("lars", "mnag", "tvlars"))
+        sched2.load_state_dict(saved_sched)
+        assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+        assert int(opt2.state[m2[0].weight]["step"]) == 3
+    else:
+        torch.optim.lr_scheduler.StepLR(opt2, step_size=2)
+        opt2.load_state_dict(bare)
+        assert opt2.param_groups[0]["optimizer"] == type(opt2).__name__
+    # another optimizer's state is still refused
+    with pytest.raises(ValueError, match="another optimizer"):
+        opt2.load_state_dict(stepped(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), model()).state_dict())
+
+
+def test_the_diagnostics_keep_the_rate_of_their_step_when_a_scheduler_changes_a_tensor_rate():
+    """With ``lr`` a tensor, ``diagnostics.learning_rate`` was the group's own tensor, which the scheduler then
+    fills in place: logged after ``sched.step()`` it showed the next step's rate (review-torch-3, 6)."""
+    w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    opt = LARS([w], lr=torch.tensor(2.0), eta=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    w.grad = torch.randn(4, 3, dtype=torch.float64)
+    opt.step()
+    d = opt.diagnostics[0]
+    sched.step()
+    assert float(opt.param_groups[0]["lr"]) == 1.0
+    assert float(d.learning_rate) == 2.0
+
+
 # ---- CLARS stepped by a GradScaler (review-torch 5) -------------------------------------------------------------
 
 

@@ -247,6 +247,10 @@ def quiet_array_api_compat() -> bool:
 quiet_array_api_compat._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
+# keys torch's schedulers and SWA add to parameter groups (LRScheduler, OneCycleLR, CyclicLR, SWALR)
+SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"})
+
+
 def load_checked(opt: Any, state_dict: dict[str, Any]) -> None:
     """``torch.optim.Optimizer.load_state_dict`` after checking that the state is this optimizer's."""
     name = type(opt).__name__
@@ -257,6 +261,7 @@ def load_checked(opt: Any, state_dict: dict[str, Any]) -> None:
         raise ValueError(f"{name}.load_state_dict: the state has {len(saved_groups)} parameter groups, "
                          f"this optimizer {len(opt.param_groups)}")
     ignore = {"params", "param_names"}
+    ours = set(opt.defaults) - {"optimizer"}  # this optimizer's hyperparameters
     kind = getattr(opt, "_state_kind", name)
     for i, (saved, own) in enumerate(zip(saved_groups, opt.param_groups)):
         # the lwrs optimizer that saved the state (MNAG, LARS and CLARS share their hyperparameters' names);
@@ -265,7 +270,11 @@ def load_checked(opt: Any, state_dict: dict[str, Any]) -> None:
         if origin != kind:
             raise ValueError(f"{name}.load_state_dict: group {i} is the state of a {origin} optimizer, not of a "
                              f"{kind}; is this the state of another optimizer? Create a {origin} to load it")
-        extra, missing = set(saved) - set(own) - ignore, set(own) - set(saved) - ignore - {"optimizer"}
+        # keys beyond the hyperparameters (a scheduler's initial_lr, max_lr, ...) load as in torch.optim; a
+        # state saved before the optimizer was recorded is checked by all its names
+        tagged = isinstance(saved, dict) and "optimizer" in saved
+        extra = set() if tagged else set(saved) - set(own) - ignore - SCHEDULER_KEYS
+        missing = ours - set(saved)
         if extra or missing:
             raise ValueError(f"{name}.load_state_dict: group {i} is not a {name} group (unexpected "
                              f"hyperparameters {sorted(extra)}, missing {sorted(missing)}); is this the state of "

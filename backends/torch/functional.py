@@ -150,8 +150,13 @@ def plan_momentum(params, grads, buffers, *, lr: Any, momentum: float, nesterov:
         checks.append(("mean per-sample gradient norm", mean_norms))
     checks.append(("step size (the update would overflow)", torch.where(bound, rates, torch.full_like(rates, torch.inf))))
     finite = torch.stack([torch.isfinite(v).all() for _, v in checks]).all()
-    diag = LayerDiagnostics(w_norms, g_norms, lars_r, factors, rates, lr, step)
+    diag = LayerDiagnostics(w_norms, g_norms, lars_r, factors, rates, _frozen(lr), step)
     return MomentumPlan(diag, tuple(decays), all_directions, finite, tuple(checks))
+
+
+def _frozen(lr: Any) -> Any:
+    """The rate of this step for the diagnostics: a tensor rate copied (a scheduler fills the group's in place)."""
+    return lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
 
 
 def first_problem(checks: Sequence[tuple[str, torch.Tensor]], names: Sequence[str]) -> str | None:
@@ -448,7 +453,7 @@ def plan_lamb(params, grads, exp_avg, exp_avg_sq, *, lr: Any, betas: tuple[float
     checks.append(("step size (the update would overflow)",
                    torch.where(torch.isfinite(new_bound) & (new_bound <= limit), rates, torch.full_like(rates, torch.inf))))
     finite = torch.stack([torch.isfinite(c).all() for _, c in checks]).all()
-    diag = LayerDiagnostics(w_norms, g_norms, ratios, factors, rates, lr, steps[0] if steps else 0)
+    diag = LayerDiagnostics(w_norms, g_norms, ratios, factors, rates, _frozen(lr), steps[0] if steps else 0)
     return LambPlan(diag, m, v, u, finite, tuple(checks))
 
 
