@@ -514,6 +514,16 @@ class CLARS(LARS):
         if self.norm_source is not None and hasattr(self.norm_source, "reset"):
             self.norm_source.reset()
 
+    def _check_group(self, index, group):
+        super()._check_group(index, group)
+        if (self.norm_source is not None and group["weight_decay_form"] == "norm_of_sum"
+                and float(group["weight_decay"]) != 0.0):
+            raise ValueError(
+                f"group {index}: weight_decay_form='norm_of_sum' with weight decay {group['weight_decay']} needs the "
+                "norms of the decayed per-sample gradients g_i + weight_decay * w, and norm_source measures the "
+                "undecayed ones; use weight_decay_form='sum_of_norms' (the CLARS paper's eq. 5), or leave out "
+                "norm_source and pass step(norm_stats=...) of the decayed per-sample gradients")
+
     def _statistics_denominators(self, g, plan):
         # the mean per-sample norm bounds the norm of the mean: |g| (or |g + lambda w| in the norm_of_sum form)
         return plan.diagnostics.grad_norms if g.group["weight_decay_form"] == "sum_of_norms" else plan.direction_norms

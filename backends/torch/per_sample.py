@@ -242,6 +242,7 @@ class PerSampleNorms:
         self._attention_modules: list[tuple[weakref.ref, Any]] = []
         self._workspace: dict = {}  # the fused layers' shared chunk buffer
         self._owner: dict[torch.nn.Parameter, str] = {}
+        self._unrecorded: dict[torch.nn.Parameter, str] = {}  # frozen parameters of modules it cannot measure
         self._bn_params: set[torch.nn.Parameter] = set()
         self._names: dict[int, str] = {}
         self._warned: set[tuple[str, ...]] = set()
@@ -258,28 +259,38 @@ class PerSampleNorms:
         refused = []
         for name, module in model.named_modules():
             label = name or type(module).__name__
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            # every parameter, frozen or not: a frozen layer unfrozen later (gradual unfreezing) is then recorded
+            every = list(module.parameters(recurse=False))
+            own = [p for p in every if p.requires_grad]
             if isinstance(module, _BATCH_NORMS):
-                self._bn_params.update(own)
+                self._bn_params.update(every)
                 self._names[id(module)] = label
                 self._handles.append(module.register_forward_pre_hook(self._batch_norm_hook))
                 continue
             if id(module) in inside_attention:  # the out-projection: recorded by its attention module
-                self._owner.update((p, label) for p in own)
+                self._owner.update((p, label) for p in every)
                 continue
             supported = per_sample_attention.supported(module) or per_sample_layers.handler(module) is not None
             reason = (per_sample_attention.refusal(module) if per_sample_attention.supported(module)
                       else per_sample_layers.refusal(module))
             if supported and batch_dim != 0 and isinstance(module, _SAMPLES_FIRST_ONLY):
                 reason = "batch_dim=1 (its samples are along dim 0)"
+            extra = per_sample_layers.uncovered(module)  # a subclass's parameters of its own
+            frozen_extra = [n for n in extra if not getattr(module, n).requires_grad]
+            if supported and not reason and len(frozen_extra) < len(extra):
+                reason = f"its parameter {[n for n in extra if n not in frozen_extra][0]!r} is not one its " \
+                         "per-sample norms cover"
             if not supported and own:
                 refused.append(f"{name or '<root>'} ({type(module).__name__})")
             elif supported and reason:
                 refused.append(f"{name or '<root>'} ({type(module).__name__}: {reason})")
             if not supported or reason:
+                self._unrecorded.update((p, f"{name or '<root>'} ({type(module).__name__})") for p in every)
                 continue
             self._names[id(module)] = label
-            self._owner.update((p, label) for p in own)
+            self._owner.update((p, label) for p in every if p not in {getattr(module, n) for n in extra})
+            self._unrecorded.update((getattr(module, n), f"{name or '<root>'} ({type(module).__name__})")
+                                    for n in extra)
             if per_sample_attention.supported(module):
                 linear = self._attention_linear(label)
                 per_sample_attention.install(module, linear, self._begin_attention(label))
@@ -562,9 +573,18 @@ class PerSampleNorms:
                 g = g.double() if g.dtype == torch.float64 else g.float()
                 n = torch.linalg.vector_norm(g)
                 out[p] = (n, n * n)
+            elif p in self._owner and self._s1 and p.grad is not None and not bool(p.grad.detach().any()):
+                # no recorded use since the last reset while others have one, and an all-zero gradient (a head
+                # unused this step, its gradient zeroed in place): every sample's gradient is zero
+                zero = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+                out[p] = (zero, zero)
             elif p in self._owner:
                 raise RuntimeError(f"no per-sample statistics for a parameter of {self._owner[p]}: "
                                    "was backward run since the last reset?")
+            elif p in self._unrecorded:
+                raise UnsupportedModuleError(
+                    f"a parameter of {self._unrecorded[p]} has a gradient, but was frozen when the recorder was made, "
+                    f"and its per-sample norms are not available; supported: {_SUPPORTED}")
             else:
                 raise UnsupportedModuleError("a parameter passed to the optimizer is not part of the recorded model")
         return out

@@ -208,6 +208,29 @@ def handler(module: torch.nn.Module):
     return None
 
 
+# the parameters each handler measures (by attribute name)
+_COVERED = {_linear: ("weight", "bias"), _conv: ("weight", "bias"), _embedding: ("weight",),
+            _layer_norm: ("weight", "bias"), _group_norm: ("weight", "bias")}
+
+
+def uncovered(module: torch.nn.Module) -> list[str]:
+    """The names of a supported module's own parameters its handler does not measure (a subclass's additions).
+
+    Examples
+    --------
+    >>> import torch
+    >>> class Scaled(torch.nn.Linear):
+    ...     def __init__(self):
+    ...         super().__init__(2, 2); self.scale = torch.nn.Parameter(torch.ones(2))
+    >>> uncovered(Scaled()), uncovered(torch.nn.Linear(2, 2))
+    (['scale'], [])
+    """
+    fn = handler(module)
+    if fn is None:
+        return []
+    return [n for n, _ in module.named_parameters(recurse=False) if n not in _COVERED[fn]]
+
+
 def refusal(module: torch.nn.Module) -> str | None:
     """Why the per-sample norms of a supported module's configuration cannot be exact, or None.
 
