@@ -77,6 +77,47 @@ def flatten_layers(name: str, tree: Any) -> tuple[list[Any], Structure]:
     return flatten(tree)
 
 
+def _shape_of(structure: Structure) -> Any:
+    """What must agree between params and grads: dict keys and NamedTuple classes, lengths, leaves and Nones
+    (a list and a tuple of the same layers agree)."""
+    kind = "sequence" if structure.kind in ("list", "tuple") else structure.kind
+    return (kind, structure.node, tuple(_shape_of(c) for c in structure.children))
+
+
+def _describe(structure: Structure) -> str:
+    if structure.kind == "dict":
+        return f"a dict with keys {list(structure.node)}"
+    if structure.kind == "namedtuple":
+        return f"a {structure.node.__name__}"
+    if structure.kind in ("list", "tuple"):
+        return f"a {structure.kind} of {len(structure.children)}"
+    return "a leaf" if structure.kind == "leaf" else "None"
+
+
+def check_same_structure(name: str, structure: Structure, other: Structure, path: str = "") -> None:
+    """Refuse ``other`` (the structure of ``name``) unless it is ``structure`` (that of params), naming where they
+    differ: leaves are paired by position, so another structure would pair layers silently in another order.
+
+    Examples
+    --------
+    >>> from lwrs.pytree import flatten
+    >>> check_same_structure("grads", flatten({"a": 1, "b": 2})[1], flatten([1, 2])[1])
+    Traceback (most recent call last):
+    ...
+    ValueError: grads must have the structure of params: params is a dict with keys ['a', 'b'], grads a list of 2
+    """
+    if _shape_of(structure) == _shape_of(other):
+        return
+    same_kind = _shape_of(structure)[:2] == _shape_of(other)[:2] and len(structure.children) == len(other.children)
+    if same_kind:
+        keys = structure.node if structure.kind == "dict" else range(len(structure.children))
+        for key, a, b in zip(keys, structure.children, other.children):
+            check_same_structure(name, a, b, f"{path}[{key!r}]")
+    where = f" at {path}" if path else ""
+    raise ValueError(f"{name} must have the structure of params: params{where} is {_describe(structure)}, "
+                     f"{name}{where} {_describe(other)}")
+
+
 def _as_layer_sequence(name: str, layers: Any) -> Sequence[Any]:
     if is_array_api_obj(layers) or not isinstance(layers, Sequence):
         raise TypeError(

@@ -32,7 +32,15 @@ from typing import Any, Literal, NamedTuple
 
 from array_api_compat import is_array_api_obj
 
-from ._validation import NonFiniteError, check_hyperparameter, check_layers, check_step, flatten_layers, is_traced
+from ._validation import (
+    NonFiniteError,
+    check_hyperparameter,
+    check_layers,
+    check_same_structure,
+    check_step,
+    flatten_layers,
+    is_traced,
+)
 from .diagnostics import LayerDiagnostics
 from .masks import adapt_default, resolve_mask, weight_decay_default
 from .nonfinite import (
@@ -45,7 +53,7 @@ from .nonfinite import (
     step_size_check,
     where_skipped_diagnostics,
 )
-from .norm_statistics import NormStatistics, check_statistics
+from .norm_statistics import NormStatistics, check_statistics, mean_norms_checked
 from .pytree import Structure, leaf_names, unflatten
 from .rates import _layer_norms
 from .schedules import Schedule, as_schedule
@@ -227,7 +235,7 @@ def prepare(common: Common, params, grads, state, norm_stats, arrays: dict[str, 
     checks = [("parameter norm", w_norms), ("gradient norm", g_norms)]
     mean_norms = None
     if norm_stats is not None:
-        mean_norms = xp.astype(norm_stats.mean_norms(), w_norms.dtype)
+        mean_norms = mean_norms_checked(xp, norm_stats, w_norms.dtype, names)
         checks.append(("mean per-sample gradient norm", mean_norms))
     state_norms = {name: _layer_norms(xp, a) for name, a in arrays.items()}
     checks += [(STATE_CHECKS[name], n) for name, n in state_norms.items()]
@@ -295,7 +303,9 @@ def functional(name: str, init_arrays: Callable[[Any, list[Any], Any], Any],
 
     def _run(params, grads, state, norm_stats) -> tuple[list[Any], Structure, Transition]:
         leaves, structure = flatten_layers("params", params)
-        grad_leaves, _ = flatten_layers("grads", grads)
+        grad_leaves, grad_structure = flatten_layers("grads", grads)
+        if len(grad_leaves) == len(leaves):  # (another count is refused by the layer checks, with the counts)
+            check_same_structure("grads", structure, grad_structure)
         leaves, grad_leaves = detached(leaves), detached(grad_leaves)
         if isinstance(state, (MomentumState, LambState)) and any(
                 getattr(a, "requires_grad", False) for f in state[1:] for a in f):

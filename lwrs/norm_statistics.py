@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace, device
 
-from ._validation import check_layers, is_traced, library_name, same_device
+from ._validation import check_layers, flatten_layers, is_traced, library_name, same_device
 from .rates import _layer_norms, _norm, statistics_dtype
 
 __all__ = [
@@ -74,6 +74,11 @@ def _sample_norms(xp: Any, per_sample: Any, dtype: Any) -> Any:
     return _norm(xp, flat, axis=1)
 
 
+def _leaves(per_sample_grads: Any) -> list[Any]:
+    """The layers of a pytree of per-sample gradients, in the optimizers' layer order (dict keys sorted)."""
+    return flatten_layers("per_sample_grads", per_sample_grads)[0]
+
+
 def _check_per_sample(per_sample_grads: Sequence[Any]) -> tuple[Any, int]:
     xp, _ = check_layers(per_sample_grads)
     counts = {g.shape[0] if g.ndim > 0 else None for g in per_sample_grads}
@@ -97,7 +102,8 @@ def per_sample_norm_statistics(per_sample_grads: Sequence[Any]) -> NormStatistic
         S^{(2)}_k = \sum_{i=1}^{B} \|g_{ik}\|^2, \quad N = B.
 
     Layer ``k`` is an array of shape ``(B, *shape_k)`` whose slice ``i`` is
-    :math:`g_{ik}`. Applied to stacked *mini-batch* gradients (see
+    :math:`g_{ik}`; the layers come as a list, or as the pytree of the params
+    (a dict, a NamedTuple, ...), whose layer order the optimizers use. Applied to stacked *mini-batch* gradients (see
     :func:`minibatch_gradients`) it gives the official CLARS code's estimator.
 
     References: CLARS eq. (5) and Algorithm 1, line 4.
@@ -110,6 +116,7 @@ def per_sample_norm_statistics(per_sample_grads: Sequence[Any]) -> NormStatistic
     >>> s.sum_norms, s.sum_squared_norms, s.count
     (array([6.]), array([26.]), 2)
     """
+    per_sample_grads = _leaves(per_sample_grads)
     xp, n = _check_per_sample(per_sample_grads)
     dtype = statistics_dtype(xp, [g.dtype for g in per_sample_grads])
     norms = [_sample_norms(xp, g, dtype) for g in per_sample_grads]
@@ -139,6 +146,7 @@ def subsample_norm_statistics(per_sample_grads: Sequence[Any], indices: Sequence
     >>> subsample_norm_statistics(g, [0, 2]).mean_norms()
     array([3.5])
     """
+    per_sample_grads = _leaves(per_sample_grads)
     xp, n = _check_per_sample(per_sample_grads)
     idx = [int(i) for i in indices]
     if not idx:
@@ -166,6 +174,7 @@ def minibatch_gradients(per_sample_grads: Sequence[Any], batch_size: int) -> tup
     array([[2.],
            [6.]])
     """
+    per_sample_grads = _leaves(per_sample_grads)
     xp, n = _check_per_sample(per_sample_grads)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -240,6 +249,7 @@ def gradient_variance_ratio(per_sample_grads: Sequence[Any]) -> Any:
     >>> gradient_variance_ratio([np.array([[1.0, 0.0], [0.0, 1.0]])])
     array([2.])
     """
+    per_sample_grads = _leaves(per_sample_grads)
     xp, n = _check_per_sample(per_sample_grads)
     stats = per_sample_norm_statistics(per_sample_grads)
     means = [xp.mean(g, axis=0) for g in per_sample_grads]
@@ -249,6 +259,33 @@ def gradient_variance_ratio(per_sample_grads: Sequence[Any]) -> Any:
     safe = xp.where(positive, mean_sq, xp.ones_like(mean_sq))
     empty = xp.where(second > 0, xp.full_like(second, float("inf")), xp.ones_like(second))
     return xp.where(positive, second / safe, empty)
+
+
+def mean_norms_checked(xp: Any, stats: NormStatistics, dtype: Any, names: Sequence[str] | None = None) -> Any:
+    r"""The mean per-sample norms :math:`S^{(1)}_k / N` of ``stats`` in ``dtype``, impossible statistics refused.
+
+    A negative :math:`S^{(1)}_k` or :math:`S^{(2)}_k` (a sum of norms) raises ``ValueError`` naming the layer
+    where the values can be read; traced (under ``jax.jit``), its mean becomes NaN, so that the non-finite policy
+    takes it (it used to fall through to the ratio-1 rule: a far larger step).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mean_norms_checked(np, NormStatistics(np.array([4.0]), np.array([8.0]), 2), np.float64)
+    array([2.])
+    """
+    from ._validation import layer_label
+
+    s1, s2 = stats.sum_norms, stats.sum_squared_norms
+    negative = (s1 < 0) | (s2 < 0)
+    if not (is_traced(s1) or is_traced(s2)) and bool(xp.any(negative)):
+        for field, values in (("sum_norms", s1), ("sum_squared_norms", s2)):
+            bad = [k for k in range(values.shape[0]) if bool(values[k] < 0)]
+            if bad:
+                raise ValueError(f"{layer_label(bad[0], names)}: norm_stats.{field} is {float(values[bad[0]])!r}; "
+                                 "a sum of norms cannot be negative")
+    mean = xp.astype(xp.asarray(stats.mean_norms()), dtype)
+    return xp.where(negative, xp.full_like(mean, float("nan")), mean)
 
 
 def check_statistics(stats: Any, layers: int, xp: Any, dev: Any) -> NormStatistics:

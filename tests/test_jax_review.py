@@ -187,3 +187,17 @@ def test_an_optax_style_mask_function_gets_a_clear_hint_and_its_result_works():
     u1, _ = by_tree.update(GRADS, by_tree.init(PARAMS), PARAMS)
     u2, _ = by_layer.update(GRADS, by_layer.init(PARAMS), PARAMS)
     assert _gap(u1, u2) == 0.0
+
+
+def test_negative_statistics_are_refused_eagerly_and_skipped_under_jit():
+    """A negative sum of norms fell through to the ratio-1 rule: a step 100x the exact one (review-core-3, 3)."""
+    params = {"w": jnp.ones((2, 2))}
+    bad = lwrs.NormStatistics(jnp.array([-8.0]), jnp.array([16.0]), 4)
+    opt = lj.clars(0.1, eta=0.01)
+    with pytest.raises(ValueError, match=r"layer 0 \(\['w'\]\): norm_stats.sum_norms is -8.0; a sum of norms cannot"):
+        opt.update(params, opt.init(params), params, norm_stats=bad)
+    skip = lj.clars(0.1, eta=0.01, on_nonfinite="skip")
+    step = jax.jit(lambda g, s, p, ns: skip.update(g, s, p, norm_stats=ns))
+    updates, state = step(params, skip.init(params), params, bad)
+    assert int(state.skipped_steps) == 1
+    assert float(jnp.abs(updates["w"]).max()) == 0.0

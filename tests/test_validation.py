@@ -190,3 +190,57 @@ def test_zero_norm_paths_emit_no_warnings_and_no_nan():
         with np.errstate(all="raise"):
             new, _, diag = opt.step(params, grads, opt.init(params), norm_stats=stats)
         assert np.all(np.isfinite(diag.rates)) and all(np.all(np.isfinite(w)) for w in new)
+
+
+# ---- a fresh-eyes review of the functional API (review-core-3) ------------------------------------------------
+
+
+@pytest.mark.parametrize("grads, message", [
+    ({"enc": np.full((4, 4), 0.1), "dec": np.full((4, 4), 0.5)},
+     r"params is a dict with keys \['decoder', 'encoder'\], grads a dict with keys \['dec', 'enc'\]"),
+    ([np.full((4, 4), 0.1), np.full((4, 4), 0.5)], r"params is a dict with keys .*, grads a list of 2"),
+    ({"encoder": np.ones((4, 4)), "decoder": [np.ones((4, 4))]}, r"params at \['decoder'\] is a leaf, grads at"),
+], ids=["other-keys", "list-for-dict", "nested"])
+def test_grads_of_another_structure_are_refused(grads, message):
+    """The leaves were paired by position: the decoder was stepped with the encoder's gradient (review-core-3, 1)."""
+    opt = lwrs.lars(0.1, eta=0.01)
+    params = {"encoder": np.ones((4, 4)), "decoder": np.full((4, 4), 2.0)}
+    with pytest.raises(ValueError, match=message):
+        opt.step(params, grads, opt.init(params))
+    with pytest.raises(ValueError, match=message):
+        opt.update(grads, opt.init(params), params)
+    # a tuple of the layers of a list, in the same order, is the same structure
+    layers = [np.ones((2, 2)), np.full((2,), 2.0)]
+    new, _, _ = opt.step(layers, tuple(np.ones_like(w) for w in layers), opt.init(layers))
+    assert isinstance(new, list)
+
+
+@pytest.mark.parametrize("field", ["sum_norms", "sum_squared_norms"])
+def test_negative_statistics_are_refused(field):
+    """A negative sum of norms fell through to the ratio-1 rule: a step 100x the exact one (review-core-3, 3)."""
+    w, g = [np.ones((2, 2)), np.ones((3, 3))], [np.ones((2, 2)), np.ones((3, 3))]
+    opt = lwrs.clars(0.1, eta=0.01)
+    good = lwrs.NormStatistics(np.array([8.0, 12.0]), np.array([16.0, 36.0]), 4)
+    bad = good._replace(**{field: getattr(good, field) * np.array([1.0, -1.0])})
+    with pytest.raises(ValueError, match=rf"layer 1: norm_stats.{field} is -\d+\.0; a sum of norms cannot be negative"):
+        opt.step(w, g, opt.init(w), norm_stats=bad)
+    skip = lwrs.clars(0.1, eta=0.01, on_nonfinite="skip")
+    with pytest.raises(ValueError, match="cannot be negative"):  # not a non-finite value: refused under skip too
+        skip.step(w, g, skip.init(w), norm_stats=bad)
+
+
+def test_per_sample_statistics_take_the_params_pytree_in_its_layer_order():
+    """A dict was refused with "params must be a ... dict ..., got dict"; the obvious workaround, a list of its
+    values in insertion order, paired the statistics with the wrong layers (review-core-3, 2)."""
+    params = {"w": np.ones((3, 3)), "v": np.ones((3, 2))}
+    per_sample = {"w": np.ones((4, 3, 3)), "v": 5 * np.ones((4, 3, 2))}
+    stats = lwrs.per_sample_norm_statistics(per_sample)
+    by_layer = lwrs.per_sample_norm_statistics([per_sample["v"], per_sample["w"]])  # sorted keys: v, w
+    np.testing.assert_array_equal(stats.sum_norms, by_layer.sum_norms)
+    grads = {k: g.mean(axis=0) for k, g in per_sample.items()}
+    opt = lwrs.clars(1.0, eta=0.01)
+    _, _, diag = opt.step(params, grads, opt.init(params), norm_stats=stats)
+    np.testing.assert_allclose(diag.clars_factors, [1.0, 1.0], rtol=1e-12)  # identical samples: factor 1
+    assert lwrs.subsample_norm_statistics(per_sample, [0, 1]).count == 2
+    assert len(lwrs.minibatch_gradients(per_sample, 2)) == 2
+    np.testing.assert_allclose(lwrs.gradient_variance_ratio(per_sample), [1.0, 1.0])

@@ -32,6 +32,7 @@ from lwrs._validation import NonFiniteError
 from lwrs.diagnostics import LayerDiagnostics
 from lwrs.masks import adapt_default, weight_decay_default
 from lwrs.moments import lamb_directions, lamb_moments
+from lwrs.norm_statistics import mean_norms_checked
 from lwrs.momentum import mnag_increments
 from lwrs.nonfinite import all_finite, select, step_after, where_skipped_diagnostics
 from lwrs.rates import TrustOptions, clars_denominators, clars_factors, lars_denominators, layer_norms
@@ -228,7 +229,7 @@ def _momentum_transform(cfg: _Config) -> optax.GradientTransformationExtraArgs:
         checks = [("parameter norm", w_norms), ("gradient norm", g_norms)]
         mean_norms = None
         if norm_stats is not None:
-            mean_norms = jnp.asarray(norm_stats.mean_norms(), w_norms.dtype)
+            mean_norms = mean_norms_checked(jnp, norm_stats, w_norms.dtype, layers.names)
             checks.append(("mean per-sample gradient norm", mean_norms))
         lr = _rate(cfg, state.count, w_norms.dtype)
         hypers = [("learning_rate", lr), ("beta", cfg.beta), ("eta", cfg.trust.eta), ("eps", cfg.trust.eps),
@@ -451,7 +452,7 @@ def lamb(learning_rate, *, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, a
         factors = jnp.ones_like(w_norms)
         decays = [weight_decay if d else 0.0 for d in decay]
         if norm_stats is not None:  # reported, not used: LAMB has no per-sample term
-            mean_norms = jnp.asarray(norm_stats.mean_norms(), w_norms.dtype)
+            mean_norms = mean_norms_checked(jnp, norm_stats, w_norms.dtype, layers.names)
             checks.append(("mean per-sample gradient norm", mean_norms))
             factors = clars_factors(lars_denominators(w_norms, g_norms, weight_decay=decays),
                                     clars_denominators(w_norms, mean_norms, weight_decay=decays))
