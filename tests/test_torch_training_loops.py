@@ -150,3 +150,83 @@ def test_the_norm_of_sum_form_with_a_recorder_is_refused():
     # with statistics passed by the caller (of the decayed per-sample gradients, as documented) it steps
     opt.param_groups[0]["weight_decay"] = 0.0
     opt.step()
+
+
+def _clars_step(model_seed, modify, loss_scale=1.0, fused=True):
+    """One CLARS step with a recorder; ``modify(model)`` runs between backward and step. Returns the factors and
+    the new weights."""
+    torch.manual_seed(model_seed)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    norms = PerSampleNorms(model, fused=fused)
+    opt = CLARS(model.parameters(), lr=1.0, eta=0.01, norm_source=norms)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g, dtype=torch.float64)
+    opt.zero_grad()
+    (nn.functional.mse_loss(model(x), y) * loss_scale).backward()
+    modify(model)
+    opt.step()
+    return opt.diagnostics[0].clars_factors, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("case", ["manual loss scale", "clip_grad_norm_", "divide by micro-batches"])
+def test_gradients_rescaled_in_place_carry_their_statistics(case):
+    """A gradient rescaled in place between backward and step (a manual loss scale undone, clip_grad_norm_, a
+    division by the number of micro-batches) kept statistics of the unscaled gradient: CLARS factors 1024x too
+    small with a manual scale (review-torch-3, 5). Every sample's gradient is rescaled with the batch's: the
+    factors are those of the unmodified step (the trust ratio is scale-free), and with a power-of-two scale
+    the whole step is bit for bit the unscaled one."""
+    plain_factors, plain_weights = _clars_step(0, lambda m: None)
+    if case == "manual loss scale":
+        factors, weights = _clars_step(0, lambda m: [p.grad.div_(1024.0) for p in m.parameters()], 1024.0)
+        torch.testing.assert_close(factors, plain_factors, rtol=0, atol=0)
+        for a, b in zip(weights, plain_weights):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        return
+    if case == "clip_grad_norm_":
+        factors, _ = _clars_step(0, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3))
+    else:
+        factors, _ = _clars_step(0, lambda m: [p.grad.div_(3.0) for p in m.parameters()])
+    torch.testing.assert_close(factors, plain_factors, rtol=1e-12, atol=0)
+
+
+def test_gradients_rescaled_between_micro_batches_add_up_as_the_gradients_do():
+    """``p.grad`` halved after micro-batch 1, then micro-batch 2 accumulated: the statistics are micro-batch 1's
+    halved plus micro-batch 2's, as the gradient is (against torch.func per sample, weighted alike)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    norms = PerSampleNorms(model)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = (torch.randn(8, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    y1, y2 = (torch.randn(8, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    nn.functional.mse_loss(model(x1), y1).backward()
+    for p in model.parameters():
+        p.grad.mul_(0.5)
+    nn.functional.mse_loss(model(x2), y2).backward()
+    got = norms.sums(model.parameters())
+    s1 = {k: 0.5 * a + b for (k, a), b in zip(_s1_oracle(model, x1, y1).items(), _s1_oracle(model, x2, y2).values())}
+    for name, p in model.named_parameters():
+        assert float(got[p][0]) == pytest.approx(s1[name], rel=1e-10)
+
+
+def test_clipping_after_grad_scaler_unscale_keeps_the_factors():
+    """``scaler.unscale_`` (which torch does not count as a change of the gradient: its version counter stays),
+    then ``clip_grad_norm_``, then ``scaler.step``: the statistics follow the clipping and carry no loss scale."""
+    def run(scaler):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+        opt = CLARS(model.parameters(), lr=1.0, eta=0.01, norm_source=PerSampleNorms(model), grad_scaler=scaler)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            scaler.step(opt)
+        return opt.diagnostics[0].clars_factors
+
+    torch.testing.assert_close(run(torch.amp.GradScaler("cpu", init_scale=1024.0)), run(None), rtol=1e-5, atol=0)

@@ -525,8 +525,13 @@ class PerSampleNorms:
         self._seen = per_sample_staleness.note(p for p in self._s1 if not distributed.is_sharded([p]))
 
     def _drop_stale(self) -> None:
-        for p in per_sample_staleness.stale(self._seen, self._s1, list(self._s1)):
+        """Before a new backward pass: drop the statistics of gradients reset since the last, and rescale those of
+        gradients rescaled in place (they then add up with the new pass's as the gradients do)."""
+        stale, ratios = per_sample_staleness.follow(self._seen, self._s1, list(self._s1))
+        for p in stale:
             del self._s1[p], self._s2[p], self._n[p]
+        for p, r in ratios.items():
+            self._s1[p], self._s2[p] = self._s1[p] * r, self._s2[p] * (r * r)
 
     def _add(self, p: torch.nn.Parameter, sq: torch.Tensor) -> None:
         norms_sq = sq.clamp_min(0)
@@ -548,7 +553,11 @@ class PerSampleNorms:
         r"""``param -> (sum_i |c_i|, sum_i |c_i|^2)``, the contributions to ``p.grad``, divided by ``scale`` and ``scale**2``.
 
         ``scale`` is a loss scale still inside the gradients (e.g. a
-        GradScaler's before ``unscale_``); the default 1 means none.
+        GradScaler's before ``unscale_``); the default 1 means none. A gradient
+        rescaled in place since its backward (``GradScaler.unscale_``,
+        ``clip_grad_norm_``, a division by the number of micro-batches) carries
+        the statistics with it: they follow the ratio of its norms (a change that
+        is not a rescaling, such as ``clip_grad_value_``, cannot be split per sample).
         """
         if self._copy:
             raise RuntimeError("this PerSampleNorms is a copy (copy.deepcopy or pickle), which records nothing: "
@@ -559,7 +568,8 @@ class PerSampleNorms:
                 f"{self._double_backward}): a later backward through that graph (a gradient penalty) adds to p.grad "
                 "contributions the recorder cannot split per sample; no statistics until reset()")
         out, params = {}, list(params)
-        for p in per_sample_staleness.stale(self._seen, self._s1, [p for p in params if p in self._s1]):
+        stale, ratios = per_sample_staleness.follow(self._seen, self._s1, [p for p in params if p in self._s1])
+        for p in stale:
             raise RuntimeError(
                 f"the per-sample statistics of {self._owner.get(p, 'a parameter')} are stale: its gradient was "
                 "zeroed or replaced after the last backward (model.zero_grad(), with or without set_to_none, "
@@ -567,7 +577,10 @@ class PerSampleNorms:
         for p in params:
             if p in self._s1:
                 dtype = torch.float64 if p.dtype == torch.float64 else torch.float32  # (kept in float64)
-                out[p] = ((self._s1[p] / scale).to(dtype), (self._s2[p] / scale**2).to(dtype))
+                # a gradient rescaled in place since the backward (unscaled, clipped): the statistics follow it,
+                # and the scale it carried is gone with the rescaling
+                r = ratios[p] if p in ratios else 1.0 / scale
+                out[p] = ((self._s1[p] * r).to(dtype), (self._s2[p] * (r * r)).to(dtype))
             elif p in self._bn_params and p.grad is not None:
                 g = distributed.gather(p.grad.detach())  # the whole layer's gradient under FSDP2
                 g = g.double() if g.dtype == torch.float64 else g.float()
@@ -619,8 +632,10 @@ class PerSampleNorms:
             # makes the same call even when each steps its own subset (ZeroRedundancyOptimizer)
             world = torch.distributed.get_world_size()
             everyone = [q for q in self._owner if q in self._s1]
-            both = torch.stack([(self._s1[q] / scale).to(dtype) for q in everyone]
-                               + [(self._s2[q] / scale**2).to(dtype) for q in everyone]) if everyone else s1[:0]
+            _, ratios = per_sample_staleness.follow(self._seen, self._s1, everyone)  # (as in sums)
+            r = [ratios.get(q, 1.0 / scale) for q in everyone]
+            both = torch.stack([(self._s1[q] * f).to(dtype) for q, f in zip(everyone, r)]
+                               + [(self._s2[q] * (f * f)).to(dtype) for q, f in zip(everyone, r)]) if everyone else s1[:0]
             torch.distributed.all_reduce(both)
             where = {q: k for k, q in enumerate(everyone)}
             for k, p in enumerate(params):

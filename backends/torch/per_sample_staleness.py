@@ -1,25 +1,30 @@
 """Whether recorded per-sample statistics still describe ``p.grad``, for :class:`PerSampleNorms`.
 
 The statistics of a parameter add up over backward passes, as autograd adds into
-``p.grad``. They are stale when ``p.grad`` was reset after the last backward:
-set to ``None`` or replaced (``model.zero_grad()``), or zeroed in place
-(``model.zero_grad(set_to_none=False)``, ``p.grad.zero_()``). After the last
-backward, :func:`note` keeps a weak reference to each gradient and its version
-counter; :func:`stale` compares. A gradient changed in place since then was
-zeroed, or unscaled or clipped (``GradScaler.unscale_``, ``clip_grad_norm_``):
-it is read, once per device, and counts as zeroed when it is all zero while its
-statistics are not (every sample's contribution would be zero with it).
+``p.grad``. After the last backward, :func:`note` keeps a weak reference to each
+gradient, its version counter and its norm; :func:`follow` compares:
+
+* a gradient set to None or replaced (``model.zero_grad()``) or zeroed in place
+  (``model.zero_grad(set_to_none=False)``, ``p.grad.zero_()``: all zero while its
+  statistics are not) makes them stale;
+* a gradient rescaled in place (``GradScaler.unscale_``, ``clip_grad_norm_``, a
+  division by the number of micro-batches) rescales them: every sample's gradient is
+  taken to be rescaled by the ratio of the gradient's norms, so :math:`S^{(1)}` follows
+  it by the ratio and :math:`S^{(2)}` by its square. A ratio within :math:`10^{-6}` of a
+  power of two is that power (a loss scale's, exact in floating point). A change that
+  is not a rescaling (``clip_grad_value_``, added noise) cannot be split per sample.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-__all__ = ["grad_state", "unchanged", "note", "stale"]
+__all__ = ["grad_state", "unchanged", "note", "follow"]
 
 
 def grad_state(p: torch.nn.Parameter) -> tuple[Any, int]:
@@ -41,43 +46,74 @@ def unchanged(p: torch.nn.Parameter, state: tuple[Any, int]) -> bool:
     return p.grad is ref() and p.grad._version == version
 
 
-def note(params: Iterable[torch.nn.Parameter]) -> dict[torch.nn.Parameter, tuple[Any, int]]:
-    """``p -> (weak reference to p.grad or None, its version counter)`` after a backward pass.
+def note(params: Iterable[torch.nn.Parameter]) -> dict[torch.nn.Parameter, tuple[Any, int, Any]]:
+    """``p -> (weak reference to p.grad or None, its version counter, its norm)`` after a backward pass.
+
+    The norms are taken in one multi-tensor call per device and dtype.
 
     Examples
     --------
     >>> import torch
     >>> w = torch.ones(2, requires_grad=True); (3 * w).sum().backward()
-    >>> seen = note([w]); _ = w.grad.zero_(); stale(seen, {w: torch.tensor(6.0)}, [w]) == {w}
+    >>> seen = note([w]); _ = w.grad.zero_(); follow(seen, {w: torch.tensor(6.0)}, [w])[0] == {w}
     True
     """
-    return {p: grad_state(p) for p in params}
+    out, groups = {}, {}
+    for p in params:
+        ref, version = grad_state(p)
+        out[p] = (ref, version, None)
+        if p.grad is not None:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p)
+    for ps in groups.values():
+        for p, n in zip(ps, torch._foreach_norm([p.grad.detach() for p in ps], 2, dtype=torch.float64)):
+            out[p] = out[p][:2] + (n,)
+    return out
 
 
-def stale(seen: dict, sums: dict, params: Iterable[torch.nn.Parameter]) -> set[torch.nn.Parameter]:
-    r"""The ``params`` whose gradient was set to None, replaced or zeroed in place since :func:`note`.
+def _snapped(ratio: float) -> float:
+    """``ratio``, or the power of two it is within 1e-6 of (a loss scale's rescaling is exact)."""
+    if ratio > 0:
+        power = 2.0 ** round(math.log2(ratio))
+        if abs(ratio / power - 1.0) < 1e-6:
+            return power
+    return ratio
+
+
+def follow(seen: dict, sums: dict, params: Iterable[torch.nn.Parameter]) -> tuple[set, dict]:
+    r"""``(stale, ratios)``: the ``params`` whose gradient was set to None, replaced or zeroed in place since
+    :func:`note`, and ``p -> ratio`` of the norms of those rescaled in place since (see the module notes).
 
     ``sums`` maps a parameter to its recorded :math:`\sum_i \|c_i\|` (the sum in CLARS eq. 5's
     mean per-sample norm): a gradient :math:`\sum_i c_i` that is all zero while that sum is
-    positive was zeroed.
+    positive was zeroed; one that was zero and is not any more cannot be followed (stale).
 
     Examples
     --------
     >>> import torch
     >>> w = torch.ones(2, requires_grad=True); (3 * w).sum().backward()
-    >>> seen = note([w]); _ = w.grad.mul_(0.5); stale(seen, {w: torch.tensor(6.0)}, [w])
-    set()
+    >>> seen = note([w]); _ = w.grad.mul_(0.25); follow(seen, {w: torch.tensor(6.0)}, [w])
+    (set(), {tensor([1., 1.], requires_grad=True): 0.25})
     """
-    out, changed = set(), {}
+    out, ratios, changed = set(), {}, {}
     for p in params:
         if p not in seen:
             continue
-        (ref, version), grad = seen[p], p.grad
+        (ref, version, _), grad = seen[p], p.grad
         if grad is None or ref is None or ref() is not grad:
             out.add(p)
         elif grad._version != version:
-            changed.setdefault(grad.device, []).append(p)
-    for ps in changed.values():  # one read per device
-        zeroed = torch.stack([(torch.linalg.vector_norm(p.grad.detach()) == 0) & (sums[p] > 0) for p in ps])
-        out.update(p for p, z in zip(ps, zeroed.tolist()) if z)
-    return out
+            changed.setdefault((grad.device, grad.dtype), []).append(p)
+    for ps in changed.values():  # one read per device and dtype
+        now = torch._foreach_norm([p.grad.detach() for p in ps], 2, dtype=torch.float64)  # (no overflow)
+        for p, n, before in zip(ps, [float(x) for x in now], [seen[p][2] for p in ps]):
+            before = float(before) if before is not None else 0.0
+            if n == 0.0 and float(sums[p]) > 0:
+                out.add(p)  # zeroed in place
+            elif before == 0.0:
+                if n > 0.0:
+                    out.add(p)  # was zero, is not: not a rescaling
+            elif not math.isfinite(n):
+                continue  # a non-finite gradient: the optimizer's checks name it
+            else:
+                ratios[p] = _snapped(n / before)
+    return out, ratios
