@@ -78,3 +78,40 @@ def test_the_quadratic_compares_every_optimizer_of_the_table():
     names = [e.name for e in ROSTER]
     assert [n for n in names if n != "lars+warmup"] == list(table.names())
     assert names.index("lars+warmup") == names.index("lars") + 1
+
+
+@pytest.mark.parametrize("command", [["quadratic", "--steps", "10"], ["reproduce", "--from", "docs/results/results.json"],
+                                     ["train", "--dataset", "digits", "--epochs", "1"]])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(capsys, tmp_path, command):
+    """``--out`` was made only after the whole run: a path that is a file lost every result, with a traceback
+    and exit 1 (review-cli-3, 6)."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert cli.main([*command, "--out", str(blocked / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lwrs {command[0]}: cannot write to --out ") and err.count("\n") == 1
+    assert not (tmp_path / "quadratic.json").exists()
+
+
+def test_reproduce_from_a_bad_file_or_with_training_options_is_refused_in_one_line(capsys, tmp_path):
+    """Tracebacks for a missing or invalid file, and --only/--quick/--jobs accepted and ignored (review-cli-3, 10)."""
+    pytest.importorskip("matplotlib")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{")
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    for source, reason in ((tmp_path / "missing.json", "No such file"), (bad_json, "Expecting"),
+                           (empty, "missing 'preset'")):
+        assert cli.main(["reproduce", "--from", str(source), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert "is not a results.json of lwrs reproduce" in err and reason in err and err.count("\n") == 1
+    for extra in (["--quick"], ["--only", "fig1"], ["--jobs", "3"]):
+        assert cli.main(["reproduce", "--from", "docs/results/results.json", *extra, "--out", str(tmp_path / "o")]) == 2
+        assert f"{extra[0]} has no use with --from" in capsys.readouterr().err
+
+
+def test_a_non_number_for_a_count_option_gets_a_plain_message(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["quadratic", "--steps", "abc"])
+    err = capsys.readouterr().err
+    assert "argument --steps: must be a positive integer, got 'abc'" in err and "_positive" not in err

@@ -36,10 +36,30 @@ def _progress(desc: str):
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _writable_folder(command: str, out: pathlib.Path) -> str | None:
+    """Make ``out`` (as ``mkdir -p``) and check that a file can be written there, before any work: the message, or
+    None (a run would otherwise train fully and then fail to save)."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        return f"lwrs {command}: cannot write to --out {str(out)!r}: {e.strerror or e}"
+    return None
+
+
+_ALL_EXPERIMENTS = "fig1,fig2,fig3,table1"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quadratic", help="every optimizer and the CLARS theorems on a layered quadratic")
     q.add_argument("--backend", choices=sorted(NAMESPACES), default="numpy", help="array library (default numpy)")
-    q.add_argument("--steps", type=_positive, default=300, help="steps per run, T (default 300)")
+    q.add_argument("--steps", type=_positive, default=300, help="steps per run, T, at least 10 (default 300)")
     q.add_argument("--batch-size", type=_positive, default=64, help="mini-batch size B (default 64)")
     q.add_argument("--seed", type=int, default=0, help="seed of the problem and the batches (default 0)")
     q.add_argument("--out", type=pathlib.Path, default=pathlib.Path("lwrs-out"),
@@ -58,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     r = sub.add_parser("reproduce", help="the CLARS and TVLARS papers' experiments at small scale on MNIST-1D")
     r.add_argument("--quick", action="store_true", help="a few-minute smoke preset (2 seeds, tiny grids)")
-    r.add_argument("--only", default="fig1,fig2,fig3,table1",
+    r.add_argument("--only", default=_ALL_EXPERIMENTS,
                    help="comma-separated experiments to run (default all: fig1,fig2,fig3,table1)")
     r.add_argument("--jobs", type=_positive, default=None, help="worker processes (default: one per CPU core)")
     r.add_argument("--out", type=pathlib.Path, default=pathlib.Path("lwrs-out/reproduce"),
@@ -409,7 +429,20 @@ def reproduce_command(args: argparse.Namespace) -> int:
         print(missing, file=sys.stderr)
         return 2
     if args.source is not None:
-        record = json.loads(args.source.read_text())
+        given = [flag for flag, value, default in (("--quick", args.quick, False), ("--only", args.only, _ALL_EXPERIMENTS),
+                                                    ("--jobs", args.jobs, None)) if value != default]
+        if given:
+            print(f"lwrs reproduce: {', '.join(given)} has no use with --from (nothing is trained)", file=sys.stderr)
+            return 2
+        try:
+            record = json.loads(args.source.read_text())
+            for key in ("preset", "preset_values"):
+                record[key]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else f"missing {e}" if isinstance(e, KeyError) else e
+            print(f"lwrs reproduce: --from {str(args.source)!r} is not a results.json of lwrs reproduce: {reason}",
+                  file=sys.stderr)
+            return 2
     else:
         from .reproduce import running
         from .train.data import load_mnist1d
@@ -442,6 +475,10 @@ def reproduce_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lwrs`` command."""
     args = build_parser().parse_args(argv)
+    problem = _writable_folder(args.command, args.out)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 2
     if args.command == "train":
         return train_command(args)
     if args.command == "reproduce":
