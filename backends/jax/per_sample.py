@@ -12,6 +12,8 @@ combine theirs with :func:`psum_statistics`.
 
 from __future__ import annotations
 
+import operator
+
 from collections.abc import Callable
 from typing import Any
 
@@ -91,13 +93,21 @@ def grad_and_norm_statistics(
     size = sizes.pop()
     if size == 0:
         raise ValueError("the batch holds no samples")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None:
+        given = chunk_size
+        try:  # any integer (a NumPy one too), not a bool
+            chunk_size = None if isinstance(given, bool) else operator.index(given)
+        except TypeError:
+            chunk_size = None
+        if chunk_size is None or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int or None, got {given!r}")
+    # a number 0 adds nothing; an array (injected by optax.inject_hyperparams, traced under jit) is always added
+    no_decay = isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool) and weight_decay == 0
 
     def one(example):
         loss, grad = jax.value_and_grad(loss_fn)(params, example, *args)
         leaves = layers.treedef.flatten_up_to(grad)
-        decayed = [g + weight_decay * w if d and weight_decay else g for g, w, d in zip(leaves, layers.leaves, decay)]
+        decayed = [g + weight_decay * w if d and not no_decay else g for g, w, d in zip(leaves, layers.leaves, decay)]
         norms = jnp.stack([jnp.linalg.vector_norm(g.astype(dtype)) for g in decayed])
         return loss, leaves, norms
 
