@@ -225,3 +225,23 @@ def test_lamb_kind_identifies_optax_and_lwrs_own_lamb():
     div = unmatched(report)
     assert set(div) == {"zero_gradient"}  # |w| / |lambda w| = 1/lambda = 25 there; the core's ratio is 1
     assert "implied trust ratio 25" in div["zero_gradient"].note
+
+
+def test_a_check_that_could_not_fail_is_refused():
+    """An empty battery, tolerance=inf (or NaN, or negative) and a kind typo passed plain SGD as LARS, failed
+    lwrs.lars itself, or raised a bare KeyError (review-kit-3, 9)."""
+    import numpy as np
+
+    import lwrs
+    from lwrs.testing import FunctionalDriver, assert_implements, battery, check
+
+    driver = FunctionalDriver(lwrs.lars, xp=np)
+    with pytest.raises(ValueError, match="problems is empty"):
+        assert_implements("lars", driver, problems=[p for p in battery() if p.name == "no such problem"])
+    for tolerance in (float("inf"), float("nan"), -1.0, 1.0, True):
+        with pytest.raises(ValueError, match=r"tolerance must be a relative tolerance in \[0, 1\)"):
+            check(driver, tolerance=tolerance)
+    with pytest.raises(ValueError, match=r"the conformance kit checks .*got kind='lasr'"):
+        check(driver, "lasr")
+    with pytest.raises(ValueError, match=r"the conformance kit checks .*got kind='lasr'"):
+        FunctionalDriver(lwrs.lars, xp=np, kind="lasr")

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .battery import Layer, Problem, battery
-from .conventions import FACTORS, KINDS, conventions
+from .conventions import FACTORS, KINDS, _check_kind, conventions
 from .drivers import Driver, FunctionalDriver
 from .report import ConventionResult, Divergence, Report, compare
 
@@ -96,11 +96,16 @@ def check(driver: Driver, kind: str = "lars", *, problems: Sequence[Problem] | N
     Report
         ``print(report)`` gives the text report; ``report.best``, ``report.matching``.
     """
+    _check_kind(kind)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be a relative tolerance in [0, 1), got {tolerance!r}")
     built_for = getattr(driver, "kind", kind)
     if built_for != kind:
         raise ValueError(f"{driver.name} was given to its driver as kind={built_for!r} but is checked as "
                          f"kind={kind!r}; build the driver with kind={kind!r}")
     problems = tuple(p.for_kind(kind) for p in (battery() if problems is None else problems))
+    if not problems:
+        raise ValueError("problems is empty: a check of no problem would pass any implementation")
     trajectories, failures = {}, {}
     for p in problems:
         try:

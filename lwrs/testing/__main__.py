@@ -273,8 +273,15 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], Any] = print) -
     parser.add_argument("--rst", metavar="FILE", help="write the docs page for every installed peer to FILE")
     args = parser.parse_args(argv)
     if args.rst:
-        with open(args.rst, "w", encoding="utf-8") as f:
-            f.write(page())
+        if args.optimizer or args.kind or args.driver or args.option or args.fix:
+            parser.exit(2, f"{parser.prog}: error: --rst writes the page of every installed implementation: it takes "
+                           "no optimizer, --kind, --driver, --option or --fix\n")
+        text = page()  # the whole page first: a failure leaves an existing file as it was
+        try:
+            with open(args.rst, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            parser.exit(2, f"{parser.prog}: error: cannot write {args.rst}: {exc.strerror or exc}\n")
         out(f"wrote {args.rst}")
         return 0
     if not args.optimizer:
@@ -288,9 +295,14 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], Any] = print) -
     try:
         report = run(obj, kind=args.kind or guess_kind(args.optimizer), driver=args.driver, options=options,
                      name=args.optimizer, **fixed)
-    except (TypeError, ValueError) as exc:  # raised building the optimizer or reading --fix, before any step
+    except (TypeError, ValueError, AttributeError) as exc:  # building the optimizer or reading --fix, before any step
         message = " ".join(str(exc).split())  # one line, whatever the exception's text
         parser.exit(2, f"{parser.prog}: error: {args.optimizer}: {type(exc).__name__}: {message}\n")
+    first = [r.divergence for r in report.best.problems]
+    if all(d is not None and d.step == 0 and d.layer < 0 for d in first):  # it raised before any step, everywhere
+        message = " ".join(first[0].note.split())
+        parser.exit(2, f"{parser.prog}: error: {args.optimizer} could not take a first step on any problem "
+                       f"({message}); is --driver right? (it looks like a {framework(obj)} optimizer)\n")
     out(report.text())
     return 0 if report.conforms else 1
 

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from ..table import spec
 from .battery import Problem
-from .conventions import LAMB_BETA2, TVLARS_HYPERPARAMETERS
+from .conventions import LAMB_BETA2, TVLARS_HYPERPARAMETERS, _check_kind
 from .report import to_floats
 
 __all__ = ["Driver", "FunctionalDriver", "ALIASES", "hyperparameter_kwargs"]
@@ -150,6 +150,7 @@ class FunctionalDriver:
 
     def __init__(self, make: Callable[..., Any], *, xp: Any, kind: str = "lars", name: str | None = None,
                  names: Mapping[str, str] | None = None, **fixed: Any):
+        _check_kind(kind)
         self.make, self.xp, self.kind, self.names, self.fixed = make, xp, kind, dict(names or {}), fixed
         self.name = name or f"{getattr(make, '__module__', '')}.{getattr(make, '__qualname__', repr(make))}"
 
