@@ -245,3 +245,20 @@ def test_a_check_that_could_not_fail_is_refused():
         check(driver, "lasr")
     with pytest.raises(ValueError, match=r"the conformance kit checks .*got kind='lasr'"):
         FunctionalDriver(lwrs.lars, xp=np, kind="lasr")
+
+
+def test_a_schedule_off_by_one_step_is_not_taken_for_torch_optims_order():
+    """A rate schedule evaluated at t + 1 diverges at the first step, where the order of rate and momentum buffer
+    cannot show (the buffer is empty): it was diagnosed as torch.optim.SGD's order (review-kit-3, 8)."""
+    import numpy as np
+
+    import lwrs
+    from lwrs.testing import FunctionalDriver, check
+
+    def clars_off_by_one(learning_rate, beta=0.9, eta=0.01, weight_decay=0.0):
+        schedule = learning_rate if callable(learning_rate) else (lambda t: learning_rate)
+        return lwrs.clars(lambda t: schedule(t + 1), beta=beta, eta=eta, weight_decay=weight_decay)
+
+    report = check(FunctionalDriver(clars_off_by_one, xp=np, kind="clars"), "clars")
+    text = "\n".join(report.diagnoses)
+    assert "evaluated at another step" in text and "SGD's order" not in text

@@ -261,10 +261,18 @@ def _diagnoses(report: Report) -> list[str]:
     by_name = {p.name: p for p in report.problems}
     constant = [r for r in best.problems if by_name[r.problem].constant_rate]
     varying = [r for r in best.problems if not by_name[r.problem].constant_rate]
-    if constant and all(r.matched for r in constant) and any(not r.matched for r in varying):
-        out.append("every constant-rate problem matches but a varying rate does not: the learning rate sits "
-                   "outside the momentum buffer (torch.optim.SGD's order). The core keeps rate-scaled steps in "
-                   "the buffer (CLARS eq. 4, optax's order) and has no option for the other order.")
+    failing = [r for r in varying if not r.matched]
+    if constant and all(r.matched for r in constant) and failing:
+        # the order of rate and buffer cannot show at the first step (the buffer is empty): a divergence there is
+        # the rate itself
+        if any(r.divergence is not None and r.divergence.step == 0 for r in failing):
+            out.append("every constant-rate problem matches but a varying rate does not, from the first step on: the "
+                       "rate of a step differs from the schedule's at that step (is the schedule evaluated at "
+                       "another step, e.g. t + 1?).")
+        else:
+            out.append("every constant-rate problem matches but a varying rate does not: the learning rate sits "
+                       "outside the momentum buffer (torch.optim.SGD's order). The core keeps rate-scaled steps in "
+                       "the buffer (CLARS eq. 4, optax's order) and has no option for the other order.")
     for r in best.problems:
         d = r.divergence
         if d is None or not d.note:
