@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from array_api_compat import is_array_api_obj
+from array_api_compat import array_namespace, is_array_api_obj
 
 from ._validation import (
     NonFiniteError,
@@ -316,8 +316,8 @@ def functional(name: str, init_arrays: Callable[[Any, list[Any], Any], Any],
 
     def step(params: Any, grads: Any, state: Any, *, norm_stats: Any = None) -> StepResult:
         leaves, structure, tr = _run(params, grads, state, norm_stats)
-        new = leaves if tr.increments is None else [w + d for w, d in zip(leaves, tr.increments)]
-        return StepResult(unflatten(structure, new), tr.state, tr.diagnostics)
+        new = leaves if tr.increments is None else _arrays(leaves, [w + d for w, d in zip(leaves, tr.increments)])
+        return StepResult(unflatten(structure, new), _state_arrays(leaves, tr.state), tr.diagnostics)
 
     def update(grads: Any, state: Any, params: Any, *, norm_stats: Any = None) -> tuple[Any, Any, LayerDiagnostics]:
         leaves, structure, tr = _run(params, grads, state, norm_stats)
@@ -325,10 +325,25 @@ def functional(name: str, init_arrays: Callable[[Any, list[Any], Any], Any],
             xp, _ = check_layers(leaves)
             increments = [xp.zeros_like(w) for w in leaves]
         else:
-            increments = list(tr.increments)
-        return unflatten(structure, increments), tr.state, tr.diagnostics
+            increments = _arrays(leaves, list(tr.increments))
+        return unflatten(structure, increments), _state_arrays(leaves, tr.state), tr.diagnostics
 
     return Optimizer(name, init, step, update)
+
+
+def _arrays(leaves: Sequence[Any], values: Sequence[Any]) -> list[Any]:
+    """``values``, a 0-d result that NumPy's operators gave as a scalar made a 0-d array again (private)."""
+    if not any(getattr(w, "ndim", None) == 0 for w in leaves):
+        return list(values)
+    xp = array_namespace(*leaves)
+    return [xp.asarray(v) if getattr(v, "ndim", None) == 0 else v for v in values]
+
+
+def _state_arrays(leaves: Sequence[Any], state: Any) -> Any:
+    """A state's per-layer tuples through :func:`_arrays` (private)."""
+    if not isinstance(state, (MomentumState, LambState)) or not any(getattr(w, "ndim", None) == 0 for w in leaves):
+        return state
+    return type(state)(state[0], *[tuple(_arrays(leaves, f)) for f in state[1:]])
 
 
 def detached(values: Sequence[Any]) -> list[Any]:

@@ -244,3 +244,16 @@ def test_per_sample_statistics_take_the_params_pytree_in_its_layer_order():
     assert lwrs.subsample_norm_statistics(per_sample, [0, 1]).count == 2
     assert len(lwrs.minibatch_gradients(per_sample, 2)) == 2
     np.testing.assert_allclose(lwrs.gradient_variance_ratio(per_sample), [1.0, 1.0])
+
+
+@pytest.mark.parametrize("make", [lambda: lwrs.lars(0.1), lambda: lwrs.lamb(0.1), lambda: lwrs.mnag(0.1)],
+                         ids=["lars", "lamb", "mnag"])
+def test_a_0d_numpy_layer_stays_an_array(make):
+    """NumPy's operators give 0-d results as scalars (np.float32): the new layer and its state were scalars, not
+    arrays of the library (review-core-3, 11)."""
+    opt = make()
+    p = [np.array(2.0, np.float32), np.ones((2, 2), np.float32)]
+    new, state, _ = opt.step(p, p, opt.init(p))
+    update, _, _ = opt.update(p, opt.init(p), p)
+    for x in [new[0], update[0], *[f[0] for f in state[1:]]]:
+        assert isinstance(x, np.ndarray) and x.dtype == np.float32 and x.shape == ()
