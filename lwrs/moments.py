@@ -22,7 +22,32 @@ from typing import Any
 
 from array_api_compat import array_namespace, is_array_api_obj
 
-__all__ = ["lamb_moments", "lamb_directions"]
+__all__ = ["lamb_moments", "lamb_directions", "warn_float16"]
+
+
+def warn_float16(dtypes: Sequence[Any]) -> None:
+    r"""Warn (``RuntimeWarning``) when LAMB is given float16 layers: its second moment underflows there.
+
+    :math:`(1 - \beta_2) g^2` is below float16's smallest number for :math:`|g|` under about
+    :math:`8\cdot 10^{-3}` (:math:`\beta_2 = 0.999`); :math:`v` then stays 0 and
+    :math:`u = \hat m / \epsilon`, a step up to :math:`1/\epsilon` times too large where no trust
+    ratio bounds it, and in the wrong direction where one does. bfloat16 has float32's range.
+
+    Examples
+    --------
+    >>> import warnings, numpy as np
+    >>> with warnings.catch_warnings(record=True) as seen:
+    ...     warnings.simplefilter("always"); warn_float16([np.float32, np.float16])
+    >>> len(seen), seen[0].category.__name__
+    (1, 'RuntimeWarning')
+    """
+    import warnings
+
+    if any(str(dt).rsplit(".", 1)[-1].strip("'>") == "float16" for dt in dtypes):
+        warnings.warn("LAMB with float16 layers: its second moment (1 - beta2) g^2 underflows float16 for |g| below "
+                      "about 8e-3, and the step becomes m / eps (far too large, or in another direction); keep "
+                      "float32 (or bfloat16) parameters, as mixed precision's master weights are", RuntimeWarning,
+                      stacklevel=3)
 
 
 def lamb_moments(

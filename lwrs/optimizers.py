@@ -50,7 +50,7 @@ from .base import (
     zeros,
 )
 from .diagnostics import LayerDiagnostics
-from .moments import lamb_directions, lamb_moments
+from .moments import lamb_directions, lamb_moments, warn_float16
 from .momentum import mnag_increments
 from .nonfinite import momentum_step_bounds
 from .norm_statistics import NormStatistics
@@ -475,6 +475,7 @@ def lamb(
     eps = check_hyperparameter("eps", eps, low=0.0, low_open=True)
 
     def init_arrays(xp, leaves, step) -> LambState:
+        warn_float16([w.dtype for w in leaves])
         return LambState(step, zeros(xp, leaves), zeros(xp, leaves))
 
     def transition(params, grads, state, norm_stats, names=None) -> Transition:

@@ -257,3 +257,35 @@ def test_a_0d_numpy_layer_stays_an_array(make):
     update, _, _ = opt.update(p, opt.init(p), p)
     for x in [new[0], update[0], *[f[0] for f in state[1:]]]:
         assert isinstance(x, np.ndarray) and x.dtype == np.float32 and x.shape == ()
+
+
+def test_lamb_warns_about_float16_layers():
+    """LAMB's second moment underflows float16: with |g| = 0.01 the bias stepped 41.9 at lr 0.01 (review-core-3, 5).
+    Now it says so, in the core, the torch class and the optax transformation; float32 and bfloat16 are quiet."""
+    import warnings
+
+    w = [np.ones((8, 8), np.float16), np.ones(8, np.float16)]
+    with pytest.warns(RuntimeWarning, match="LAMB with float16 layers: its second moment"):
+        lwrs.lamb(0.01).init(w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lwrs.lamb(0.01).init([x.astype(np.float32) for x in w])
+    torch = pytest.importorskip("torch")
+    from lwrs.backends.torch import LAMB
+
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    p.grad = torch.full_like(p, 0.01)
+    with pytest.warns(RuntimeWarning, match="LAMB with float16 layers"):
+        LAMB([p], lr=0.01).step()
+    q = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    q.grad = torch.full_like(q, 0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LAMB([q], lr=0.01).step()
+    pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    from lwrs.backends import jax as lj
+
+    with pytest.warns(RuntimeWarning, match="LAMB with float16 layers"):
+        lj.lamb(0.01).init({"w": jnp.ones(4, jnp.float16)})

@@ -31,7 +31,7 @@ import lwrs
 from lwrs._validation import NonFiniteError
 from lwrs.diagnostics import LayerDiagnostics
 from lwrs.masks import adapt_default, weight_decay_default
-from lwrs.moments import lamb_directions, lamb_moments
+from lwrs.moments import lamb_directions, lamb_moments, warn_float16
 from lwrs.norm_statistics import mean_norms_checked
 from lwrs.momentum import mnag_increments
 from lwrs.nonfinite import all_finite, select, step_after, where_skipped_diagnostics
@@ -438,6 +438,7 @@ def lamb(learning_rate, *, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, a
                   on_nonfinite)
 
     def init(params: Any) -> LambState:
+        warn_float16([x.dtype for x in jax.tree.leaves(params)])
         zeros = jax.tree.map(jnp.zeros_like, params)
         return LambState(jnp.zeros([], jnp.int32), zeros, zeros, _initial_diagnostics(params), jnp.zeros([], jnp.int32))
 

@@ -39,6 +39,7 @@ import lwrs
 from lwrs._validation import check_hyperparameter
 from lwrs.diagnostics import LayerDiagnostics
 from lwrs.masks import one_d_masks
+from lwrs.moments import warn_float16
 from lwrs.rates import TrustOptions
 
 from . import functional as F
@@ -664,6 +665,7 @@ class LAMB(_Layerwise):
 
     def _init_buffers(self, st, p):
         if "exp_avg" not in st:
+            warn_float16([p.dtype])
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
