@@ -115,3 +115,10 @@ def test_a_non_number_for_a_count_option_gets_a_plain_message(capsys):
         cli.main(["quadratic", "--steps", "abc"])
     err = capsys.readouterr().err
     assert "argument --steps: must be a positive integer, got 'abc'" in err and "_positive" not in err
+
+
+def test_train_names_a_bad_momentum_as_its_option(capsys, tmp_path):
+    """It said "group 0: momentum must lie in [0.0, 1.0)", about a group the user never made (review-cli-3, 12)."""
+    assert cli.main(["train", "--dataset", "digits", "--momentum", "1.5", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == "lwrs train: momentum must lie in [0, 1), got 1.5\n"

@@ -117,6 +117,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.momentum, (int, float)) and not isinstance(self.momentum, bool)
+                and 0 <= self.momentum < 1):
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
         if self.stats_samples < 0:
             raise ValueError(f"stats_samples must be >= 0, got {self.stats_samples}")
         for name in ("lr", "base_lr", "eta"):
