@@ -8,7 +8,9 @@ Each factory returns an :class:`~lwrs.base.Optimizer` of pure functions::
 
 ``params`` and ``grads`` are pytrees (lists, tuples, dicts, NamedTuples) of
 per-layer arrays from any array-API library (NumPy, PyTorch, CuPy, JAX,
-array-api-strict). ``step`` never modifies its inputs; it returns new arrays
+array-api-strict); ``grads`` must have the structure of ``params`` (the same
+dict keys; a list and a tuple of the same layers agree), else ``ValueError``
+says where they differ. ``step`` never modifies its inputs; it returns new arrays
 in the same library, on the same device, with the same dtypes, in the same
 structure, and a :class:`~lwrs.diagnostics.LayerDiagnostics`.
 
