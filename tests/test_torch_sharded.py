@@ -35,6 +35,8 @@ CASES = {
     "fsdp-clars": ("fsdp", CLARS, LARS_KW, F64, "recorder"),
     "fsdp-clars-hooks": ("fsdp", CLARS, LARS_KW, F64, "recorder-hooks"),
     "fsdp-clars-reference": ("fsdp", CLARS, dict(LARS_KW, foreach=False), F64, "recorder"),
+    # clip_grad_norm_ between backward and step: the statistics follow the clipped sharded gradients (review-diff, 3)
+    "fsdp-clars-clip": ("fsdp", CLARS, LARS_KW, F64, "recorder"),
     "fsdp-tvlars": ("fsdp", TVLARS, dict(LARS_KW, decay_coefficient=0.1, delay_steps=1), F64, None),
     "fsdp-lamb": ("fsdp", LAMB, dict(lr=0.01, weight_decay=1e-2), F64, None),
     "fsdp-lamb-reference": ("fsdp", LAMB, dict(lr=0.01, weight_decay=1e-2, foreach=False), F64, None),
@@ -108,6 +110,8 @@ def train(name, model, forward=None, rank=0, world=1, count=False):
         if engine == "zero1" and "norm_source" in kwargs:
             kwargs["norm_source"].reset()  # ZeRO's zero_grad is torch's, not CLARS.zero_grad (which resets them)
         torch.nn.functional.mse_loss(forward(x), y).backward()
+        if name.endswith("-clip"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
         if count:
             from torch.distributed.tensor.debug import CommDebugMode
 

@@ -521,13 +521,13 @@ class PerSampleNorms:
             torch.autograd.Variable._execution_engine.queue_callback(self._note_grads)
 
     def _note_grads(self) -> None:
-        # (a sharded parameter's gradient is set by FSDP2 after this: no staleness check for those)
-        self._seen = per_sample_staleness.note(p for p in self._s1 if not distributed.is_sharded([p]))
+        # (a sharded parameter's gradient, set by FSDP2 at the end of the backward, is noted by its local shard)
+        self._seen = per_sample_staleness.note(list(self._s1))
 
     def _drop_stale(self) -> None:
         """Before a new backward pass: drop the statistics of gradients reset since the last, and rescale those of
         gradients rescaled in place (they then add up with the new pass's as the gradients do)."""
-        stale, ratios = per_sample_staleness.follow(self._seen, self._s1, list(self._s1))
+        stale, ratios = per_sample_staleness.follow(self._seen, self._s1, list(self._s1), refresh=True)
         for p in stale:
             del self._s1[p], self._s2[p], self._n[p]
         for p, r in ratios.items():
@@ -556,8 +556,10 @@ class PerSampleNorms:
         GradScaler's before ``unscale_``); the default 1 means none. A gradient
         rescaled in place since its backward (``GradScaler.unscale_``,
         ``clip_grad_norm_``, a division by the number of micro-batches) carries
-        the statistics with it: they follow the ratio of its norms (a change that
-        is not a rescaling, such as ``clip_grad_value_``, cannot be split per sample).
+        the statistics with it: they follow the ratio of its norms, and ``scale``
+        is not applied to it (the ratio, taken from the gradient as its backward
+        left it, already holds any scale that was removed). A change that is not
+        a rescaling, such as ``clip_grad_value_``, cannot be split per sample.
         """
         if self._copy:
             raise RuntimeError("this PerSampleNorms is a copy (copy.deepcopy or pickle), which records nothing: "

@@ -62,7 +62,11 @@ def recording() -> bool:
     True
     """
     return (torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
-            and not torch.jit.is_tracing() and not torch.compiler.is_exporting())
+            and not torch.jit.is_tracing() and not _exporting())
+
+
+# torch.compiler.is_exporting exists from torch 2.6 (before, torch.export's tracing is not told apart)
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 class InstanceForward:

@@ -213,6 +213,10 @@ _COVERED = {_linear: ("weight", "bias"), _conv: ("weight", "bias"), _embedding: 
             _layer_norm: ("weight", "bias"), _group_norm: ("weight", "bias")}
 
 
+_ATTENTION_COVERED = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                      "bias_k", "bias_v")
+
+
 def uncovered(module: torch.nn.Module) -> list[str]:
     """The names of a supported module's own parameters its handler does not measure (a subclass's additions).
 
@@ -225,10 +229,14 @@ def uncovered(module: torch.nn.Module) -> list[str]:
     >>> uncovered(Scaled()), uncovered(torch.nn.Linear(2, 2))
     (['scale'], [])
     """
-    fn = handler(module)
-    if fn is None:
-        return []
-    return [n for n, _ in module.named_parameters(recurse=False) if n not in _COVERED[fn]]
+    if isinstance(module, torch.nn.MultiheadAttention):  # (its out_proj is a module of its own)
+        covered = _ATTENTION_COVERED
+    else:
+        fn = handler(module)
+        if fn is None:
+            return []
+        covered = _COVERED[fn]
+    return [n for n, _ in module.named_parameters(recurse=False) if n not in covered]
 
 
 def refusal(module: torch.nn.Module) -> str | None:

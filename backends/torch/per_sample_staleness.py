@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from . import distributed
+
 __all__ = ["grad_state", "unchanged", "note", "follow"]
 
 
@@ -46,10 +48,11 @@ def unchanged(p: torch.nn.Parameter, state: tuple[Any, int]) -> bool:
     return p.grad is ref() and p.grad._version == version
 
 
-def note(params: Iterable[torch.nn.Parameter]) -> dict[torch.nn.Parameter, tuple[Any, int, Any]]:
-    """``p -> (weak reference to p.grad or None, its version counter, its norm)`` after a backward pass.
+def note(params: Iterable[torch.nn.Parameter]) -> dict[torch.nn.Parameter, tuple[Any, int, Any, bool]]:
+    """``p -> (weak reference to the gradient, its version counter, its norm, sharded)`` after a backward pass.
 
-    The norms are taken in one multi-tensor call per device and dtype.
+    For a ``DTensor`` gradient (FSDP2) the local shard is noted: its version counter is the one an
+    in-place op bumps. The norms are taken in one multi-tensor call per device and dtype.
 
     Examples
     --------
@@ -60,23 +63,31 @@ def note(params: Iterable[torch.nn.Parameter]) -> dict[torch.nn.Parameter, tuple
     """
     out, groups = {}, {}
     for p in params:
-        ref, version = grad_state(p)
-        out[p] = (ref, version, None)
-        if p.grad is not None:
-            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p)
+        g = p.grad
+        sharded = distributed.is_sharded([p])
+        if g is None:
+            out[p] = (None, 0, None, sharded)
+            continue
+        t = distributed.local([g])[0]
+        out[p] = (weakref.ref(t), t._version, None, sharded)
+        groups.setdefault((t.device, t.dtype), []).append(p)
     for ps in groups.values():
-        for p, n in zip(ps, _norms([p.grad.detach() for p in ps])):
-            out[p] = out[p][:2] + (n,)
+        norms = _norms([distributed.local([p.grad])[0].detach() for p in ps])
+        for p, n in zip(ps, norms.unbind(0)):
+            out[p] = (out[p][0], out[p][1], n, out[p][3])
     return out
 
 
-def _norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The norms of ``grads`` (one device and dtype), in their dtype, and again in float64 where that overflowed
-    (a float32 gradient under a large loss scale): float64 throughout would cost six times as much on the CPU."""
-    norms = list(torch._foreach_norm(grads))
-    if grads and grads[0].dtype != torch.float64 and not bool(torch.isfinite(torch.stack(norms)).all()):
-        norms = list(torch._foreach_norm(grads, 2, dtype=torch.float64))
-    return norms
+def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The norms of ``grads`` (one device and dtype) as a float64 vector: accumulated in float32 at least (half
+    types carry 0.5% rounding), and on the CPU in float64 only where float32 overflowed (a large loss scale),
+    which costs no synchronisation there; elsewhere in float64 (no host read after every backward)."""
+    if grads[0].dtype == torch.float64 or grads[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))
+    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    if not bool(torch.isfinite(norms).all()):
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))
+    return norms.double()
 
 
 def _snapped(ratio: float) -> float:
@@ -88,13 +99,20 @@ def _snapped(ratio: float) -> float:
     return ratio
 
 
-def follow(seen: dict, sums: dict, params: Iterable[torch.nn.Parameter]) -> tuple[set, dict]:
+def follow(seen: dict, sums: dict, params: Iterable[torch.nn.Parameter], *,
+           refresh: bool = False) -> tuple[set, dict]:
     r"""``(stale, ratios)``: the ``params`` whose gradient was set to None, replaced or zeroed in place since
     :func:`note`, and ``p -> ratio`` of the norms of those rescaled in place since (see the module notes).
 
     ``sums`` maps a parameter to its recorded :math:`\sum_i \|c_i\|` (the sum in CLARS eq. 5's
     mean per-sample norm): a gradient :math:`\sum_i c_i` that is all zero while that sum is
-    positive was zeroed; one that was zero and is not any more cannot be followed (stale).
+    positive was zeroed (unless another gradient turned non-finite: ``clip_grad_norm_`` with an
+    infinite total zeroes the others, and the optimizer's checks take that step); one that was zero
+    and is not any more cannot be followed (stale). A sharded gradient (FSDP2 sets a new one at
+    each backward) is never stale; its local shard's ratio is followed, or, for a shard that is all
+    zero, the ratio the other rescaled gradients share; as in-place ops on DTensors bump no version
+    counter (``clip_grad_norm_``'s), a shard's norm is compared at every call. With ``refresh``, ``seen`` is updated to the
+    rescaled gradients (call it when the ratios are applied to the statistics).
 
     Examples
     --------
@@ -107,22 +125,38 @@ def follow(seen: dict, sums: dict, params: Iterable[torch.nn.Parameter]) -> tupl
     for p in params:
         if p not in seen:
             continue
-        (ref, version, _), grad = seen[p], p.grad
-        if grad is None or ref is None or ref() is not grad:
-            out.add(p)
-        elif grad._version != version:
-            changed.setdefault((grad.device, grad.dtype), []).append(p)
+        ref, version, _, sharded = seen[p]
+        t = distributed.local([p.grad])[0] if p.grad is not None else None
+        if t is None or ref is None or ref() is not t:
+            if not sharded:
+                out.add(p)
+        elif t._version != version or sharded:  # (in-place ops on DTensors bump no version counter: compared)
+            changed.setdefault((t.device, t.dtype), []).append(p)
+    unknown = []
     for ps in changed.values():  # one read per device and dtype
-        now = _norms([p.grad.detach() for p in ps])
-        for p, n, before in zip(ps, [float(x) for x in now], [seen[p][2] for p in ps]):
-            before = float(before) if before is not None else 0.0
-            if n == 0.0 and float(sums[p]) > 0:
-                out.add(p)  # zeroed in place
-            elif before == 0.0:
-                if n > 0.0:
+        now = _norms([distributed.local([p.grad])[0].detach() for p in ps])
+        nows, befores = now.tolist(), torch.stack([seen[p][2] for p in ps]).tolist()
+        overflowed = not all(math.isfinite(n) for n in nows)
+        for p, n, before, n_t in zip(ps, nows, befores, now.unbind(0)):
+            sharded = seen[p][3]
+            if not math.isfinite(n) or (sharded and n == before):
+                continue  # a non-finite gradient (the optimizer's checks name it), or a shard as it was
+            if before == 0.0:
+                if sharded:
+                    unknown.append(p)  # a zero shard: no ratio of its own
+                elif n > 0.0:
                     out.add(p)  # was zero, is not: not a rescaling
-            elif not math.isfinite(n):
-                continue  # a non-finite gradient: the optimizer's checks name it
-            else:
-                ratios[p] = _snapped(n / before)
+                continue
+            if n == 0.0 and not sharded and not overflowed and float(sums[p]) > 0:
+                out.add(p)  # zeroed in place
+                continue
+            ratios[p] = _snapped(n / before)
+            if refresh:
+                seen[p] = (seen[p][0], distributed.local([p.grad])[0]._version, n_t, sharded)
+    shared = set(ratios.values())
+    if unknown and len(shared) == 1:  # one rescaling for all (a clipping, an unscaling): the zero shards' too
+        for p in unknown:
+            ratios[p] = next(iter(shared))
+            if refresh:
+                seen[p] = (seen[p][0], distributed.local([p.grad])[0]._version, seen[p][2], seen[p][3])
     return out, ratios
