@@ -37,6 +37,8 @@ CASES = {
     "fsdp-clars-reference": ("fsdp", CLARS, dict(LARS_KW, foreach=False), F64, "recorder"),
     # clip_grad_norm_ between backward and step: the statistics follow the clipped sharded gradients (review-diff, 3)
     "fsdp-clars-clip": ("fsdp", CLARS, LARS_KW, F64, "recorder"),
+    # a one-row layer: rank 1's shards of its weight and bias are empty, and take the others' ratio (review-follow, 3)
+    "fsdp-narrow-clars-clip": ("fsdp-narrow", CLARS, LARS_KW, F64, "recorder"),
     "fsdp-tvlars": ("fsdp", TVLARS, dict(LARS_KW, decay_coefficient=0.1, delay_steps=1), F64, None),
     "fsdp-lamb": ("fsdp", LAMB, dict(lr=0.01, weight_decay=1e-2), F64, None),
     "fsdp-lamb-reference": ("fsdp", LAMB, dict(lr=0.01, weight_decay=1e-2, foreach=False), F64, None),
@@ -68,6 +70,8 @@ def make_model(engine: str, dtype: torch.dtype) -> torch.nn.Module:
     nn = torch.nn
     if engine == "tp":
         return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
+    if engine == "fsdp-narrow":
+        return nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 1), nn.Linear(1, 3)).to(dtype)
     return nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
 
 
@@ -137,7 +141,7 @@ def shard(engine, model, mesh):
     policy = MixedPrecisionPolicy()
     if engine == "fsdp-bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in (model[0], model[3]):
+    for layer in (model[0], model[3], *model[4:]):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
@@ -174,7 +178,7 @@ def ranks(tmp_path_factory):
 
 def single_process(name):
     engine, _, _, dtype, _ = CASES[name]
-    model = make_model("tp" if engine == "tp" else "fsdp", dtype)
+    model = make_model(engine if engine in ("tp", "fsdp-narrow") else "fsdp", dtype)
     return train(name, model)[0]
 
 

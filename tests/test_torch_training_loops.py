@@ -330,3 +330,50 @@ def test_clipping_with_an_overflowing_layer_is_a_non_finite_step_not_stale_stati
     opt.step()
     assert bool(opt.diagnostics[0].skipped)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+def test_a_rescaling_through_data_is_followed():
+    """``p.grad.data.div_(k)`` bumps no version counter: the statistics kept the old scale, factors 4x too small
+    (review-follow, 1). The gradients are now compared by value."""
+    plain, _ = _clars_step(0, lambda m: None)
+    factors, _ = _clars_step(0, lambda m: [p.grad.data.div_(4.0) for p in m.parameters()])
+    torch.testing.assert_close(factors, plain, rtol=1e-12, atol=0)
+
+
+def test_a_gradient_changed_otherwise_leaves_the_statistics_as_they_are():
+    """A gradient averaged by hand with another rank's (``all_reduce`` then ``/= world``) was taken as a rescaling
+    by the ratio of the norms: factors 22-27% too large against DDP (review-follow, 2). A change that is not a
+    rescaling leaves the local samples' statistics as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    norms = PerSampleNorms(model)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g, dtype=torch.float64)
+    nn.functional.mse_loss(model(x), y).backward()
+    want = norms.norm_statistics(list(model.parameters()))
+    other = [torch.randn_like(p) for p in model.parameters()]  # another rank's gradients
+    for p, o in zip(model.parameters(), other):
+        p.grad.add_(o)
+        p.grad /= 2
+    got = norms.norm_statistics(list(model.parameters()))
+    torch.testing.assert_close(got.sum_norms, want.sum_norms, rtol=0, atol=0)
+
+
+def test_a_gradient_rescaled_out_of_place_between_micro_batches_keeps_its_share():
+    """``p.grad = p.grad / 2`` between micro-batches counted as a reset: micro-batch 1 was dropped, silently
+    (count 8 instead of 16; review-follow, 5)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    norms = PerSampleNorms(model)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = (torch.randn(8, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    y1, y2 = (torch.randn(8, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    nn.functional.mse_loss(model(x1), y1).backward()
+    for p in model.parameters():
+        p.grad = p.grad / 2
+    nn.functional.mse_loss(model(x2), y2).backward()
+    assert norms.norm_statistics(list(model.parameters())).count == 16
+    got = norms.sums(model.parameters())
+    s1 = {k: 0.5 * a + b for (k, a), b in zip(_s1_oracle(model, x1, y1).items(), _s1_oracle(model, x2, y2).values())}
+    for name, p in model.named_parameters():
+        assert float(got[p][0]) == pytest.approx(s1[name], rel=1e-10)

@@ -2,17 +2,18 @@
 
 The statistics of a parameter add up over backward passes, as autograd adds into
 ``p.grad``. After the last backward, :func:`note` keeps a weak reference to each
-gradient, its version counter and its norm; :func:`follow` compares:
+gradient, its norm and a few of its entries; :func:`follow` compares them with the
+gradient as it is when the statistics are used (whatever its version counter says):
 
-* a gradient set to None or replaced (``model.zero_grad()``) or zeroed in place
-  (``model.zero_grad(set_to_none=False)``, ``p.grad.zero_()``: all zero while its
-  statistics are not) makes them stale;
-* a gradient rescaled in place (``GradScaler.unscale_``, ``clip_grad_norm_``, a
-  division by the number of micro-batches) rescales them: every sample's gradient is
-  taken to be rescaled by the ratio of the gradient's norms, so :math:`S^{(1)}` follows
-  it by the ratio and :math:`S^{(2)}` by its square. A ratio within :math:`10^{-6}` of a
-  power of two is that power (a loss scale's, exact in floating point). A change that
-  is not a rescaling (``clip_grad_value_``, added noise) cannot be split per sample.
+* a gradient set to None or zeroed (``model.zero_grad()``, with or without
+  ``set_to_none``, ``p.grad.zero_()``) makes them stale;
+* a gradient rescaled (``GradScaler.unscale_``, ``clip_grad_norm_``, a division by the
+  number of micro-batches, in place or not) rescales them: every sample's gradient is
+  taken to be rescaled with the batch's, so :math:`S^{(1)}` follows the ratio of the
+  norms and :math:`S^{(2)}` its square. A ratio within :math:`10^{-6}` of a power of
+  two is that power (a loss scale's, exact in floating point);
+* a gradient changed otherwise (averaged by hand over ranks, ``clip_grad_value_``)
+  leaves them as they are: such a change cannot be split per sample.
 """
 
 from __future__ import annotations
@@ -48,11 +49,11 @@ def unchanged(p: torch.nn.Parameter, state: tuple[Any, int]) -> bool:
     return p.grad is ref() and p.grad._version == version
 
 
-def note(params: Iterable[torch.nn.Parameter]) -> dict[torch.nn.Parameter, tuple[Any, int, Any, bool]]:
-    """``p -> (weak reference to the gradient, its version counter, its norm, sharded)`` after a backward pass.
+def note(params: Iterable[torch.nn.Parameter]) -> dict[torch.nn.Parameter, tuple[Any, Any, Any, bool]]:
+    """``p -> (weak reference to the gradient, its norm, a few of its entries, sharded)`` after a backward pass.
 
-    For a ``DTensor`` gradient (FSDP2) the local shard is noted: its version counter is the one an
-    in-place op bumps. The norms are taken in one multi-tensor call per device and dtype.
+    For a ``DTensor`` gradient (FSDP2) the local shard is noted. The norms and entries are taken in
+    one call each per device and dtype.
 
     Examples
     --------
@@ -63,19 +64,32 @@ def note(params: Iterable[torch.nn.Parameter]) -> dict[torch.nn.Parameter, tuple
     """
     out, groups = {}, {}
     for p in params:
-        g = p.grad
         sharded = distributed.is_sharded([p])
-        if g is None:
-            out[p] = (None, 0, None, sharded)
+        if p.grad is None:
+            out[p] = (None, None, None, sharded)
             continue
-        t = distributed.local([g])[0]
-        out[p] = (weakref.ref(t), t._version, None, sharded)
+        t = distributed.local([p.grad])[0]
+        out[p] = (weakref.ref(t), None, None, sharded)
         groups.setdefault((t.device, t.dtype), []).append(p)
     for ps in groups.values():
-        norms = _norms([distributed.local([p.grad])[0].detach() for p in ps])
-        for p, n in zip(ps, norms.unbind(0)):
-            out[p] = (out[p][0], out[p][1], n, out[p][3])
+        grads = [distributed.local([p.grad])[0].detach() for p in ps]
+        for p, n, e in zip(ps, _norms(grads).unbind(0), _entries(grads)):
+            out[p] = (out[p][0], n, e, out[p][3])
     return out
+
+
+_ENTRIES = 4  # entries of each gradient compared besides its norm: a rescaling moves them all by one ratio
+
+
+def _entries(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A few evenly spaced entries of each gradient, as float64 (one copy for all)."""
+    views = []
+    for g in grads:
+        flat = g.reshape(-1)
+        views.append(flat[:: max(1, flat.numel() // _ENTRIES)][:_ENTRIES])
+    if not views:
+        return []
+    return list(torch.cat(views).double().split([v.numel() for v in views]))
 
 
 def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -99,20 +113,32 @@ def _snapped(ratio: float) -> float:
     return ratio
 
 
+def _rescaled(before: list[float], now: list[float], ratio: float, dtype: torch.dtype) -> bool:
+    """Whether ``now`` is ``before`` times ``ratio``, entry by entry, to the rounding of ``dtype``."""
+    tol = 16 * torch.finfo(dtype).eps + 1e-9
+    return all(abs(b_now - ratio * b) <= tol * max(abs(b_now), abs(ratio * b)) for b, b_now in zip(before, now))
+
+
 def follow(seen: dict, sums: dict, params: Iterable[torch.nn.Parameter], *,
            refresh: bool = False) -> tuple[set, dict]:
-    r"""``(stale, ratios)``: the ``params`` whose gradient was set to None, replaced or zeroed in place since
-    :func:`note`, and ``p -> ratio`` of the norms of those rescaled in place since (see the module notes).
+    r"""``(stale, ratios)``: the ``params`` whose gradient was reset since :func:`note`, and ``p -> ratio`` for
+    those rescaled since (see the module notes).
 
-    ``sums`` maps a parameter to its recorded :math:`\sum_i \|c_i\|` (the sum in CLARS eq. 5's
-    mean per-sample norm): a gradient :math:`\sum_i c_i` that is all zero while that sum is
-    positive was zeroed (unless another gradient turned non-finite: ``clip_grad_norm_`` with an
-    infinite total zeroes the others, and the optimizer's checks take that step); one that was zero
-    and is not any more cannot be followed (stale). A sharded gradient (FSDP2 sets a new one at
-    each backward) is never stale; its local shard's ratio is followed, or, for a shard that is all
-    zero, the ratio the other rescaled gradients share; as in-place ops on DTensors bump no version
-    counter (``clip_grad_norm_``'s), a shard's norm is compared at every call. With ``refresh``, ``seen`` is updated to the
-    rescaled gradients (call it when the ratios are applied to the statistics).
+    Every gradient is compared by its norm and a few entries, whatever its version counter says
+    (``.data`` writes, ``GradScaler.unscale_``, collectives and in-place ops on DTensors bump none):
+
+    * set to None, or zeroed while its statistics :math:`\sum_i \|c_i\|` (``sums``) are positive
+      (unless another gradient turned non-finite: ``clip_grad_norm_`` with an infinite total zeroes
+      the others, and the optimizer's checks take that step), or replaced by another tensor that is
+      not a multiple of it, or nonzero where it was zero: stale;
+    * every compared entry and the norm moved by one ratio (also in a new tensor, ``p.grad = p.grad / k``):
+      rescaled by that ratio;
+    * changed otherwise (a gradient averaged by hand over ranks, ``clip_grad_value_``): not a
+      rescaling, the statistics are left as they are.
+
+    A sharded gradient (FSDP2 sets a new one at each backward) is never stale; a shard with no norm of
+    its own takes the ratio the other rescaled gradients share. With ``refresh``, ``seen`` is updated
+    to the gradients as they are now (call it when the ratios are applied to the statistics).
 
     Examples
     --------
@@ -121,42 +147,59 @@ def follow(seen: dict, sums: dict, params: Iterable[torch.nn.Parameter], *,
     >>> seen = note([w]); _ = w.grad.mul_(0.25); follow(seen, {w: torch.tensor(6.0)}, [w])
     (set(), {tensor([1., 1.], requires_grad=True): 0.25})
     """
-    out, ratios, changed = set(), {}, {}
+    out, ratios, groups = set(), {}, {}
     for p in params:
         if p not in seen:
             continue
-        ref, version, _, sharded = seen[p]
+        ref, before, _, sharded = seen[p]
         t = distributed.local([p.grad])[0] if p.grad is not None else None
-        if t is None or ref is None or ref() is not t:
-            if not sharded:
-                out.add(p)
-        elif t._version != version or sharded:  # (in-place ops on DTensors bump no version counter: compared)
-            changed.setdefault((t.device, t.dtype), []).append(p)
-    unknown = []
-    for ps in changed.values():  # one read per device and dtype
-        now = _norms([distributed.local([p.grad])[0].detach() for p in ps])
-        nows, befores = now.tolist(), torch.stack([seen[p][2] for p in ps]).tolist()
+        if t is None or ref is None or before is None:
+            if not sharded and (t is not None or ref is not None):
+                out.add(p)  # set to None (or a gradient where there was none)
+            continue
+        if sharded and ref() is not t:
+            continue  # a new sharded gradient (FSDP2's, each backward)
+        groups.setdefault((t.device, t.dtype), []).append(p)
+    unknown, refreshed = [], {}
+    for (_, dtype), ps in groups.items():  # one read per device and dtype
+        grads = [distributed.local([p.grad])[0].detach() for p in ps]
+        now = _norms(grads)
+        entries = _entries(grads)
+        nows, befores = now.tolist(), torch.stack([seen[p][1] for p in ps]).tolist()
         overflowed = not all(math.isfinite(n) for n in nows)
-        for p, n, before, n_t in zip(ps, nows, befores, now.unbind(0)):
-            sharded = seen[p][3]
-            if not math.isfinite(n) or (sharded and n == before):
-                continue  # a non-finite gradient (the optimizer's checks name it), or a shard as it was
-            if before == 0.0:
+        for p, n, b, e_now, n_t, g in zip(ps, nows, befores, entries, now.unbind(0), grads):
+            ref, _, e_before, sharded = seen[p]
+            replaced = ref() is not distributed.local([p.grad])[0]
+            if not math.isfinite(n):
+                continue  # a non-finite gradient: the optimizer's checks name it
+            e_b, e_n = e_before.tolist(), e_now.tolist()
+            if sharded and b == 0.0 and n == 0.0:
+                unknown.append(p)  # an empty or zero shard: no ratio of its own
+                continue
+            if n == b and e_b == e_n and not replaced:
+                continue  # as it was
+            refreshed[p] = (weakref.ref(distributed.local([p.grad])[0]), n_t, e_now, sharded)
+            if b == 0.0:
+                if n == 0.0:
+                    continue
                 if sharded:
                     unknown.append(p)  # a zero shard: no ratio of its own
-                elif n > 0.0:
+                else:
                     out.add(p)  # was zero, is not: not a rescaling
                 continue
-            if n == 0.0 and not sharded and not overflowed and float(sums[p]) > 0:
-                out.add(p)  # zeroed in place
+            if n == 0.0:
+                if not sharded and not overflowed and float(sums[p]) > 0:
+                    out.add(p)  # zeroed (in place or by a new tensor)
                 continue
-            ratios[p] = _snapped(n / before)
-            if refresh:
-                seen[p] = (seen[p][0], distributed.local([p.grad])[0]._version, n_t, sharded)
-    shared = set(ratios.values())
-    if unknown and len(shared) == 1:  # one rescaling for all (a clipping, an unscaling): the zero shards' too
+            r = n / b
+            if _rescaled(e_b, e_n, r, dtype):
+                ratios[p] = _snapped(r)
+            elif replaced and not sharded:
+                out.add(p)  # another gradient in its place
+    shared = sorted(ratios.values())
+    if unknown and shared and shared[-1] <= shared[0] * (1 + 1e-6):  # one rescaling for all (a clipping)
         for p in unknown:
-            ratios[p] = next(iter(shared))
-            if refresh:
-                seen[p] = (seen[p][0], distributed.local([p.grad])[0]._version, seen[p][2], seen[p][3])
+            ratios[p] = shared[len(shared) // 2]
+    if refresh:
+        seen.update(refreshed)
     return out, ratios
