@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace, device
 
-from ._validation import check_layers, flatten_layers, is_traced, library_name, same_device
+from ._validation import check_layers, flatten_layers, is_traced, layer_label, library_name, same_device
 from .rates import _layer_norms, _norm, statistics_dtype
 
 __all__ = [
@@ -274,8 +274,6 @@ def mean_norms_checked(xp: Any, stats: NormStatistics, dtype: Any, names: Sequen
     >>> mean_norms_checked(np, NormStatistics(np.array([4.0]), np.array([8.0]), 2), np.float64)
     array([2.])
     """
-    from ._validation import layer_label
-
     s1, s2 = stats.sum_norms, stats.sum_squared_norms
     negative = (s1 < 0) | (s2 < 0)
     if not (is_traced(s1) or is_traced(s2)) and bool(xp.any(negative)):

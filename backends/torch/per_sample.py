@@ -259,6 +259,7 @@ class PerSampleNorms:
         refused = []
         for name, module in model.named_modules():
             label = name or type(module).__name__
+            where = f"{name or '<root>'} ({type(module).__name__})"
             # every parameter, frozen or not: a frozen layer unfrozen later (gradual unfreezing) is then recorded
             every = list(module.parameters(recurse=False))
             own = [p for p in every if p.requires_grad]
@@ -281,16 +282,15 @@ class PerSampleNorms:
                 reason = f"its parameter {[n for n in extra if n not in frozen_extra][0]!r} is not one its " \
                          "per-sample norms cover"
             if not supported and own:
-                refused.append(f"{name or '<root>'} ({type(module).__name__})")
+                refused.append(where)
             elif supported and reason:
                 refused.append(f"{name or '<root>'} ({type(module).__name__}: {reason})")
             if not supported or reason:
-                self._unrecorded.update((p, f"{name or '<root>'} ({type(module).__name__})") for p in every)
+                self._unrecorded.update((p, where) for p in every)
                 continue
             self._names[id(module)] = label
             self._owner.update((p, label) for p in every if p not in {getattr(module, n) for n in extra})
-            self._unrecorded.update((getattr(module, n), f"{name or '<root>'} ({type(module).__name__})")
-                                    for n in extra)
+            self._unrecorded.update((getattr(module, n), where) for n in extra)
             if per_sample_attention.supported(module):
                 linear = self._attention_linear(label)
                 per_sample_attention.install(module, linear, self._begin_attention(label))
@@ -554,12 +554,13 @@ class PerSampleNorms:
 
         ``scale`` is a loss scale still inside the gradients (e.g. a
         GradScaler's before ``unscale_``); the default 1 means none. A gradient
-        rescaled in place since its backward (``GradScaler.unscale_``,
-        ``clip_grad_norm_``, a division by the number of micro-batches) carries
-        the statistics with it: they follow the ratio of its norms, and ``scale``
-        is not applied to it (the ratio, taken from the gradient as its backward
-        left it, already holds any scale that was removed). A change that is not
-        a rescaling, such as ``clip_grad_value_``, cannot be split per sample.
+        rescaled since its backward (``GradScaler.unscale_``, ``clip_grad_norm_``,
+        a division by the number of micro-batches) carries the statistics with it:
+        they follow the ratio of its norms, and ``scale`` is not applied to it (the
+        ratio, taken from the gradient as its backward left it, already holds any
+        scale that was removed). A change that is not a rescaling (an average over
+        ranks, ``clip_grad_value_``) leaves them as they are
+        (:mod:`~lwrs.backends.torch.per_sample_staleness`).
         """
         if self._copy:
             raise RuntimeError("this PerSampleNorms is a copy (copy.deepcopy or pickle), which records nothing: "
